@@ -1,0 +1,33 @@
+"""bayeslik: NumPyro models, interchangeable inference engines, ArviZ results.
+
+>>> import bayeslik as bl
+>>> post = bl.Posterior(model, **data)          # doctest: +SKIP
+>>> fit = bl.fit(post, "nuts", seed=0)          # doctest: +SKIP
+"""
+
+from bayeslik import engines
+from bayeslik.api import fit, register_engine
+from bayeslik.errors import (
+    BayeslikError,
+    DataError,
+    EngineError,
+    ImproperPriorError,
+    InitializationError,
+    ModelError,
+    PriorTransformError,
+)
+from bayeslik.fit import Cost, Fit, load_fit
+from bayeslik.posterior import Posterior
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Posterior", "Fit", "Cost", "fit", "load_fit", "engines", "register_engine", "summary",
+    "BayeslikError", "DataError", "EngineError", "ImproperPriorError", "InitializationError",
+    "ModelError", "PriorTransformError",
+]
+
+
+def summary(fit: Fit, **kwargs):
+    """ArviZ's summary table of a Fit's posterior (engine facts are in ``repr(fit)``)."""
+    return fit.summary(**kwargs)

@@ -1,0 +1,98 @@
+"""``bayeslik.fit`` and the engine registry.
+
+An engine is a frozen config class plus ``run(posterior, rng_key, config) -> Fit``. It is named
+by its registry name (``"nuts"``) or by an instance of its config class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+
+from bayeslik.errors import EngineError
+from bayeslik.fit import Fit
+from bayeslik.posterior import Posterior
+
+__all__ = ["fit", "register_engine", "engines", "resolve_engine"]
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    name: str
+    config_cls: type
+    run: Callable
+    description: str = ""
+
+
+_REGISTRY: dict[str, EngineSpec] = {}
+
+
+def register_engine(name: str, config_cls: type, run: Callable, description: str = "") -> None:
+    """Make an engine available to ``bayeslik.fit`` under ``name``."""
+    if not dataclasses.is_dataclass(config_cls):
+        raise TypeError(f"engine {name!r}: config_cls must be a dataclass.")
+    _REGISTRY[name] = EngineSpec(name, config_cls, run, description)
+
+
+def engines() -> dict[str, str]:
+    """{engine name: one-line description} of the registered engines."""
+    return {n: s.description for n, s in sorted(_REGISTRY.items())}
+
+
+def resolve_engine(engine: Any, options: dict[str, Any]) -> tuple[EngineSpec, Any]:
+    """(spec, config) from an engine name and options, or from a config object (and overrides)."""
+    if isinstance(engine, str):
+        spec = _REGISTRY.get(engine)
+        if spec is None:
+            raise EngineError(
+                f"unknown engine {engine!r}; the engines are {sorted(_REGISTRY)}. "
+                "Pass one of these names or an engine config such as bl.engines.NUTS(...)."
+            )
+        base = None
+    else:
+        spec = next((s for s in _REGISTRY.values() if isinstance(engine, s.config_cls)), None)
+        if spec is None:
+            raise EngineError(
+                f"engine {engine!r} is neither a registered engine name nor an engine config; "
+                f"the engines are {sorted(_REGISTRY)}."
+            )
+        base = engine
+    valid = {f.name for f in dataclasses.fields(spec.config_cls)}
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        raise EngineError(
+            f"engine {spec.name!r} has no option(s) {unknown}; its options are {sorted(valid)}."
+        )
+    config = spec.config_cls(**options) if base is None else dataclasses.replace(base, **options)
+    return spec, config
+
+
+def fit(posterior: Posterior, engine: Any = "nuts", *, seed: int | None = 0, **options: Any) -> Fit:
+    """Run an engine on a Posterior and return its Fit.
+
+    ``engine`` is a registered name (see ``bayeslik.engines.available()``) or a config object;
+    ``options`` are that engine's settings (they override a config object's). ``seed`` makes the
+    run reproducible; ``None`` takes it from the environment variable ``BAYESLIK_SEED`` or 0.
+
+    Example
+    -------
+    >>> post = bl.Posterior(model, y=y)                               # doctest: +SKIP
+    >>> fit = bl.fit(post, "nuts", seed=0, num_chains=4)              # doctest: +SKIP
+    >>> fit = bl.fit(post, bl.engines.NUTS(num_samples=2000), seed=1) # doctest: +SKIP
+    """
+    if not isinstance(posterior, Posterior):
+        raise TypeError(
+            f"fit() needs a bayeslik.Posterior, got {type(posterior).__name__}; build one with "
+            "bl.Posterior(model, **data)."
+        )
+    spec, config = resolve_engine(engine, options)
+    if seed is None:
+        seed = int(os.environ.get("BAYESLIK_SEED", "0"))
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise EngineError(f"seed must be an int, got {seed!r}.")
+    result = spec.run(posterior, jax.random.key(seed), config)
+    return dataclasses.replace(result, seed=seed)
