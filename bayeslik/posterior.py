@@ -75,6 +75,12 @@ def _is_numeric_array(x: Any) -> bool:
     return False
 
 
+def _as_jax(x: Any) -> Any:
+    if isinstance(x, np.ndarray) and x.dtype.kind in "biuf":
+        return jnp.asarray(x)
+    return x
+
+
 def _check_finite(name: str, value: Any, what: str) -> None:
     arr = np.asarray(value)
     if arr.dtype.kind not in "fc":
@@ -130,6 +136,32 @@ def _is_improper(fn: Any) -> bool:
     return False
 
 
+def _same_support(a: Any, b: Any) -> bool:
+    """True when two traces' supports of a site agree, i.e. the support does not depend on
+    latent parameters and the data can be checked against it once."""
+    if b is None or type(a) is not type(b):
+        return False
+    va, vb = vars(a), vars(b)
+    for k in va:
+        x, y = va[k], vb.get(k)
+        if isinstance(x, constraints.Constraint):
+            if not _same_support(x, y):
+                return False
+        elif isinstance(x, (jax.Array, np.ndarray, float, int)):
+            if np.shape(x) != np.shape(y) or not np.array_equal(np.asarray(x), np.asarray(y)):
+                return False
+    return True
+
+
+def _improper_stand_in(site: dict) -> Any:
+    """A value for an improper site (which cannot be sampled): a point in its support."""
+    if site["type"] != "sample" or site["is_observed"] or not _is_improper(site["fn"]):
+        return None
+    fn = site["fn"]
+    transform = biject_to(fn.support)
+    return transform(jnp.full(transform.inverse_shape(fn.shape()), 0.1))
+
+
 class Posterior:
     """A NumPyro program with its data bound, as pure functions on flat unconstrained vectors.
 
@@ -168,12 +200,13 @@ class Posterior:
             if _is_numeric_array(v):
                 _check_finite(k, v, "argument")
         self._model = model
-        self._args = tuple(args)
-        self._kwargs = dict(kwargs)
+        # NumPy data becomes JAX arrays once: numpyro mixes np and jnp ops on tracers badly
+        self._args = tuple(_as_jax(a) for a in args)
+        self._kwargs = {k: _as_jax(v) for k, v in kwargs.items()}
         self.name = getattr(model, "__name__", type(model).__name__)
 
         trace = self._trace_once()
-        self._sites = self._inspect(trace)
+        self._sites = self._inspect(trace, self._trace_once(rng_seed=1))
         latent = [s for s in self._sites.values() if s.kind == "latent"]
         if not latent:
             raise ModelError(
@@ -209,9 +242,11 @@ class Posterior:
         self.evaluate = self._make_evaluate()
 
     # ------------------------------------------------------------------ inspection
-    def _trace_once(self) -> dict:
+    def _trace_once(self, rng_seed: int = 0) -> dict:
         try:
-            seeded = handlers.seed(self._model, rng_seed=0)
+            seeded = handlers.seed(
+                handlers.substitute(self._model, substitute_fn=_improper_stand_in), rng_seed=rng_seed
+            )
             return handlers.trace(seeded).get_trace(*self._args, **self._kwargs)
         except (ValueError, TypeError, IndexError) as e:
             shapes = ", ".join(
@@ -223,7 +258,8 @@ class Posterior:
                 "they agree with each other and with what the model expects."
             ) from e
 
-    def _inspect(self, trace: dict) -> dict[str, SiteInfo]:
+    def _inspect(self, trace: dict, other: dict) -> dict[str, SiteInfo]:
+        """Site facts from one trace; ``other`` (another seed) tells static supports apart."""
         sites: dict[str, SiteInfo] = {}
         for name, site in trace.items():
             if site["type"] == "plate":
@@ -243,7 +279,7 @@ class Posterior:
                 continue
             fn = site["fn"]
             if site["is_observed"]:
-                self._check_observed(site)
+                self._check_observed(site, other.get(name))
                 kind = "factor" if _dist_name(fn) == "Unit" else "observed"
                 shape = tuple(np.shape(site["value"]))
                 sites[name] = SiteInfo(
@@ -254,15 +290,15 @@ class Posterior:
             if site["infer"].get("enumerate"):
                 raise ModelError(
                     f"site '{name}' asks for enumeration; bayeslik's engines do not enumerate. "
-                    "Marginalise the discrete variable in the program (log-sum-exp over its values; "
-                    "bayeslik.filtering has exact HMM recursions)."
+                    "Marginalise the discrete variable in the program (log-sum-exp over its values, "
+                    "the forward algorithm for hidden state sequences)."
                 )
             if fn.is_discrete:
                 raise ModelError(
                     f"site '{name}' is a discrete latent variable ({_dist_name(fn)}); no engine in "
                     "bayeslik samples discrete parameters. Marginalise it out in the program "
-                    "(sum its values with jax.nn.logsumexp / numpyro.factor; for state sequences use "
-                    "bayeslik.filtering's forward algorithm), or observe it with `obs=`."
+                    "(sum over its values with jax.nn.logsumexp and numpyro.factor; for hidden state "
+                    "sequences, the forward algorithm), or observe it with `obs=`."
                 )
             shape = tuple(fn.shape())
             try:
@@ -279,7 +315,7 @@ class Posterior:
             )
         return sites
 
-    def _check_observed(self, site: dict) -> None:
+    def _check_observed(self, site: dict, twin: dict | None) -> None:
         name, fn, value = site["name"], site["fn"], site["value"]
         if _dist_name(fn) == "Unit":  # numpyro.factor
             _check_finite(name, value, "factor")
@@ -304,6 +340,8 @@ class Posterior:
             )
         if not fn.is_discrete and not np.issubdtype(np.asarray(value).dtype, np.number):
             raise DataError(f"observed site '{name}' holds non-numeric data ({np.asarray(value).dtype}).")
+        if not _same_support(fn.support, None if twin is None else twin["fn"].support):
+            return  # the support depends on parameters (e.g. Uniform(0, theta)): no fixed check
         try:
             ok = np.asarray(fn.support(jnp.asarray(value)))
         except Exception:  # some supports cannot be checked elementwise; the density will tell

@@ -272,10 +272,12 @@ class _Programs:
             from jax.sharding import PartitionSpec as P
 
             c, r = P("chain"), P()
-            vinit = jax.shard_map(vinit, mesh=mesh, in_specs=(c, c), out_specs=c)
-            vwarm = jax.shard_map(vwarm, mesh=mesh, in_specs=(c, c, r, r, r), out_specs=(c, c))
+            vinit = jax.shard_map(vinit, mesh=mesh, in_specs=(c, c), out_specs=c, check_vma=False)
+            vwarm = jax.shard_map(
+                vwarm, mesh=mesh, in_specs=(c, c, r, r, r), out_specs=(c, c), check_vma=False
+            )
             vsample = jax.shard_map(
-                vsample, mesh=mesh, in_specs=(c, c, r, c, c), out_specs=(c, c)
+                vsample, mesh=mesh, in_specs=(c, c, r, c, c), out_specs=(c, c), check_vma=False
             )
         self._fns = {"init": jax.jit(vinit), "warm": jax.jit(vwarm), "sample": jax.jit(vsample)}
 
