@@ -124,7 +124,7 @@ def test_site_metadata_and_dims():
     assert post.sites["w"].unconstrained_shape == (2,)
     assert post.sites["y"].kind == "observed" and post.sites["y"].dims == ("obs",)
     assert post.sites["y"].distribution == "Normal"
-    np.testing.assert_array_equal(post.observed_data["y"], Y)
+    np.testing.assert_array_equal(post.observed_data["y"], Y.astype(np.float32))  # as the model saw it
     assert "ndim=4" in repr(post)
 
 

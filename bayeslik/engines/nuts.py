@@ -26,7 +26,7 @@ import numpy as np
 from bayeslik.errors import EngineError, InitializationError
 from bayeslik.fit import Cost, Fit, build_datatree
 
-__all__ = ["NUTSConfig", "NUTS", "run", "init", "build_warmup_step", "build_sample_step"]
+__all__ = ["NUTSConfig", "NUTS", "run", "init", "build_step", "end_warmup"]
 
 
 @dataclass(frozen=True)
@@ -142,12 +142,16 @@ def init(position: jax.Array, logdensity_fn, rng_key: jax.Array, config: NUTSCon
     return ChainState(state, ws)
 
 
-def build_warmup_step(logdensity_fn, config: NUTSConfig):
-    """``step(chain_state, (key, stage, window_end, active)) -> (chain_state, (n_steps, div))``.
+SAMPLING = 2  # the stage of kept iterations: no adaptation
 
-    stage 0 adapts the step size only ("fast"), stage 1 also accumulates the mass matrix
-    ("slow"); at a slow window's end the metric is recomputed and dual averaging restarts from
-    the averaged step size. ``active`` False makes the step a no-op (used to pad the last chunk).
+
+def build_step(logdensity_fn, config: NUTSConfig):
+    """``step(chain_state, (key, stage, window_end, active)) -> (chain_state, DrawInfo)``.
+
+    One NUTS transition, then adaptation by stage: 0 adapts the step size only ("fast"),
+    1 also accumulates the mass matrix ("slow"; at a slow window's end the metric is recomputed
+    and dual averaging restarts from the averaged step size), 2 (``SAMPLING``) adapts nothing.
+    ``active`` False makes the step a no-op (used to pad the last chunk of a phase).
     """
     import blackjax
 
@@ -180,55 +184,34 @@ def build_warmup_step(logdensity_fn, config: NUTSConfig):
                 key, cs.hmc, logdensity_fn, cs.warmup.step_size, cs.warmup.inverse_mass_matrix,
                 max_num_doublings=config.max_tree_depth,
             )
-            ws = adapt(cs.warmup, stage, window_end, hmc.position, info.acceptance_rate)
-            return ChainState(hmc, ws), (info.num_integration_steps, info.is_divergent)
+            ws = jax.lax.cond(
+                stage == SAMPLING,
+                lambda w: w,
+                lambda w: adapt(w, stage, window_end, hmc.position, info.acceptance_rate),
+                cs.warmup,
+            )
+            return ChainState(hmc, ws), DrawInfo(
+                hmc.position, hmc.logdensity, info.is_divergent, info.num_trajectory_expansions,
+                info.acceptance_rate, info.energy, info.num_integration_steps,
+            )
 
         def skip(cs):
-            return cs, (jnp.zeros((), jnp.int32), jnp.zeros((), bool))
+            h = cs.hmc
+            zero = jnp.zeros_like(h.logdensity)
+            return cs, DrawInfo(
+                h.position, h.logdensity, jnp.zeros((), bool), jnp.zeros((), jnp.int32), zero,
+                zero, jnp.zeros((), jnp.int32),
+            )
 
         return jax.lax.cond(active, do, skip, cs)
 
     return step
 
 
-def build_sample_step(logdensity_fn, config: NUTSConfig):
-    """``step(hmc_state, (key, active), step_size, inverse_mass_matrix) -> (state, DrawInfo)``."""
-    import blackjax
-
-    kernel = blackjax.nuts.build_kernel()
-
-    def step(hmc, x, step_size, inverse_mass_matrix):
-        key, active = x
-
-        def one(carry, k):
-            st, n, div = carry
-            st, info = kernel(
-                k, st, logdensity_fn, step_size, inverse_mass_matrix,
-                max_num_doublings=config.max_tree_depth,
-            )
-            return (st, n + info.num_integration_steps, div | info.is_divergent), info
-
-        def do(hmc):
-            keys = jax.random.split(key, config.thinning)
-            (st, n, div), infos = jax.lax.scan(
-                one, (hmc, jnp.zeros((), jnp.int32), jnp.zeros((), bool)), keys
-            )
-            last = jax.tree.map(lambda a: a[-1], infos)
-            return st, DrawInfo(
-                st.position, st.logdensity, div, last.num_trajectory_expansions,
-                last.acceptance_rate, last.energy, n,
-            )
-
-        def skip(hmc):
-            z = jnp.zeros_like
-            return hmc, DrawInfo(
-                hmc.position, hmc.logdensity, jnp.zeros((), bool), jnp.zeros((), jnp.int32),
-                z(hmc.logdensity), z(hmc.logdensity), jnp.zeros((), jnp.int32),
-            )
-
-        return jax.lax.cond(active, do, skip, hmc)
-
-    return step
+def end_warmup(cs: ChainState) -> ChainState:
+    """After the warmup, sample with the dual-averaged step size (Stan's choice)."""
+    ws = cs.warmup
+    return cs._replace(warmup=ws._replace(step_size=jnp.exp(ws.ss_state.log_step_size_avg)))
 
 
 def _schedule(num_warmup: int) -> tuple[np.ndarray, np.ndarray]:
@@ -245,47 +228,50 @@ def _schedule(num_warmup: int) -> tuple[np.ndarray, np.ndarray]:
 
 # ---------------------------------------------------------------------------- compiled programs
 class _Programs:
-    """The jitted functions of one (Posterior, settings) pair, compiled once and reused."""
+    """The compiled functions of one (Posterior, settings) pair, compiled once and reused.
 
-    def __init__(self, posterior, config: NUTSConfig, num_local_chains: int, mesh):
+    ``init``: candidates (chains, tries, ndim) -> (ChainState per chain, index of the first
+    finite candidate per chain, number of finite candidates per chain). ``chunk``: a scan of NUTS
+    steps over a chunk of the schedule. ``post``: constrained values and pointwise
+    log-likelihood of a batch of draws.
+    """
+
+    def __init__(self, posterior, config: NUTSConfig, mesh):
         self.compile_s = 0.0
+        self._compiled: dict[tuple, Any] = {}
         logdensity = posterior.logdensity
-        self._compiled: dict[str, Any] = {}
-        warm_step = build_warmup_step(logdensity, config)
-        sample_step = build_sample_step(logdensity, config)
+        step = build_step(logdensity, config)
+        value_and_grad = jax.vmap(jax.value_and_grad(logdensity))
 
-        def warm_chunk(cs, keys, stage, end, active):
-            return jax.lax.scan(warm_step, cs, (keys, stage, end, active))
+        def init_chain(candidates, key):
+            val, grad = value_and_grad(candidates)
+            ok = jnp.isfinite(val) & jnp.all(jnp.isfinite(grad), axis=1)
+            first = jnp.argmax(ok)
+            return init(candidates[first], logdensity, key, config), first, ok.sum()
 
-        def sample_chunk(hmc, keys, active, step_size, imm):
-            return jax.lax.scan(
-                lambda st, x: sample_step(st, x, step_size, imm), hmc, (keys, active)
-            )
+        def chunk(cs, keys, stage, end, active):
+            return jax.lax.scan(step, cs, (keys, stage, end, active))
 
-        def init_fn(z, key):
-            return init(z, logdensity, key, config)
-
-        vinit = jax.vmap(init_fn)
-        vwarm = jax.vmap(warm_chunk, in_axes=(0, 0, None, None, None))
-        vsample = jax.vmap(sample_chunk, in_axes=(0, 0, None, 0, 0))
+        vinit = jax.vmap(init_chain)
+        vchunk = jax.vmap(chunk, in_axes=(0, 0, None, None, None))
         if mesh is not None:
             from jax.sharding import PartitionSpec as P
 
             c, r = P("chain"), P()
             vinit = jax.shard_map(vinit, mesh=mesh, in_specs=(c, c), out_specs=c, check_vma=False)
-            vwarm = jax.shard_map(
-                vwarm, mesh=mesh, in_specs=(c, c, r, r, r), out_specs=(c, c), check_vma=False
+            vchunk = jax.shard_map(
+                vchunk, mesh=mesh, in_specs=(c, c, r, r, r), out_specs=(c, c), check_vma=False
             )
-            vsample = jax.shard_map(
-                vsample, mesh=mesh, in_specs=(c, c, r, c, c), out_specs=(c, c), check_vma=False
-            )
-        self._fns = {"init": jax.jit(vinit), "warm": jax.jit(vwarm), "sample": jax.jit(vsample)}
 
         def post(z):
             ev = posterior.evaluate(z)
             return ev.values, ev.pointwise_loglikelihood
 
-        self._fns["post"] = jax.jit(lambda zs: jax.lax.map(post, zs, batch_size=256))
+        self._fns = {
+            "init": jax.jit(vinit),
+            "chunk": jax.jit(vchunk),
+            "post": jax.jit(lambda zs: jax.lax.map(post, zs, batch_size=256)),
+        }
 
     def __call__(self, name: str, *args):
         sig = (name,) + tuple(
@@ -303,68 +289,58 @@ class _Programs:
 _CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
-def _programs(posterior, config: NUTSConfig, num_local_chains: int, mesh) -> _Programs:
-    static = dataclasses.replace(
-        config, num_warmup=0, num_samples=1, num_chains=1, progress_bar=False, init="uniform"
-    )
-    key = (static, num_local_chains, None if mesh is None else tuple(mesh.devices.flat))
+def _programs(posterior, config: NUTSConfig, mesh) -> _Programs:
+    # only the settings that change the compiled code are part of the key
+    static = (config.target_accept, config.max_tree_depth, config.dense_mass)
+    key = (static, None if mesh is None else tuple(mesh.devices.flat))
     per_post = _CACHE.setdefault(posterior, {})
     if key not in per_post:
-        per_post[key] = _Programs(posterior, config, num_local_chains, mesh)
+        per_post[key] = _Programs(posterior, config, mesh)
     return per_post[key]
 
 
-# ---------------------------------------------------------------------------- initialisation
-def initial_positions(posterior, rng_key: jax.Array, num_chains: int, init: str = "uniform",
-                      radius: float = 2.0, num_tries: int = 100) -> np.ndarray:
-    """A finite starting point per chain, (num_chains, ndim).
-
-    Tries ``num_tries`` candidates per chain (uniform in [-radius, radius] on the unconstrained
-    scale, or prior draws) and keeps the first whose log density and gradient are finite.
-    Raises InitializationError, saying which term is not finite, when a chain has none.
-    """
-    n = num_chains * num_tries
+def _candidates(posterior, rng_key, num_chains: int, init: str, radius: float, num_tries: int):
+    """Starting candidates (chains, tries, ndim): uniform on [-radius, radius] or prior draws."""
     if init == "prior":
-        cand = posterior.sample_prior(rng_key, n)
-    else:
-        cand = jax.random.uniform(rng_key, (n, posterior.ndim), minval=-radius, maxval=radius)
-    vg = jax.jit(jax.vmap(jax.value_and_grad(posterior.logdensity)))
-    val, grad = vg(cand)
-    ok = np.isfinite(np.asarray(val)) & np.isfinite(np.asarray(grad)).all(axis=1)
-    ok = ok.reshape(num_chains, num_tries)
-    cand = np.asarray(cand).reshape(num_chains, num_tries, -1)
-    if not ok.any():
-        z = jnp.asarray(cand[0, 0])
-        lp, ll = float(posterior.logprior(z)), float(posterior.loglikelihood(z))
-        raise InitializationError(
-            f"no finite starting point for model '{posterior.name}' in {num_tries} tries per chain "
-            f"(init={init!r}, radius {radius}). At the first candidate the log prior was {lp} and "
-            f"the log-likelihood {ll}. Check that the data lie in the support of the likelihood "
-            "for plausible parameters, that the model has no log(0) or division by zero, or try "
-            "init='prior' or a smaller init_radius."
-        )
-    bad = np.flatnonzero(~ok.any(axis=1))
-    if bad.size:
-        raise InitializationError(
-            f"chains {bad.tolist()} found no finite starting point in {num_tries} tries "
-            f"(init={init!r}); only {int(ok.sum())} of {n} candidates were finite. Try "
-            "init='prior' or a smaller init_radius."
-        )
-    first = ok.argmax(axis=1)
-    return cand[np.arange(num_chains), first]
+        cand = posterior.sample_prior(rng_key, num_chains * num_tries)
+        return cand.reshape(num_chains, num_tries, posterior.ndim)
+    return jax.random.uniform(
+        rng_key, (num_chains, num_tries, posterior.ndim), minval=-radius, maxval=radius
+    )
+
+
+def _no_start_error(posterior, candidates, num_ok, init: str, radius: float) -> InitializationError:
+    bad = np.flatnonzero(np.asarray(num_ok) == 0)
+    z = jnp.asarray(candidates[bad[0], 0])
+    lp, ll = float(posterior.logprior(z)), float(posterior.loglikelihood(z))
+    where = f"init={init!r}" + (f", init_radius={radius}" if init == "uniform" else "")
+    return InitializationError(
+        f"no finite starting point for model '{posterior.name}': chain(s) {bad.tolist()} found "
+        f"none in {candidates.shape[1]} tries ({where}). At the first candidate the log prior "
+        f"was {lp} and the log-likelihood {ll}. Check that the data lie in the support of the "
+        "likelihood for plausible parameters and that the model has no log(0) or division by "
+        "zero; or try init='prior' or a smaller init_radius."
+    )
 
 
 # ---------------------------------------------------------------------------- the run
-def _chunks(total: int, num_chunks: int) -> tuple[int, int]:
-    """(chunk length, number of chunks) covering ``total`` steps."""
+def _chunks(total: int, num_chunks: int, multiple: int = 1) -> tuple[int, int]:
+    """(chunk length, number of chunks) covering ``total`` steps; length is a multiple."""
     if total == 0:
-        return 1, 0
+        return multiple, 0
     length = math.ceil(total / min(num_chunks, total))
+    length = multiple * math.ceil(length / multiple)
     return length, math.ceil(total / length)
 
 
-def _split_keys(key, num_chains: int, num_steps: int):
-    return jax.random.split(key, (num_chains, num_steps))
+def _phase(total: int, length: int, n: int, stage: np.ndarray, end: np.ndarray):
+    """The (stage, window_end, active) arrays of each chunk of a phase, padded to length."""
+    for i in range(n):
+        sl = slice(i * length, min((i + 1) * length, total))
+        k = sl.stop - sl.start
+        pad = length - k
+        yield (sl, np.pad(stage[sl], (0, pad)).astype(np.int32),
+               np.pad(end[sl], (0, pad)).astype(bool), np.arange(length) < k)
 
 
 def run(posterior, rng_key: jax.Array, config: NUTSConfig) -> Fit:
@@ -381,76 +357,75 @@ def run(posterior, rng_key: jax.Array, config: NUTSConfig) -> Fit:
     if not sequential and len(devices) > 1 and config.num_chains % len(devices) == 0:
         mesh = jax.sharding.Mesh(np.array(devices), ("chain",))
     groups = [[c] for c in range(config.num_chains)] if sequential else [list(range(config.num_chains))]
-    local = len(groups[0])
-    progs = _programs(posterior, config, local, mesh)
+    progs = _programs(posterior, config, mesh)
     compile_before = progs.compile_s
 
     k_init, k_step, k_warm, k_samp = jax.random.split(rng_key, 4)
-    z0 = initial_positions(
-        posterior, k_init, config.num_chains, config.init, config.init_radius
-    )
-    stage, wend = _schedule(config.num_warmup)
-    wlen, wn = _chunks(config.num_warmup, config.num_chunks)
-    slen, sn = _chunks(config.num_samples, config.num_chunks)
-    step_keys = jax.random.split(k_step, config.num_chains)
-    warm_keys = _split_keys(k_warm, config.num_chains, max(wlen * wn, 1))
-    samp_keys = _split_keys(k_samp, config.num_chains, slen * sn)
+    candidates = _candidates(posterior, k_init, config.num_chains, config.init,
+                             config.init_radius, num_tries=100)
+    W, S, T = config.num_warmup, config.num_samples, config.thinning
+    w_stage, w_end = _schedule(W)
+    s_stage, s_end = np.full(S * T, SAMPLING, np.int32), np.zeros(S * T, bool)
+    wlen, wn = _chunks(W, config.num_chunks)
+    slen, sn = _chunks(S * T, config.num_chunks, multiple=T)
+    init_keys = jax.random.split(k_step, config.num_chains)
+    warm_keys = jax.random.split(k_warm, (config.num_chains, max(wlen * wn, 1)))
+    samp_keys = jax.random.split(k_samp, (config.num_chains, slen * sn))
 
-    total = (config.num_warmup + config.num_samples) * config.num_chains
-    bar = tqdm(total=total, desc=f"NUTS {posterior.name}", disable=not config.progress_bar,
-               unit="it", leave=True)
+    bar = tqdm(total=(W + S * T) * config.num_chains, desc=f"NUTS {posterior.name}",
+               disable=not config.progress_bar, unit="it")
     num_grad = config.num_chains  # the initial gradient of each chain
     warm_div = 0
-    draws: list[list[DrawInfo]] = [[] for _ in groups]
+    kept: list[list[DrawInfo]] = [[] for _ in groups]
     step_sizes = []
-    interrupted = None
+    interrupted = False
     try:
         for g, chains in enumerate(groups):
-            cs = progs("init", jnp.asarray(z0[chains]), step_keys[np.array(chains)])
-            for i in range(wn):
-                sl = slice(i * wlen, (i + 1) * wlen)
-                st, en = stage[sl], wend[sl]
-                act = np.ones(wlen, bool)
-                act[len(st):] = False
-                st = np.pad(st, (0, wlen - len(st)))
-                en = np.pad(en, (0, wlen - len(en)))
-                cs, (nsteps, div) = progs("warm", cs, warm_keys[np.array(chains), sl.start:sl.stop],
-                                          jnp.asarray(st), jnp.asarray(en), jnp.asarray(act))
-                num_grad += int(np.sum(nsteps))
-                warm_div += int(np.sum(div))
+            idx = np.array(chains)
+            cs, _, num_ok = progs("init", candidates[idx], init_keys[idx])
+            if np.any(np.asarray(num_ok) == 0):
+                raise _no_start_error(posterior, np.asarray(candidates[idx]), num_ok, config.init,
+                                      config.init_radius)
+            for sl, st, en, act in _phase(W, wlen, wn, w_stage, w_end):
+                cs, info = progs("chunk", cs, warm_keys[idx, sl.start:sl.start + wlen],
+                                 st, en, act)
+                num_grad += int(np.sum(info.n_steps))
+                warm_div += int(np.sum(info.diverging))
                 bar.update(int(act.sum()) * len(chains))
-            step_size = jnp.exp(cs.warmup.ss_state.log_step_size_avg) if config.num_warmup else cs.warmup.step_size
-            imm = cs.warmup.inverse_mass_matrix
-            step_sizes.append(np.asarray(step_size))
-            hmc = cs.hmc
-            for i in range(sn):
-                act = np.arange(i * slen, (i + 1) * slen) < config.num_samples
-                hmc, info = progs("sample", hmc, samp_keys[np.array(chains), i * slen:(i + 1) * slen],
-                                  jnp.asarray(act), step_size, imm)
-                info = jax.tree.map(lambda a: np.asarray(a)[:, : int(act.sum())], info)
-                draws[g].append(info)
+            if W:
+                cs = end_warmup(cs)
+            step_sizes.append(np.asarray(cs.warmup.step_size))
+            for sl, st, en, act in _phase(S * T, slen, sn, s_stage, s_end):
+                cs, info = progs("chunk", cs, samp_keys[idx, sl.start:sl.start + slen],
+                                 st, en, act)
+                info = jax.tree.map(np.asarray, info)
                 num_grad += int(info.n_steps.sum())
-                bar.update(int(act.sum()) * len(chains))
-                bar.set_postfix(divergences=sum(int(d.diverging.sum()) for dg in draws for d in dg))
+                k = int(act.sum())
+                # thinning: keep every T-th iteration, summing the work and divergences between
+                draws = jax.tree.map(lambda a: a[:, T - 1:k:T], info)
+                draws = draws._replace(
+                    diverging=info.diverging[:, :k].reshape(len(chains), -1, T).any(-1),
+                    n_steps=info.n_steps[:, :k].reshape(len(chains), -1, T).sum(-1),
+                )
+                kept[g].append(draws)
+                bar.update(k * len(chains))
+                bar.set_postfix(divergences=sum(int(d.diverging.sum()) for kg in kept for d in kg))
     except KeyboardInterrupt:
         interrupted = True
     finally:
         bar.close()
 
-    done = [np.concatenate([getattr(d, "position") for d in dg], axis=1) if dg else None for dg in draws]
-    if interrupted and (not draws[0] or any(d is None for d in done)):
-        raise KeyboardInterrupt("NUTS interrupted before any draw was kept by every chain")
-    n_kept = min(d.shape[1] for d in done)
-    info = DrawInfo(*[
-        np.concatenate([np.concatenate([getattr(d, f) for d in dg], axis=1)[:, :n_kept] for dg in draws], axis=0)
-        for f in DrawInfo._fields
-    ])
+    if interrupted and not all(kept):
+        raise KeyboardInterrupt("NUTS was interrupted before every chain had kept a draw")
+    per_group = [jax.tree.map(lambda *a: np.concatenate(a, axis=1), *kg) for kg in kept]
+    n_kept = min(d.position.shape[1] for d in per_group)
+    info = jax.tree.map(lambda *a: np.concatenate([x[:, :n_kept] for x in a], axis=0), *per_group)
     step_size = np.concatenate([np.atleast_1d(s) for s in step_sizes])
 
     # constrained values and pointwise log-likelihood of every draw, in one compiled pass
-    zs = info.position.reshape(-1, posterior.ndim)
-    values, pointwise = progs("post", jnp.asarray(zs))
     shape2 = info.position.shape[:2]
+    zs = jnp.asarray(info.position.reshape(-1, posterior.ndim))
+    values, pointwise = progs("post", zs)
     values = {k: np.asarray(v).reshape(shape2 + v.shape[1:]) for k, v in values.items()}
     pointwise = {k: np.asarray(v).reshape(shape2 + v.shape[1:]) for k, v in pointwise.items()}
 
@@ -467,14 +442,13 @@ def run(posterior, rng_key: jax.Array, config: NUTSConfig) -> Fit:
     flags = []
     ndiv = int(info.diverging.sum())
     if ndiv:
-        flags.append(f"{ndiv} divergent transitions after warmup; consider target_accept=0.9+ "
-                     "or a reparametrisation")
-    if interrupted:
-        flags.append(f"interrupted: kept {n_kept} of {config.num_samples} draws per chain")
+        flags.append(f"{ndiv} divergent transitions after warmup; consider target_accept=0.9 or "
+                     "more, or a reparametrisation")
     maxdepth = int((info.tree_depth >= config.max_tree_depth).sum())
     if maxdepth:
         flags.append(f"{maxdepth} iterations hit max_tree_depth={config.max_tree_depth}")
-    cfg = dataclasses.asdict(config)
+    if interrupted:
+        flags.append(f"interrupted: kept {n_kept} of {S} draws per chain")
     idata = build_datatree(
         posterior, values, sample_stats=sample_stats, log_likelihood=pointwise,
         attrs={"inference_library": "bayeslik", "engine": "nuts", "sampling_time": wall},
@@ -484,7 +458,8 @@ def run(posterior, rng_key: jax.Array, config: NUTSConfig) -> Fit:
         compile_s=progs.compile_s - compile_before,
         num_loglik_evals=num_grad,
         num_grad_evals=num_grad,
-        extra={"num_warmup_divergences": warm_div, "num_postprocess_evals": int(zs.shape[0])},
+        extra={"num_warmup_divergences": warm_div, "num_postprocess_evals": int(zs.shape[0]),
+               "num_init_evals": int(candidates.shape[0] * candidates.shape[1])},
     )
-    return Fit(idata=idata, engine="nuts", config=cfg, seed=None, cost=cost, model=posterior.name,
-               flags=tuple(flags))
+    return Fit(idata=idata, engine="nuts", config=dataclasses.asdict(config), seed=None,
+               cost=cost, model=posterior.name, flags=tuple(flags))

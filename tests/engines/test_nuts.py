@@ -75,9 +75,9 @@ def test_interrupt_keeps_draws(monkeypatch):
     real = nuts._Programs.__call__
 
     def interrupting(self, name, *args):
-        if name == "sample":
+        if name == "chunk":
             calls["n"] += 1
-            if calls["n"] == 3:
+            if calls["n"] == 10 + 3:  # 10 warmup chunks, then the third sampling chunk
                 raise KeyboardInterrupt
         return real(self, name, *args)
 
