@@ -214,15 +214,31 @@ def end_warmup(cs: ChainState) -> ChainState:
     return cs._replace(warmup=ws._replace(step_size=jnp.exp(ws.ss_state.log_step_size_avg)))
 
 
-def _schedule(num_warmup: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stan's warmup schedule as (stage, window_end) arrays of length num_warmup."""
-    if num_warmup == 0:
-        return np.zeros(0, np.int32), np.zeros(0, bool)
-    from blackjax.adaptation.window_adaptation import build_schedule
+def _schedule(num_warmup: int, initial_buffer: int = 75, first_window: int = 25,
+              final_buffer: int = 50) -> tuple[np.ndarray, np.ndarray]:
+    """Stan's warmup schedule as (stage, window_end) arrays of length num_warmup.
 
-    sched = build_schedule(num_warmup)
-    stage = np.array([s for s, _ in sched], np.int32)
-    end = np.array([e for _, e in sched], bool)
+    A fast window (stage 0) of ``initial_buffer`` steps, slow windows (stage 1) starting at
+    ``first_window`` steps and doubling (a window that could not be followed by one twice its
+    size takes the rest), a final fast window of ``final_buffer`` steps. Fewer than 20 steps:
+    step size only. Too few for the default windows: 15% / 75% / 10%, as Stan does.
+    """
+    stage = np.zeros(num_warmup, np.int32)
+    end = np.zeros(num_warmup, bool)
+    if num_warmup < 20:
+        return stage, end
+    if initial_buffer + first_window + final_buffer > num_warmup:
+        initial_buffer = int(0.15 * num_warmup)
+        final_buffer = int(0.1 * num_warmup)
+        first_window = num_warmup - initial_buffer - final_buffer
+    slow_end = num_warmup - final_buffer
+    start, size = initial_buffer, first_window
+    while start < slow_end:
+        if 3 * size > slow_end - start:  # no room for a window twice this size after it
+            size = slow_end - start
+        stage[start:start + size] = 1
+        end[start + size - 1] = True
+        start, size = start + size, 2 * size
     return stage, end
 
 
@@ -243,24 +259,28 @@ class _Programs:
         step = build_step(logdensity, config)
         value_and_grad = jax.vmap(jax.value_and_grad(logdensity))
 
-        def init_chain(candidates, key):
+        def init_chain(candidates, key_data):
+            key = jax.random.wrap_key_data(key_data)
             val, grad = value_and_grad(candidates)
             ok = jnp.isfinite(val) & jnp.all(jnp.isfinite(grad), axis=1)
             first = jnp.argmax(ok)
             return init(candidates[first], logdensity, key, config), first, ok.sum()
 
-        def chunk(cs, keys, stage, end, active):
+        def chunk(cs, key_data, offset, stage, end, active):
+            # the key of step t of a phase is fold_in(phase key, t): no key arrays on the host
+            key = jax.random.wrap_key_data(key_data)
+            keys = jax.vmap(lambda t: jax.random.fold_in(key, t))(offset + jnp.arange(stage.shape[0]))
             return jax.lax.scan(step, cs, (keys, stage, end, active))
 
         vinit = jax.vmap(init_chain)
-        vchunk = jax.vmap(chunk, in_axes=(0, 0, None, None, None))
+        vchunk = jax.vmap(chunk, in_axes=(0, 0, None, None, None, None))
         if mesh is not None:
             from jax.sharding import PartitionSpec as P
 
             c, r = P("chain"), P()
             vinit = jax.shard_map(vinit, mesh=mesh, in_specs=(c, c), out_specs=c, check_vma=False)
             vchunk = jax.shard_map(
-                vchunk, mesh=mesh, in_specs=(c, c, r, r, r), out_specs=(c, c), check_vma=False
+                vchunk, mesh=mesh, in_specs=(c, c, r, r, r, r), out_specs=(c, c), check_vma=False
             )
 
         def post(z):
@@ -275,7 +295,7 @@ class _Programs:
 
     def __call__(self, name: str, *args):
         sig = (name,) + tuple(
-            (np.shape(a), str(getattr(a, "dtype", type(a)))) for a in jax.tree.leaves(args)
+            (np.shape(a), getattr(a, "dtype", type(a))) for a in jax.tree.leaves(args)
         )
         exe = self._compiled.get(sig)
         if exe is None:
@@ -303,10 +323,10 @@ def _candidates(posterior, rng_key, num_chains: int, init: str, radius: float, n
     """Starting candidates (chains, tries, ndim): uniform on [-radius, radius] or prior draws."""
     if init == "prior":
         cand = posterior.sample_prior(rng_key, num_chains * num_tries)
-        return cand.reshape(num_chains, num_tries, posterior.ndim)
-    return jax.random.uniform(
+        return np.asarray(cand).reshape(num_chains, num_tries, posterior.ndim)
+    return np.asarray(jax.random.uniform(
         rng_key, (num_chains, num_tries, posterior.ndim), minval=-radius, maxval=radius
-    )
+    ))
 
 
 def _no_start_error(posterior, candidates, num_ok, init: str, radius: float) -> InitializationError:
@@ -368,9 +388,10 @@ def run(posterior, rng_key: jax.Array, config: NUTSConfig) -> Fit:
     s_stage, s_end = np.full(S * T, SAMPLING, np.int32), np.zeros(S * T, bool)
     wlen, wn = _chunks(W, config.num_chunks)
     slen, sn = _chunks(S * T, config.num_chunks, multiple=T)
-    init_keys = jax.random.split(k_step, config.num_chains)
-    warm_keys = jax.random.split(k_warm, (config.num_chains, max(wlen * wn, 1)))
-    samp_keys = jax.random.split(k_samp, (config.num_chains, slen * sn))
+    def per_chain(key):
+        return np.asarray(jax.random.key_data(jax.random.split(key, config.num_chains)))
+
+    init_keys, warm_keys, samp_keys = per_chain(k_step), per_chain(k_warm), per_chain(k_samp)
 
     bar = tqdm(total=(W + S * T) * config.num_chains, desc=f"NUTS {posterior.name}",
                disable=not config.progress_bar, unit="it")
@@ -387,8 +408,7 @@ def run(posterior, rng_key: jax.Array, config: NUTSConfig) -> Fit:
                 raise _no_start_error(posterior, np.asarray(candidates[idx]), num_ok, config.init,
                                       config.init_radius)
             for sl, st, en, act in _phase(W, wlen, wn, w_stage, w_end):
-                cs, info = progs("chunk", cs, warm_keys[idx, sl.start:sl.start + wlen],
-                                 st, en, act)
+                cs, info = progs("chunk", cs, warm_keys[idx], np.int32(sl.start), st, en, act)
                 num_grad += int(np.sum(info.n_steps))
                 warm_div += int(np.sum(info.diverging))
                 bar.update(int(act.sum()) * len(chains))
@@ -396,8 +416,7 @@ def run(posterior, rng_key: jax.Array, config: NUTSConfig) -> Fit:
                 cs = end_warmup(cs)
             step_sizes.append(np.asarray(cs.warmup.step_size))
             for sl, st, en, act in _phase(S * T, slen, sn, s_stage, s_end):
-                cs, info = progs("chunk", cs, samp_keys[idx, sl.start:sl.start + slen],
-                                 st, en, act)
+                cs, info = progs("chunk", cs, samp_keys[idx], np.int32(sl.start), st, en, act)
                 info = jax.tree.map(np.asarray, info)
                 num_grad += int(info.n_steps.sum())
                 k = int(act.sum())

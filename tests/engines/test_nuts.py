@@ -46,6 +46,21 @@ def test_mcse_check_can_fail(seed):
     assert abs(fit.draws("mu").mean() - wrong) / _mcse(fit, "mu", "mean") > K
 
 
+@pytest.mark.parametrize("num_warmup", [0, 10, 19, 20, 100, 149, 150, 151, 500, 1000, 1234])
+def test_warmup_schedule_is_stans(num_warmup):
+    """Our schedule equals blackjax's build_schedule (Stan's windows) at every length."""
+    from blackjax.adaptation.window_adaptation import build_schedule
+
+    from bayeslik.engines.nuts import _schedule
+
+    stage, end = _schedule(num_warmup)
+    ref = np.asarray(build_schedule(num_warmup)).reshape(-1, 2)
+    np.testing.assert_array_equal(stage, ref[:, 0])
+    np.testing.assert_array_equal(end, ref[:, 1].astype(bool))
+    if num_warmup >= 500:  # Stan's defaults: 75 fast, windows 25, 50, ..., 50 fast at the end
+        assert stage[:75].sum() == 0 and stage[-50:].sum() == 0 and end[75 + 25 - 1]
+
+
 def test_compiled_once_and_reproducible():
     post = reference.get("normal_mean").posterior()
     opts = dict(num_warmup=100, num_samples=50, num_chains=2, progress_bar=False)
