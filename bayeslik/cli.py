@@ -3,9 +3,11 @@
     bayeslik demo [--out DIR] [--quick]     fit the bundled reference problems, print and save a table
     bayeslik models                          list the bundled models
     bayeslik fit MODEL [--engine nuts] [--seed 0] [--out FILE.nc] [--set key=value ...]
+    bayeslik sbc MODEL [--engine nuts] [--simulations 100] [--draws 100] [--out DIR] [--set ...]
 
 Exit codes: 0 success, 1 a bayeslik error (bad model, data or engine option; the message says
-which), 2 bad command-line usage, 130 interrupted.
+which), 2 bad command-line usage or an unknown model, 3 an SBC run that failed calibration,
+130 interrupted.
 """
 
 from __future__ import annotations
@@ -49,21 +51,47 @@ def _cmd_models(args) -> int:
     return 0
 
 
+class _UsageError(Exception):
+    pass
+
+
+def _options(items: list[str] | None) -> dict[str, Any]:
+    options = {}
+    for item in items or []:
+        if "=" not in item:
+            raise _UsageError(f"--set expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        options[k] = _parse_value(v)
+    return options
+
+
+def _load_model(name: str):
+    models = _bundled()
+    if name not in models:
+        raise _UsageError(f"unknown model {name!r}; `bayeslik models` lists them.")
+    return models[name][1]()
+
+
+def _cmd_sbc(args) -> int:
+    from bayeslik.sbc import sbc
+
+    model, data, _ = _load_model(args.model)
+    res = sbc(model, args.engine, num_simulations=args.simulations, num_draws=args.draws,
+              seed=args.seed, engine_options=_options(args.set), **data)
+    print(res)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        res.table.to_csv(os.path.join(args.out, f"sbc_{args.model}_{args.engine}.csv"))
+        res.plot().savefig(os.path.join(args.out, f"sbc_{args.model}_{args.engine}.png"), dpi=110)
+        print(f"written: {args.out}/sbc_{args.model}_{args.engine}.csv and .png")
+    return 0 if res.passed else 3
+
+
 def _cmd_fit(args) -> int:
     import bayeslik as bl
 
-    models = _bundled()
-    if args.model not in models:
-        print(f"bayeslik: unknown model {args.model!r}; `bayeslik models` lists them.", file=sys.stderr)
-        return 1
-    options = {}
-    for item in args.set or []:
-        if "=" not in item:
-            print(f"bayeslik: --set expects key=value, got {item!r}", file=sys.stderr)
-            return 2
-        k, v = item.split("=", 1)
-        options[k] = _parse_value(v)
-    model, data, _ = models[args.model][1]()
+    options = _options(args.set)
+    model, data, _ = _load_model(args.model)
     post = bl.Posterior(model, **data)
     fit = bl.fit(post, args.engine, seed=args.seed, **options)
     print(fit)
@@ -140,11 +168,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="save the Fit to this netCDF file")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="engine option, e.g. num_samples=500")
     p.set_defaults(func=_cmd_fit)
+    p = sub.add_parser("sbc", help="simulation-based calibration of an engine on a bundled model")
+    p.add_argument("model")
+    p.add_argument("--engine", default="nuts")
+    p.add_argument("--simulations", type=int, default=100)
+    p.add_argument("--draws", type=int, default=100, help="at most this many posterior draws per fit")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="folder for the table (CSV) and the figure (PNG)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="engine option")
+    p.set_defaults(func=_cmd_sbc)
     args = parser.parse_args(argv)
     from bayeslik.errors import BayeslikError
 
     try:
         return args.func(args)
+    except _UsageError as e:
+        print(f"bayeslik: {e}", file=sys.stderr)
+        return 2
     except BayeslikError as e:
         print(f"bayeslik: {type(e).__name__}: {e}", file=sys.stderr)
         return 1

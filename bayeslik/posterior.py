@@ -29,7 +29,18 @@ from numpyro.distributions.util import sum_rightmost
 
 from bayeslik.errors import DataError, ImproperPriorError, ModelError
 
-__all__ = ["Posterior", "SiteInfo", "Evaluation"]
+__all__ = ["Posterior", "SiteInfo", "Evaluation", "PosteriorFunctions"]
+
+
+class PosteriorFunctions(NamedTuple):
+    """A Posterior's density functions with given data arrays (see ``Posterior.at``)."""
+
+    logdensity: Callable
+    logprior: Callable
+    loglikelihood: Callable
+    pointwise_loglikelihood: Callable
+    evaluate: Callable
+    constrain: Callable
 
 
 class Evaluation(NamedTuple):
@@ -204,6 +215,12 @@ class Posterior:
         self._args = tuple(_as_jax(a) for a in args)
         self._kwargs = {k: _as_jax(v) for k, v in kwargs.items()}
         self.name = getattr(model, "__name__", type(model).__name__)
+        # the array arguments are the "data": engines may pass other arrays of the same shapes
+        # in their place (data = {"args[i]" or keyword: array}), so compiled code is reused
+        self._data = {
+            **{f"args[{i}]": a for i, a in enumerate(self._args) if isinstance(a, jax.Array)},
+            **{k: v for k, v in self._kwargs.items() if isinstance(v, jax.Array)},
+        }
 
         trace = self._trace_once()
         self._sites = self._inspect(trace, self._trace_once(rng_seed=1))
@@ -356,7 +373,15 @@ class Posterior:
             )
 
     # ------------------------------------------------------------------ core evaluation
-    def _run(self, z: jax.Array) -> tuple[dict, jax.Array]:
+    def _call_args(self, data: dict | None) -> tuple[tuple, dict]:
+        """The program's (args, kwargs), with the data arrays taken from ``data`` if given."""
+        if data is None:
+            return self._args, self._kwargs
+        args = tuple(data.get(f"args[{i}]", a) for i, a in enumerate(self._args))
+        kwargs = {k: data.get(k, v) for k, v in self._kwargs.items()}
+        return args, kwargs
+
+    def _run(self, z: jax.Array, data: dict | None = None) -> tuple[dict, jax.Array]:
         """Trace the program with the latent sites set from ``z``; return (trace, log|J|)."""
         params = self._unravel(z)
         log_jac = []
@@ -374,8 +399,9 @@ class Posterior:
             return x
 
         seeded = handlers.seed(self._model, rng_seed=0)
+        args, kwargs = self._call_args(data)
         tr = handlers.trace(handlers.substitute(seeded, substitute_fn=substitute_fn)).get_trace(
-            *self._args, **self._kwargs
+            *args, **kwargs
         )
         return tr, sum(log_jac) if log_jac else jnp.zeros(())
 
@@ -386,11 +412,11 @@ class Posterior:
             lp = site["scale"] * lp
         return lp
 
-    def _make_logdensity(self, which: str) -> Callable[[jax.Array], jax.Array]:
+    def _make_logdensity(self, which: str, data: dict | None = None) -> Callable[[jax.Array], jax.Array]:
         latent = set(self._latent_names)
 
         def fn(z):
-            tr, log_jac = self._run(z)
+            tr, log_jac = self._run(z, data)
             total = jnp.zeros(())
             for name, site in tr.items():
                 if site["type"] != "sample":
@@ -411,17 +437,17 @@ class Posterior:
         }[which]
         return fn
 
-    def _make_pointwise(self) -> Callable[[jax.Array], dict]:
+    def _make_pointwise(self, data: dict | None = None) -> Callable[[jax.Array], dict]:
         names = tuple(n for n, s in self._sites.items() if s.kind in ("observed", "factor"))
 
         def pointwise_loglikelihood(z):
             """Per-observation log-likelihood: {observed site: array of the data's batch shape}."""
-            tr, _ = self._run(z)
+            tr, _ = self._run(z, data)
             return {n: self._site_logprob(tr[n]) for n in names}
 
         return pointwise_loglikelihood
 
-    def _make_evaluate(self) -> Callable:
+    def _make_evaluate(self, data: dict | None = None) -> Callable:
         latent = set(self._latent_names)
         keep = tuple(n for n, s in self._sites.items() if s.kind in ("latent", "deterministic"))
         obs = tuple(n for n, s in self._sites.items() if s.kind in ("observed", "factor"))
@@ -429,7 +455,7 @@ class Posterior:
         def evaluate(z) -> Evaluation:
             """One trace at z: constrained values (latent and deterministic sites), pointwise
             log-likelihood per observed site, log prior (with the Jacobian) and log-likelihood."""
-            tr, log_jac = self._run(z)
+            tr, log_jac = self._run(z, data)
             lp = {n: self._site_logprob(s) for n, s in tr.items() if s["type"] == "sample"}
             logprior = sum((jnp.sum(v) for n, v in lp.items() if n in latent), log_jac)
             loglik = sum((jnp.sum(v) for n, v in lp.items() if n not in latent), jnp.zeros(()))
@@ -439,12 +465,12 @@ class Posterior:
 
         return evaluate
 
-    def _make_constrain(self) -> Callable:
+    def _make_constrain(self, data: dict | None = None) -> Callable:
         keep = tuple(n for n, s in self._sites.items() if s.kind in ("latent", "deterministic"))
 
         def constrain(z):
             """{site: constrained value} for the latent and deterministic sites at z."""
-            tr, _ = self._run(z)
+            tr, _ = self._run(z, data)
             return {n: tr[n]["value"] for n in keep}
 
         return constrain
@@ -571,6 +597,43 @@ class Posterior:
     def data(self) -> dict[str, Any]:
         """The keyword arguments bound to the program."""
         return dict(self._kwargs)
+
+    @property
+    def data_arrays(self) -> dict[str, jax.Array]:
+        """The array arguments ("data"): {keyword or "args[i]": array}. See :meth:`at`."""
+        return dict(self._data)
+
+    def at(self, data: dict[str, jax.Array]) -> "PosteriorFunctions":
+        """The density functions with other data arrays of the same shapes in place of the bound
+        ones (``data`` as in :attr:`data_arrays`; the arrays may be JAX tracers). Engines compile
+        ``lambda z, data: post.at(data).logdensity(z)`` once and reuse it for every dataset
+        that shares this Posterior's :attr:`cache_key`."""
+        return PosteriorFunctions(
+            self._make_logdensity("joint", data), self._make_logdensity("prior", data),
+            self._make_logdensity("likelihood", data), self._make_pointwise(data),
+            self._make_evaluate(data), self._make_constrain(data),
+        )
+
+    @property
+    def cache_key(self) -> tuple:
+        """Equal for Posteriors whose compiled functions can be shared: the same program, the
+        same non-array arguments, data arrays of the same shapes and dtypes."""
+        static = [(f"args[{i}]", a) for i, a in enumerate(self._args) if not isinstance(a, jax.Array)]
+        static += [(k, v) for k, v in self._kwargs.items() if not isinstance(v, jax.Array)]
+        try:
+            hash(tuple(static))
+        except TypeError:  # unhashable static arguments: share nothing
+            static = [("posterior", id(self))]
+        shapes = tuple((k, tuple(v.shape), str(v.dtype)) for k, v in sorted(self._data.items()))
+        return (self._model, tuple(static), shapes)
+
+    def replace_data(self, **data: Any) -> "Posterior":
+        """A new Posterior of the same program with some arguments replaced (checked again)."""
+        unknown = [k for k in data if k not in self._kwargs]
+        if unknown:
+            raise DataError(f"replace_data: {unknown} are not arguments bound to this Posterior; "
+                            f"they are {sorted(self._kwargs)}.")
+        return Posterior(self._model, *self._args, **{**self._kwargs, **data})
 
     @property
     def args(self) -> tuple:

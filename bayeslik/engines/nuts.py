@@ -6,8 +6,10 @@ slow windows for the mass matrix, a final fast window) and the sampling run as a
 ``lax.scan``, each chunk one call of a function compiled once, so a progress bar can move
 between chunks and an interrupted run keeps every draw made before the interrupt.
 
-The compiled functions are cached per Posterior and settings: fitting the same Posterior again
-compiles nothing.
+The compiled functions take the data arrays as an argument and are cached by the Posterior's
+``cache_key`` (program, non-array arguments, data shapes) and the settings that change the code:
+fitting the same Posterior again, or the same program to other data of the same shapes (SBC,
+cross-validation, refits), compiles nothing.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -255,43 +257,45 @@ class _Programs:
     def __init__(self, posterior, config: NUTSConfig, mesh):
         self.compile_s = 0.0
         self._compiled: dict[tuple, Any] = {}
-        logdensity = posterior.logdensity
-        step = build_step(logdensity, config)
-        value_and_grad = jax.vmap(jax.value_and_grad(logdensity))
 
-        def init_chain(candidates, key_data):
+        # every function takes the data arrays as its last argument, so one compilation serves
+        # every Posterior with the same cache_key (same program, same data shapes)
+        def init_chain(candidates, key_data, data):
+            logdensity = posterior.at(data).logdensity
             key = jax.random.wrap_key_data(key_data)
-            val, grad = value_and_grad(candidates)
+            val, grad = jax.vmap(jax.value_and_grad(logdensity))(candidates)
             ok = jnp.isfinite(val) & jnp.all(jnp.isfinite(grad), axis=1)
             first = jnp.argmax(ok)
             return init(candidates[first], logdensity, key, config), first, ok.sum()
 
-        def chunk(cs, key_data, offset, stage, end, active):
+        def chunk(cs, key_data, offset, stage, end, active, data):
+            step = build_step(posterior.at(data).logdensity, config)
             # the key of step t of a phase is fold_in(phase key, t): no key arrays on the host
             key = jax.random.wrap_key_data(key_data)
             keys = jax.vmap(lambda t: jax.random.fold_in(key, t))(offset + jnp.arange(stage.shape[0]))
             return jax.lax.scan(step, cs, (keys, stage, end, active))
 
-        vinit = jax.vmap(init_chain)
-        vchunk = jax.vmap(chunk, in_axes=(0, 0, None, None, None, None))
+        vinit = jax.vmap(init_chain, in_axes=(0, 0, None))
+        vchunk = jax.vmap(chunk, in_axes=(0, 0, None, None, None, None, None))
         if mesh is not None:
             from jax.sharding import PartitionSpec as P
 
             c, r = P("chain"), P()
-            vinit = jax.shard_map(vinit, mesh=mesh, in_specs=(c, c), out_specs=c, check_vma=False)
+            vinit = jax.shard_map(vinit, mesh=mesh, in_specs=(c, c, r), out_specs=c, check_vma=False)
             vchunk = jax.shard_map(
-                vchunk, mesh=mesh, in_specs=(c, c, r, r, r, r), out_specs=(c, c), check_vma=False
+                vchunk, mesh=mesh, in_specs=(c, c, r, r, r, r, r), out_specs=(c, c), check_vma=False
             )
 
-        def post(z):
-            ev = posterior.evaluate(z)
-            return ev.values, ev.pointwise_loglikelihood
+        def post(zs, data):
+            evaluate = posterior.at(data).evaluate
 
-        self._fns = {
-            "init": jax.jit(vinit),
-            "chunk": jax.jit(vchunk),
-            "post": jax.jit(lambda zs: jax.lax.map(post, zs, batch_size=256)),
-        }
+            def one(z):
+                ev = evaluate(z)
+                return ev.values, ev.pointwise_loglikelihood
+
+            return jax.lax.map(one, zs, batch_size=256)
+
+        self._fns = {"init": jax.jit(vinit), "chunk": jax.jit(vchunk), "post": jax.jit(post)}
 
     def __call__(self, name: str, *args):
         sig = (name,) + tuple(
@@ -306,17 +310,22 @@ class _Programs:
         return exe(*args)
 
 
-_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_CACHE: "OrderedDict[tuple, _Programs]" = OrderedDict()
+_CACHE_SIZE = 32
 
 
 def _programs(posterior, config: NUTSConfig, mesh) -> _Programs:
-    # only the settings that change the compiled code are part of the key
+    """The compiled programs for this Posterior's cache_key and the settings that change the
+    compiled code (least recently used ones are dropped beyond _CACHE_SIZE)."""
     static = (config.target_accept, config.max_tree_depth, config.dense_mass)
-    key = (static, None if mesh is None else tuple(mesh.devices.flat))
-    per_post = _CACHE.setdefault(posterior, {})
-    if key not in per_post:
-        per_post[key] = _Programs(posterior, config, mesh)
-    return per_post[key]
+    key = (posterior.cache_key, static, None if mesh is None else tuple(mesh.devices.flat))
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+    else:
+        _CACHE[key] = _Programs(posterior, config, mesh)
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return _CACHE[key]
 
 
 def _candidates(posterior, rng_key, num_chains: int, init: str, radius: float, num_tries: int):
@@ -379,6 +388,7 @@ def run(posterior, rng_key: jax.Array, config: NUTSConfig) -> Fit:
     groups = [[c] for c in range(config.num_chains)] if sequential else [list(range(config.num_chains))]
     progs = _programs(posterior, config, mesh)
     compile_before = progs.compile_s
+    data = posterior.data_arrays
 
     k_init, k_step, k_warm, k_samp = jax.random.split(rng_key, 4)
     candidates = _candidates(posterior, k_init, config.num_chains, config.init,
@@ -403,12 +413,12 @@ def run(posterior, rng_key: jax.Array, config: NUTSConfig) -> Fit:
     try:
         for g, chains in enumerate(groups):
             idx = np.array(chains)
-            cs, _, num_ok = progs("init", candidates[idx], init_keys[idx])
+            cs, _, num_ok = progs("init", candidates[idx], init_keys[idx], data)
             if np.any(np.asarray(num_ok) == 0):
                 raise _no_start_error(posterior, np.asarray(candidates[idx]), num_ok, config.init,
                                       config.init_radius)
             for sl, st, en, act in _phase(W, wlen, wn, w_stage, w_end):
-                cs, info = progs("chunk", cs, warm_keys[idx], np.int32(sl.start), st, en, act)
+                cs, info = progs("chunk", cs, warm_keys[idx], np.int32(sl.start), st, en, act, data)
                 num_grad += int(np.sum(info.n_steps))
                 warm_div += int(np.sum(info.diverging))
                 bar.update(int(act.sum()) * len(chains))
@@ -416,7 +426,7 @@ def run(posterior, rng_key: jax.Array, config: NUTSConfig) -> Fit:
                 cs = end_warmup(cs)
             step_sizes.append(np.asarray(cs.warmup.step_size))
             for sl, st, en, act in _phase(S * T, slen, sn, s_stage, s_end):
-                cs, info = progs("chunk", cs, samp_keys[idx], np.int32(sl.start), st, en, act)
+                cs, info = progs("chunk", cs, samp_keys[idx], np.int32(sl.start), st, en, act, data)
                 info = jax.tree.map(np.asarray, info)
                 num_grad += int(info.n_steps.sum())
                 k = int(act.sum())
@@ -444,7 +454,7 @@ def run(posterior, rng_key: jax.Array, config: NUTSConfig) -> Fit:
     # constrained values and pointwise log-likelihood of every draw, in one compiled pass
     shape2 = info.position.shape[:2]
     zs = jnp.asarray(info.position.reshape(-1, posterior.ndim))
-    values, pointwise = progs("post", zs)
+    values, pointwise = progs("post", zs, data)
     values = {k: np.asarray(v).reshape(shape2 + v.shape[1:]) for k, v in values.items()}
     pointwise = {k: np.asarray(v).reshape(shape2 + v.shape[1:]) for k, v in pointwise.items()}
 
