@@ -18,11 +18,12 @@ from bayeslik.errors import (
 )
 from bayeslik.fit import Cost, Fit, load_fit
 from bayeslik.posterior import Posterior
+from bayeslik.sbc import sbc
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Posterior", "Fit", "Cost", "fit", "load_fit", "engines", "register_engine", "summary",
+    "Posterior", "Fit", "Cost", "fit", "load_fit", "engines", "register_engine", "summary", "sbc",
     "BayeslikError", "DataError", "EngineError", "ImproperPriorError", "InitializationError",
     "ModelError", "PriorTransformError",
 ]
