@@ -398,6 +398,7 @@ def run(posterior, rng_key: jax.Array, config: NUTSConfig) -> Fit:
     s_stage, s_end = np.full(S * T, SAMPLING, np.int32), np.zeros(S * T, bool)
     wlen, wn = _chunks(W, config.num_chunks)
     slen, sn = _chunks(S * T, config.num_chunks, multiple=T)
+
     def per_chain(key):
         return np.asarray(jax.random.key_data(jax.random.split(key, config.num_chains)))
 
@@ -444,12 +445,15 @@ def run(posterior, rng_key: jax.Array, config: NUTSConfig) -> Fit:
     finally:
         bar.close()
 
-    if interrupted and not all(kept):
-        raise KeyboardInterrupt("NUTS was interrupted before every chain had kept a draw")
-    per_group = [jax.tree.map(lambda *a: np.concatenate(a, axis=1), *kg) for kg in kept]
+    # an interrupted run keeps the chains that made draws (sequential chains may not all have)
+    done = [g for g in range(len(groups)) if kept[g]]
+    if not done:
+        raise KeyboardInterrupt("NUTS was interrupted before any draw was kept")
+    per_group = [jax.tree.map(lambda *a: np.concatenate(a, axis=1), *kept[g]) for g in done]
     n_kept = min(d.position.shape[1] for d in per_group)
     info = jax.tree.map(lambda *a: np.concatenate([x[:, :n_kept] for x in a], axis=0), *per_group)
-    step_size = np.concatenate([np.atleast_1d(s) for s in step_sizes])
+    step_size = np.concatenate([np.atleast_1d(step_sizes[g]) for g in done])
+    num_chains_kept = info.position.shape[0]
 
     # constrained values and pointwise log-likelihood of every draw, in one compiled pass
     shape2 = info.position.shape[:2]
@@ -477,7 +481,9 @@ def run(posterior, rng_key: jax.Array, config: NUTSConfig) -> Fit:
     if maxdepth:
         flags.append(f"{maxdepth} iterations hit max_tree_depth={config.max_tree_depth}")
     if interrupted:
-        flags.append(f"interrupted: kept {n_kept} of {S} draws per chain")
+        flags.append(f"interrupted: kept {n_kept} of {S} draws per chain"
+                     + (f" in {num_chains_kept} of {config.num_chains} chains"
+                        if num_chains_kept < config.num_chains else ""))
     idata = build_datatree(
         posterior, values, sample_stats=sample_stats, log_likelihood=pointwise,
         attrs={"inference_library": "bayeslik", "engine": "nuts", "sampling_time": wall},

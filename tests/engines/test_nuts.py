@@ -103,6 +103,27 @@ def test_interrupt_keeps_draws(monkeypatch):
     assert any("interrupted: kept 20 of 100" in f for f in fit.flags)
 
 
+def test_interrupt_of_sequential_chains_keeps_finished_ones(monkeypatch):
+    from bayeslik.engines import nuts
+
+    post = reference.get("normal_mean").posterior()
+    calls = {"n": 0}
+    real = nuts._Programs.__call__
+
+    def interrupting(self, name, *args):
+        if name == "init":
+            calls["n"] += 1
+            if calls["n"] == 3:  # the third chain is being started
+                raise KeyboardInterrupt
+        return real(self, name, *args)
+
+    monkeypatch.setattr(nuts._Programs, "__call__", interrupting)
+    fit = bl.fit(post, "nuts", num_warmup=50, num_samples=30, num_chains=4,
+                 chain_method="sequential", progress_bar=False)
+    assert fit.num_chains == 2 and fit.num_draws == 30
+    assert any("in 2 of 4 chains" in f for f in fit.flags)
+
+
 def test_progress_bar_runs(capsys):
     post = reference.get("normal_mean").posterior()
     bl.fit(post, "nuts", num_warmup=20, num_samples=20, num_chains=1, progress_bar=True)
