@@ -38,8 +38,10 @@ def plot_sbc(result, quantities: Sequence[str] | None = None, ci_prob: float = 0
         ax_e.set_xlabel("fractional rank", fontsize=8)
         ax_e.set_ylabel("ECDF - uniform", fontsize=8)
         counts, edges = np.histogram(result.fractional[q], bins=bins, range=(0, 1))
-        ax_h.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="C0", alpha=0.7)
-        ax_h.axhspan(binom.ppf(0.005, S, 1 / bins), binom.ppf(0.995, S, 1 / bins), color="0.5", alpha=0.3)
+        ax_h.axhspan(binom.ppf(0.005, S, 1 / bins), binom.ppf(0.995, S, 1 / bins), color="0.88",
+                     zorder=0, label="99% range")
+        ax_h.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="C0", alpha=0.8,
+                 zorder=1)
         ax_h.set_xlabel("fractional rank", fontsize=8)
     for j in range(len(names), (nrow // 2) * ncol):
         axes[2 * (j // ncol), j % ncol].axis("off")
