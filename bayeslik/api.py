@@ -22,20 +22,25 @@ __all__ = ["fit", "register_engine", "engines", "resolve_engine"]
 
 @dataclass(frozen=True)
 class EngineSpec:
+    """A registered engine. ``run_many(posteriors, rng_keys, config) -> list[Fit]``, where
+    given, fits several Posteriors that share a cache_key at once (vectorised)."""
+
     name: str
     config_cls: type
     run: Callable
     description: str = ""
+    run_many: Callable | None = None
 
 
 _REGISTRY: dict[str, EngineSpec] = {}
 
 
-def register_engine(name: str, config_cls: type, run: Callable, description: str = "") -> None:
+def register_engine(name: str, config_cls: type, run: Callable, description: str = "",
+                    run_many: Callable | None = None) -> None:
     """Make an engine available to ``bayeslik.fit`` under ``name``."""
     if not dataclasses.is_dataclass(config_cls):
         raise TypeError(f"engine {name!r}: config_cls must be a dataclass.")
-    _REGISTRY[name] = EngineSpec(name, config_cls, run, description)
+    _REGISTRY[name] = EngineSpec(name, config_cls, run, description, run_many)
 
 
 def engines() -> dict[str, str]:

@@ -211,14 +211,17 @@ def _thin_indices(n_total: int, num_draws: int) -> np.ndarray:
 
 def sbc(model: Callable, engine: Any = "nuts", *, num_simulations: int = 100, num_draws: int = 100,
         seed: int = 0, executor=None, engine_options: dict | None = None, alpha: float = 0.01,
-        levels: Sequence[float] = LEVELS, progress_bar: bool = True, **model_args: Any) -> SBCResult:
+        levels: Sequence[float] = LEVELS, progress_bar: bool = True, batch_size: int = 50,
+        **model_args: Any) -> SBCResult:
     """Simulation-based calibration of ``engine`` on ``model``.
 
     ``model_args`` are the program's arguments, data included (the observed data fixes the
     shape of each simulated dataset; its values are not used). ``engine`` and ``engine_options``
-    are as in ``bayeslik.fit`` (progress bars are switched off per fit). Fits run one after the
-    other, or through ``executor`` (a ``concurrent.futures.Executor``) when given; every fit
-    after the first reuses the first one's compiled code (the datasets share shapes).
+    are as in ``bayeslik.fit`` (progress bars are switched off per fit). Engines that can fit
+    many datasets at once (NUTS) are vectorised over ``batch_size`` simulations per call;
+    otherwise the fits run one after the other, or through ``executor`` (a
+    ``concurrent.futures.Executor``) when given. The datasets share shapes, so the compiled code
+    is reused from the first fit on.
 
     At most ``num_draws`` posterior draws are kept per fit, evenly spaced over the pooled chains,
     and fewer where the fit's smallest ESS is lower (thinning to about the ESS, so the kept draws
@@ -243,9 +246,10 @@ def sbc(model: Callable, engine: Any = "nuts", *, num_simulations: int = 100, nu
     if num_draws < 10:
         raise EngineError(f"sbc: num_draws={num_draws} is too few; use 50 to 200.")
     options = dict(engine_options or {})
-    spec, _ = resolve_engine(engine, {k: v for k, v in options.items()})
+    spec, _ = resolve_engine(engine, {})
     if "progress_bar" in {f.name for f in dataclasses.fields(spec.config_cls)}:
         options["progress_bar"] = False
+    spec, config = resolve_engine(engine, options)  # bad options fail here, before simulating
     template = Posterior(model, **model_args)
     template.require_proper_prior("simulation-based calibration (it draws from the prior)")
     observed = tuple(n for n, s in template.sites.items() if s.kind == "observed")
@@ -259,13 +263,14 @@ def sbc(model: Callable, engine: Any = "nuts", *, num_simulations: int = 100, nu
     wrapped = _Observed(model, observed)
     fit_seeds = np.random.default_rng([seed, 1]).integers(0, 2**31 - 1, size=num_simulations)
 
-    def one(s: int):
+    def posterior_of(s: int):
         obs = {f"_obs_{n}": data[n][s] for n in observed}
         try:
-            post = Posterior(wrapped, **model_args, **obs)
+            return Posterior(wrapped, **model_args, **obs)
         except DataError:
             return None  # e.g. a simulated dataset with inf: counted, reported
-        f = run_fit(post, engine, seed=int(fit_seeds[s]), **options)
+
+    def summarise(s: int, post, f):
         truth = {n: truth_values[n][s] for n in template.latent_names}
         ll_true = float(post.loglikelihood(post.unconstrain(truth)))
         ll_draws = sum(
@@ -274,9 +279,25 @@ def sbc(model: Callable, engine: Any = "nuts", *, num_simulations: int = 100, nu
         )
         return f, truth, ll_true, ll_draws
 
+    def one(s: int):
+        post = posterior_of(s)
+        if post is None:
+            return None
+        return summarise(s, post, run_fit(post, engine, seed=int(fit_seeds[s]), **options))
+
     bar = tqdm(total=num_simulations, desc=f"SBC {template.name}", disable=not progress_bar)
     results = []
-    if executor is None:
+    if spec.run_many is not None and executor is None:
+        for start in range(0, num_simulations, batch_size):
+            sims = range(start, min(start + batch_size, num_simulations))
+            posts = {s: posterior_of(s) for s in sims}
+            ok = [s for s in sims if posts[s] is not None]
+            fits = spec.run_many([posts[s] for s in ok],
+                                 [jax.random.key(int(fit_seeds[s])) for s in ok], config)
+            by_sim = {s: dataclasses.replace(f, seed=int(fit_seeds[s])) for s, f in zip(ok, fits)}
+            results += [summarise(s, posts[s], by_sim[s]) if s in by_sim else None for s in sims]
+            bar.update(len(sims))
+    elif executor is None:
         for s in range(num_simulations):
             results.append(one(s))
             bar.update()

@@ -254,7 +254,7 @@ class _Programs:
     log-likelihood of a batch of draws.
     """
 
-    def __init__(self, posterior, config: NUTSConfig, mesh):
+    def __init__(self, posterior, config: NUTSConfig, mesh, batched: bool = False):
         self.compile_s = 0.0
         self._compiled: dict[tuple, Any] = {}
 
@@ -275,8 +275,10 @@ class _Programs:
             keys = jax.vmap(lambda t: jax.random.fold_in(key, t))(offset + jnp.arange(stage.shape[0]))
             return jax.lax.scan(step, cs, (keys, stage, end, active))
 
-        vinit = jax.vmap(init_chain, in_axes=(0, 0, None))
-        vchunk = jax.vmap(chunk, in_axes=(0, 0, None, None, None, None, None))
+        # batched: each chain has its own data (a leading axis of one row per chain)
+        d = 0 if batched else None
+        vinit = jax.vmap(init_chain, in_axes=(0, 0, d))
+        vchunk = jax.vmap(chunk, in_axes=(0, 0, None, None, None, None, d))
         if mesh is not None:
             from jax.sharding import PartitionSpec as P
 
@@ -295,7 +297,8 @@ class _Programs:
 
             return jax.lax.map(one, zs, batch_size=256)
 
-        self._fns = {"init": jax.jit(vinit), "chunk": jax.jit(vchunk), "post": jax.jit(post)}
+        self._fns = {"init": jax.jit(vinit), "chunk": jax.jit(vchunk),
+                     "post": jax.jit(jax.vmap(post) if batched else post)}
 
     def __call__(self, name: str, *args):
         sig = (name,) + tuple(
@@ -314,15 +317,15 @@ _CACHE: "OrderedDict[tuple, _Programs]" = OrderedDict()
 _CACHE_SIZE = 32
 
 
-def _programs(posterior, config: NUTSConfig, mesh) -> _Programs:
+def _programs(posterior, config: NUTSConfig, mesh, batched: bool = False) -> _Programs:
     """The compiled programs for this Posterior's cache_key and the settings that change the
     compiled code (least recently used ones are dropped beyond _CACHE_SIZE)."""
-    static = (config.target_accept, config.max_tree_depth, config.dense_mass)
+    static = (config.target_accept, config.max_tree_depth, config.dense_mass, batched)
     key = (posterior.cache_key, static, None if mesh is None else tuple(mesh.devices.flat))
     if key in _CACHE:
         _CACHE.move_to_end(key)
     else:
-        _CACHE[key] = _Programs(posterior, config, mesh)
+        _CACHE[key] = _Programs(posterior, config, mesh, batched)
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
     return _CACHE[key]
@@ -377,59 +380,97 @@ def run(posterior, rng_key: jax.Array, config: NUTSConfig) -> Fit:
 
     >>> fit = run(post, jax.random.key(0), NUTSConfig(num_samples=500))  # doctest: +SKIP
     """
+    return _run([posterior], [rng_key], config)[0]
+
+
+def run_many(posteriors, rng_keys, config: NUTSConfig) -> list[Fit]:
+    """NUTS on several Posteriors of one program whose data share shapes (equal ``cache_key``),
+    vectorised: all their chains advance together in one compiled call per chunk (SBC,
+    cross-validation folds, bootstrap refits). One Fit per Posterior, each as ``run`` would give
+    (costs are shared equally; ``cost.extra["batch_size"]`` says how many were batched).
+    """
+    posteriors = list(posteriors)
+    if not posteriors:
+        return []
+    key0 = posteriors[0].cache_key
+    for i, p in enumerate(posteriors):
+        if p.cache_key != key0:
+            raise EngineError(
+                f"run_many: posterior {i} differs from posterior 0 in its program, its non-array "
+                "arguments or its data shapes; batch only datasets of one shape."
+            )
+    if config.chain_method == "sequential" or len(posteriors) == 1:
+        return [f for p, k in zip(posteriors, rng_keys) for f in _run([p], [k], config)]
+    return _run(posteriors, list(rng_keys), config)
+
+
+def _run(posteriors, rng_keys, config: NUTSConfig) -> list[Fit]:
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
+    posterior, B, C = posteriors[0], len(posteriors), config.num_chains
+    batched = B > 1
+    rows = B * C
     devices = jax.local_devices()
-    sequential = config.chain_method == "sequential"
+    sequential = config.chain_method == "sequential" and not batched
     mesh = None
-    if not sequential and len(devices) > 1 and config.num_chains % len(devices) == 0:
+    if not sequential and len(devices) > 1 and rows % len(devices) == 0:
         mesh = jax.sharding.Mesh(np.array(devices), ("chain",))
-    groups = [[c] for c in range(config.num_chains)] if sequential else [list(range(config.num_chains))]
-    progs = _programs(posterior, config, mesh)
+    groups = [[c] for c in range(rows)] if sequential else [list(range(rows))]
+    progs = _programs(posterior, config, mesh, batched)
     compile_before = progs.compile_s
-    data = posterior.data_arrays
+    if batched:  # one data row per chain: posterior b's arrays for its C chains
+        data = jax.tree.map(lambda *a: jnp.repeat(jnp.stack(a), C, axis=0),
+                            *[p.data_arrays for p in posteriors])
+    else:
+        data = posterior.data_arrays
 
-    k_init, k_step, k_warm, k_samp = jax.random.split(rng_key, 4)
-    candidates = _candidates(posterior, k_init, config.num_chains, config.init,
-                             config.init_radius, num_tries=100)
+    def take(d, idx):
+        return jax.tree.map(lambda a: a[idx], d) if batched else d
+
     W, S, T = config.num_warmup, config.num_samples, config.thinning
+    cands, init_keys, warm_keys, samp_keys = [], [], [], []
+    for p, key in zip(posteriors, rng_keys):
+        k_init, k_step, k_warm, k_samp = jax.random.split(key, 4)
+        cands.append(_candidates(p, k_init, C, config.init, config.init_radius, num_tries=100))
+        for out, k in ((init_keys, k_step), (warm_keys, k_warm), (samp_keys, k_samp)):
+            out.append(np.asarray(jax.random.key_data(jax.random.split(k, C))))
+    candidates = np.concatenate(cands)
+    init_keys, warm_keys, samp_keys = (np.concatenate(k) for k in (init_keys, warm_keys, samp_keys))
     w_stage, w_end = _schedule(W)
     s_stage, s_end = np.full(S * T, SAMPLING, np.int32), np.zeros(S * T, bool)
     wlen, wn = _chunks(W, config.num_chunks)
     slen, sn = _chunks(S * T, config.num_chunks, multiple=T)
 
-    def per_chain(key):
-        return np.asarray(jax.random.key_data(jax.random.split(key, config.num_chains)))
-
-    init_keys, warm_keys, samp_keys = per_chain(k_step), per_chain(k_warm), per_chain(k_samp)
-
-    bar = tqdm(total=(W + S * T) * config.num_chains, desc=f"NUTS {posterior.name}",
-               disable=not config.progress_bar, unit="it")
-    num_grad = config.num_chains  # the initial gradient of each chain
-    warm_div = 0
+    name = posterior.name + (f" x{B}" if batched else "")
+    bar = tqdm(total=(W + S * T) * rows, desc=f"NUTS {name}", disable=not config.progress_bar,
+               unit="it")
+    num_grad = np.ones(rows, np.int64)  # the initial gradient of each chain
+    warm_div = np.zeros(rows, np.int64)
     kept: list[list[DrawInfo]] = [[] for _ in groups]
-    step_sizes = []
+    step_sizes = {}
     interrupted = False
     try:
         for g, chains in enumerate(groups):
             idx = np.array(chains)
-            cs, _, num_ok = progs("init", candidates[idx], init_keys[idx], data)
+            d = take(data, idx)
+            cs, _, num_ok = progs("init", candidates[idx], init_keys[idx], d)
             if np.any(np.asarray(num_ok) == 0):
-                raise _no_start_error(posterior, np.asarray(candidates[idx]), num_ok, config.init,
+                bad = posteriors[int(idx[np.argmin(np.asarray(num_ok))]) // C]
+                raise _no_start_error(bad, np.asarray(candidates[idx]), num_ok, config.init,
                                       config.init_radius)
             for sl, st, en, act in _phase(W, wlen, wn, w_stage, w_end):
-                cs, info = progs("chunk", cs, warm_keys[idx], np.int32(sl.start), st, en, act, data)
-                num_grad += int(np.sum(info.n_steps))
-                warm_div += int(np.sum(info.diverging))
+                cs, info = progs("chunk", cs, warm_keys[idx], np.int32(sl.start), st, en, act, d)
+                num_grad[idx] += np.asarray(info.n_steps).sum(axis=1)
+                warm_div[idx] += np.asarray(info.diverging).sum(axis=1)
                 bar.update(int(act.sum()) * len(chains))
             if W:
                 cs = end_warmup(cs)
-            step_sizes.append(np.asarray(cs.warmup.step_size))
+            step_sizes[g] = np.asarray(cs.warmup.step_size)
             for sl, st, en, act in _phase(S * T, slen, sn, s_stage, s_end):
-                cs, info = progs("chunk", cs, samp_keys[idx], np.int32(sl.start), st, en, act, data)
+                cs, info = progs("chunk", cs, samp_keys[idx], np.int32(sl.start), st, en, act, d)
                 info = jax.tree.map(np.asarray, info)
-                num_grad += int(info.n_steps.sum())
+                num_grad[idx] += info.n_steps.sum(axis=1)
                 k = int(act.sum())
                 # thinning: keep every T-th iteration, summing the work and divergences between
                 draws = jax.tree.map(lambda a: a[:, T - 1:k:T], info)
@@ -453,48 +494,58 @@ def run(posterior, rng_key: jax.Array, config: NUTSConfig) -> Fit:
     n_kept = min(d.position.shape[1] for d in per_group)
     info = jax.tree.map(lambda *a: np.concatenate([x[:, :n_kept] for x in a], axis=0), *per_group)
     step_size = np.concatenate([np.atleast_1d(step_sizes[g]) for g in done])
-    num_chains_kept = info.position.shape[0]
+    rows_kept = np.concatenate([np.array(groups[g]) for g in done])
+    chains_kept = info.position.shape[0] // B
 
     # constrained values and pointwise log-likelihood of every draw, in one compiled pass
-    shape2 = info.position.shape[:2]
-    zs = jnp.asarray(info.position.reshape(-1, posterior.ndim))
-    values, pointwise = progs("post", zs, data)
-    values = {k: np.asarray(v).reshape(shape2 + v.shape[1:]) for k, v in values.items()}
-    pointwise = {k: np.asarray(v).reshape(shape2 + v.shape[1:]) for k, v in pointwise.items()}
-
-    sample_stats = {
-        "diverging": info.diverging,
-        "lp": info.lp,
-        "tree_depth": info.tree_depth,
-        "acceptance_rate": info.acceptance_rate,
-        "energy": info.energy,
-        "n_steps": info.n_steps,
-        "step_size": np.broadcast_to(step_size[:, None], shape2).copy(),
-    }
+    if batched:
+        zs = jnp.asarray(info.position.reshape(B, -1, posterior.ndim))
+        values, pointwise = progs("post", zs, take(data, np.arange(0, rows, C)))
+    else:
+        zs = jnp.asarray(info.position.reshape(-1, posterior.ndim))
+        values, pointwise = progs("post", zs, data)
+    shape3 = (B, chains_kept, n_kept)
+    values = {k: np.asarray(v).reshape(shape3 + v.shape[v.ndim - len(posterior.sites[k].shape):])
+              for k, v in values.items()}
+    pointwise = {k: np.asarray(v).reshape(shape3 + v.shape[(2 if batched else 1):])
+                 for k, v in pointwise.items()}
     wall = time.perf_counter() - t_start
-    flags = []
-    ndiv = int(info.diverging.sum())
-    if ndiv:
-        flags.append(f"{ndiv} divergent transitions after warmup; consider target_accept=0.9 or "
-                     "more, or a reparametrisation")
-    maxdepth = int((info.tree_depth >= config.max_tree_depth).sum())
-    if maxdepth:
-        flags.append(f"{maxdepth} iterations hit max_tree_depth={config.max_tree_depth}")
-    if interrupted:
-        flags.append(f"interrupted: kept {n_kept} of {S} draws per chain"
-                     + (f" in {num_chains_kept} of {config.num_chains} chains"
-                        if num_chains_kept < config.num_chains else ""))
-    idata = build_datatree(
-        posterior, values, sample_stats=sample_stats, log_likelihood=pointwise,
-        attrs={"inference_library": "bayeslik", "engine": "nuts", "sampling_time": wall},
-    )
-    cost = Cost(
-        wall_s=wall,
-        compile_s=progs.compile_s - compile_before,
-        num_loglik_evals=num_grad,
-        num_grad_evals=num_grad,
-        extra={"num_warmup_divergences": warm_div, "num_postprocess_evals": int(zs.shape[0]),
-               "num_init_evals": int(candidates.shape[0] * candidates.shape[1])},
-    )
-    return Fit(idata=idata, engine="nuts", config=dataclasses.asdict(config), seed=None,
-               cost=cost, model=posterior.name, flags=tuple(flags))
+    compile_s = progs.compile_s - compile_before
+
+    fits = []
+    for b, post in enumerate(posteriors):
+        r = slice(b * chains_kept, (b + 1) * chains_kept)
+        inf = jax.tree.map(lambda a: a[r], info)
+        sample_stats = {
+            "diverging": inf.diverging, "lp": inf.lp, "tree_depth": inf.tree_depth,
+            "acceptance_rate": inf.acceptance_rate, "energy": inf.energy, "n_steps": inf.n_steps,
+            "step_size": np.broadcast_to(step_size[r][:, None], (chains_kept, n_kept)).copy(),
+        }
+        flags = []
+        ndiv = int(inf.diverging.sum())
+        if ndiv:
+            flags.append(f"{ndiv} divergent transitions after warmup; consider target_accept=0.9 "
+                         "or more, or a reparametrisation")
+        maxdepth = int((inf.tree_depth >= config.max_tree_depth).sum())
+        if maxdepth:
+            flags.append(f"{maxdepth} iterations hit max_tree_depth={config.max_tree_depth}")
+        if interrupted:
+            flags.append(f"interrupted: kept {n_kept} of {S} draws per chain"
+                         + (f" in {chains_kept} of {C} chains" if chains_kept < C else ""))
+        idata = build_datatree(
+            post, {k: v[b] for k, v in values.items()}, sample_stats=sample_stats,
+            log_likelihood={k: v[b] for k, v in pointwise.items()},
+            attrs={"inference_library": "bayeslik", "engine": "nuts", "sampling_time": wall / B},
+        )
+        mine = rows_kept[r]
+        grads = int(num_grad[b * C:(b + 1) * C].sum()) if not interrupted else int(num_grad[mine].sum())
+        extra = {"num_warmup_divergences": int(warm_div[b * C:(b + 1) * C].sum()),
+                 "num_postprocess_evals": chains_kept * n_kept,
+                 "num_init_evals": C * candidates.shape[1]}
+        if batched:
+            extra.update(batch_size=B, batch_wall_s=wall)
+        cost = Cost(wall_s=wall / B, compile_s=compile_s / B, num_loglik_evals=grads,
+                    num_grad_evals=grads, extra=extra)
+        fits.append(Fit(idata=idata, engine="nuts", config=dataclasses.asdict(config), seed=None,
+                        cost=cost, model=post.name, flags=tuple(flags)))
+    return fits
