@@ -1,0 +1,27 @@
+"""Filtering and exact inference for state-space models (pure JAX functions on arrays).
+
+The ``method="auto"`` thresholds live in :mod:`bayeslik.filtering.hmm`
+(``CPU_PARALLEL_MIN_T``, ``ACCELERATOR_PARALLEL_MIN_T``).
+"""
+
+from bayeslik.filtering.hmm import (
+    FilterResult,
+    SmootherResult,
+    choose_method,
+    hmm_filter,
+    hmm_loglik,
+    hmm_sample_paths,
+    hmm_smoother,
+    hmm_viterbi,
+)
+
+__all__ = [
+    "FilterResult",
+    "SmootherResult",
+    "choose_method",
+    "hmm_loglik",
+    "hmm_filter",
+    "hmm_smoother",
+    "hmm_viterbi",
+    "hmm_sample_paths",
+]
