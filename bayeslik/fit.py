@@ -57,6 +57,8 @@ def _jsonable(x: Any) -> Any:
         return x.tolist()
     if isinstance(x, (str, int, float, bool)) or x is None:
         return x
+    if hasattr(x, "__array__"):  # JAX arrays and the like
+        return np.asarray(x).tolist()
     return repr(x)
 
 

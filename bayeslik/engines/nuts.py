@@ -19,7 +19,7 @@ import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,8 +40,10 @@ class NUTSConfig:
     target_accept : the dual-averaging target of the mean acceptance rate (0.8 as in Stan).
     max_tree_depth : at most 2**max_tree_depth - 1 leapfrog steps per iteration.
     dense_mass : adapt a dense inverse mass matrix instead of a diagonal one.
-    init : "uniform" (uniform in [-init_radius, init_radius] in unconstrained space, as Stan)
-        or "prior" (draws from the prior).
+    init : "uniform" (uniform in [-init_radius, init_radius] in unconstrained space, as Stan),
+        "prior" (draws from the prior), or a dict {latent site: constrained value} such as a
+        cheap point estimate: each chain starts near it, jittered uniformly by
+        +-init_radius/20 on the unconstrained scale.
     chain_method : "vectorized" (vmap on one device, split over several devices) or
         "sequential" (one chain after the other; each iteration waits for no other chain).
     thinning : keep every thinning-th iteration.
@@ -54,7 +56,7 @@ class NUTSConfig:
     target_accept: float = 0.8
     max_tree_depth: int = 10
     dense_mass: bool = False
-    init: str = "uniform"
+    init: Any = "uniform"
     init_radius: float = 2.0
     chain_method: str = "vectorized"
     thinning: int = 1
@@ -73,8 +75,8 @@ class NUTSConfig:
             raise bad("num_warmup", "must be a non-negative integer.")
         if not 0.0 < float(self.target_accept) < 1.0:
             raise bad("target_accept", "must lie strictly between 0 and 1 (0.8 is Stan's default).")
-        if self.init not in ("uniform", "prior"):
-            raise bad("init", "must be 'uniform' or 'prior'.")
+        if not (isinstance(self.init, Mapping) or self.init in ("uniform", "prior")):
+            raise bad("init", "must be 'uniform', 'prior' or a dict {site: value}.")
         if not float(self.init_radius) > 0:
             raise bad("init_radius", "must be positive.")
         if self.chain_method not in ("vectorized", "sequential"):
@@ -331,8 +333,14 @@ def _programs(posterior, config: NUTSConfig, mesh, batched: bool = False) -> _Pr
     return _CACHE[key]
 
 
-def _candidates(posterior, rng_key, num_chains: int, init: str, radius: float, num_tries: int):
-    """Starting candidates (chains, tries, ndim): uniform on [-radius, radius] or prior draws."""
+def _candidates(posterior, rng_key, num_chains: int, init, radius: float, num_tries: int):
+    """Starting candidates (chains, tries, ndim): uniform on [-radius, radius], prior draws, or
+    a given point jittered by +-radius/20."""
+    if isinstance(init, Mapping):
+        z0 = np.asarray(posterior.unconstrain(init))
+        jitter = jax.random.uniform(rng_key, (num_chains, num_tries, posterior.ndim),
+                                    minval=-radius / 20, maxval=radius / 20)
+        return z0 + np.asarray(jitter)
     if init == "prior":
         cand = posterior.sample_prior(rng_key, num_chains * num_tries)
         return np.asarray(cand).reshape(num_chains, num_tries, posterior.ndim)
@@ -345,7 +353,8 @@ def _no_start_error(posterior, candidates, num_ok, init: str, radius: float) -> 
     bad = np.flatnonzero(np.asarray(num_ok) == 0)
     z = jnp.asarray(candidates[bad[0], 0])
     lp, ll = float(posterior.logprior(z)), float(posterior.loglikelihood(z))
-    where = f"init={init!r}" + (f", init_radius={radius}" if init == "uniform" else "")
+    where = ("init=<given point>" if isinstance(init, Mapping) else f"init={init!r}") + (
+        f", init_radius={radius}" if not isinstance(init, str) or init == "uniform" else "")
     return InitializationError(
         f"no finite starting point for model '{posterior.name}': chain(s) {bad.tolist()} found "
         f"none in {candidates.shape[1]} tries ({where}). At the first candidate the log prior "

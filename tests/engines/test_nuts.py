@@ -147,6 +147,20 @@ def test_interrupt_of_sequential_chains_keeps_finished_ones(monkeypatch):
     assert any("in 2 of 4 chains" in f for f in fit.flags)
 
 
+def test_init_from_a_point_estimate():
+    prob = reference.get("normal_inverse_gamma")
+    post = prob.posterior()
+    fit = bl.fit(post, "nuts", init={"mu": -0.7, "sigma2": 1.3}, num_warmup=0, num_samples=1,
+                 num_chains=3, progress_bar=False, init_radius=0.2)
+    # no warmup, one draw: the chains are still next to the given point
+    assert np.all(np.abs(fit.draws("mu") + 0.7) < 1.0)
+    assert fit.config["init"] == {"mu": -0.7, "sigma2": 1.3}
+    with pytest.raises(bl.ModelError, match=r"missing value\(s\) for latent site\(s\) \['sigma2'\]"):
+        bl.fit(post, "nuts", init={"mu": 0.0}, progress_bar=False)
+    with pytest.raises(bl.EngineError, match="init="):
+        bl.fit(post, "nuts", init="kmeans")
+
+
 def test_progress_bar_runs(capsys):
     post = reference.get("normal_mean").posterior()
     bl.fit(post, "nuts", num_warmup=20, num_samples=20, num_chains=1, progress_bar=True)
