@@ -27,7 +27,7 @@ from importlib import resources
 import numpy as np
 import pandas as pd
 
-__all__ = ["load", "COLUMNS", "SENSORS", "INFORMATIVE", "HealthIndicator", "rul_score"]
+__all__ = ["load", "COLUMNS", "SENSORS", "INFORMATIVE", "HealthIndicator", "rul_score", "baseline_rul"]
 
 SENSORS = ["T2", "T24", "T30", "T50", "P2", "P15", "P30", "Nf", "Nc", "epr", "Ps30", "phi",
            "NRf", "NRc", "BPR", "farB", "htBleed", "Nf_dmd", "PCNfR_dmd", "W31", "W32"]
@@ -106,3 +106,33 @@ def rul_score(true_rul: np.ndarray, pred_rul: np.ndarray, cap: int = 125) -> dic
     d = np.asarray(pred_rul, float) - true
     score = np.where(d < 0, np.exp(-d / 13) - 1, np.exp(d / 10) - 1).sum()
     return {"rmse": float(np.sqrt(np.mean(d**2))), "phm08": float(score)}
+
+
+def _smoothed_features(df: pd.DataFrame, sensors, window: int) -> np.ndarray:
+    """Per-unit trailing means of the sensors over ``window`` cycles (rows in file order)."""
+    return df.groupby("unit")[list(sensors)].transform(
+        lambda c: c.rolling(window, min_periods=1).mean()).to_numpy(float)
+
+
+def baseline_rul(train: pd.DataFrame, test: pd.DataFrame, cap: int = 125, window: int = 10,
+                 interval: float = 0.9, sensors: tuple[str, ...] = tuple(INFORMATIVE)) -> pd.DataFrame:
+    """A simple baseline: linear regression of the capped RUL, min(cap, failure - cycle), on the
+    standardised trailing means (``window`` cycles) of the informative sensors, fitted on the
+    run-to-failure units and applied at each test unit's last cycle. The interval adds the
+    training residuals' quantiles. Returns a DataFrame by unit with columns rul, lower, upper.
+    """
+    X = _smoothed_features(train, sensors, window)
+    mean, scale = X.mean(0), X.std(0)
+    life = train.groupby("unit")["cycle"].transform("max").to_numpy()
+    y = np.minimum(cap, life - train["cycle"].to_numpy())
+    A = np.column_stack([np.ones(len(X)), (X - mean) / scale])
+    coef, *_ = np.linalg.lstsq(A, y, rcond=None)
+    lo_r, hi_r = np.quantile(y - A @ coef, [(1 - interval) / 2, (1 + interval) / 2])
+    Xt = _smoothed_features(test, sensors, window)
+    last = test.groupby("unit")["cycle"].idxmax().to_numpy()
+    At = np.column_stack([np.ones(len(last)), (Xt[last] - mean) / scale])
+    pred = At @ coef
+    units = test.loc[last, "unit"].to_numpy()
+    out = pd.DataFrame({"rul": np.clip(pred, 0, cap), "lower": np.clip(pred + lo_r, 0, cap),
+                        "upper": np.clip(pred + hi_r, 0, cap)}, index=units)
+    return out.sort_index()

@@ -50,3 +50,15 @@ def test_rul_score():
     # capped truth 125: errors +10 (late) and -10 (early)
     assert s["rmse"] == pytest.approx(10.0)
     assert s["phm08"] == pytest.approx(np.exp(1.0) - 1 + np.exp(10 / 13) - 1)
+
+
+def test_baseline_rul_on_fd001(data):
+    """The linear baseline, scored on the 100 test engines (deterministic: 22.0 cycles RMSE,
+    87% coverage of the 90% interval when written)."""
+    b = cmapss.baseline_rul(data["train"], data["test"])
+    assert list(b.index) == list(range(1, 101))
+    assert np.all((b["lower"] <= b["rul"]) & (b["rul"] <= b["upper"]))
+    s = cmapss.rul_score(data["rul"], b["rul"].to_numpy())
+    true = np.minimum(data["rul"], 125)
+    coverage = np.mean((true >= b["lower"]) & (true <= b["upper"]))
+    assert s["rmse"] < 25 and coverage >= 0.85, (s, coverage)
