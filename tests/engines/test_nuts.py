@@ -104,22 +104,27 @@ def test_sequential_chains_agree_with_vectorized():
     np.testing.assert_allclose(a.draws("mu"), b.draws("mu"), rtol=1e-4, atol=1e-5)
 
 
-def test_interrupt_keeps_draws(monkeypatch):
-    """A KeyboardInterrupt during sampling returns the draws made so far, flagged."""
+def _interrupt_on(monkeypatch, program: str, call: int) -> None:
+    """Raise KeyboardInterrupt at the ``call``-th call of the compiled NUTS program ``program``."""
     from bayeslik.engines import nuts
 
-    post = reference.get("normal_mean").posterior()
     calls = {"n": 0}
     real = nuts._Programs.__call__
 
     def interrupting(self, name, *args):
-        if name == "chunk":
+        if name == program:
             calls["n"] += 1
-            if calls["n"] == 10 + 3:  # 10 warmup chunks, then the third sampling chunk
+            if calls["n"] == call:
                 raise KeyboardInterrupt
         return real(self, name, *args)
 
     monkeypatch.setattr(nuts._Programs, "__call__", interrupting)
+
+
+def test_interrupt_keeps_draws(monkeypatch):
+    """A KeyboardInterrupt during sampling returns the draws made so far, flagged."""
+    post = reference.get("normal_mean").posterior()
+    _interrupt_on(monkeypatch, "chunk", 10 + 3)  # 10 warmup chunks, then the third sampling chunk
     fit = bl.fit(post, "nuts", num_warmup=50, num_samples=100, num_chains=2, num_chunks=10,
                  progress_bar=False)
     assert fit.num_draws == 20
@@ -127,20 +132,8 @@ def test_interrupt_keeps_draws(monkeypatch):
 
 
 def test_interrupt_of_sequential_chains_keeps_finished_ones(monkeypatch):
-    from bayeslik.engines import nuts
-
     post = reference.get("normal_mean").posterior()
-    calls = {"n": 0}
-    real = nuts._Programs.__call__
-
-    def interrupting(self, name, *args):
-        if name == "init":
-            calls["n"] += 1
-            if calls["n"] == 3:  # the third chain is being started
-                raise KeyboardInterrupt
-        return real(self, name, *args)
-
-    monkeypatch.setattr(nuts._Programs, "__call__", interrupting)
+    _interrupt_on(monkeypatch, "init", 3)  # while the third chain is being started
     fit = bl.fit(post, "nuts", num_warmup=50, num_samples=30, num_chains=4,
                  chain_method="sequential", progress_bar=False)
     assert fit.num_chains == 2 and fit.num_draws == 30
