@@ -1,0 +1,334 @@
+"""Tests of the autoregressive HMM family (models/arhmm.py).
+
+Exactness: the marginal likelihood against brute-force enumeration of all K^T state paths (float64);
+the full log joint against hand-written priors; vacuous labels against no labels (bitwise).
+Statistics: NUTS on simulated data recovers the parameters within their 99% posterior intervals
+and the states (default tier: K=2, D=1; slow tier: K=3, D=2 and a left-to-right model).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats as st
+from numpyro import handlers
+from numpyro.infer.util import log_density
+from scipy.special import logsumexp
+
+import bayeslik as bl
+from bayeslik.filtering import hmm_smoother, hmm_viterbi
+from bayeslik.models import arhmm
+
+from tests.conftest import SEED
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _cov(params, k):
+    sd = np.asarray(params["sigma"][k], float)
+    if "L_omega" in params:
+        Lo = np.asarray(params["L_omega"][k], float)
+        return np.diag(sd) @ Lo @ Lo.T @ np.diag(sd)
+    return np.diag(sd**2)
+
+
+def brute_force_loglik(params, y, num_lags, labels=None):
+    """log sum over all K^T paths of p(z) p(y_{L:} | z, y_{:L}) prod labels[t, z_t] (numpy/scipy)."""
+    y = np.asarray(y, float)
+    T = len(y)
+    pi, trans = np.asarray(params["pi"], float), np.asarray(params["trans"], float)
+    b, A = np.asarray(params["b"], float), np.asarray(params["A"], float)
+    K = len(pi)
+    emit = np.zeros((T, K))
+    for t in range(num_lags, T):
+        for k in range(K):
+            mean = b[k] + sum(A[k, l] @ y[t - 1 - l] for l in range(num_lags))
+            emit[t, k] = st.multivariate_normal(mean, _cov(params, k)).logpdf(y[t])
+    with np.errstate(divide="ignore"):
+        log_pi, log_tr = np.log(pi), np.log(trans)
+        log_lab = np.zeros((T, K)) if labels is None else np.log(np.asarray(labels, float))
+    weights = []
+    for path in itertools.product(range(K), repeat=T):
+        w = log_pi[path[0]] + sum(log_tr[path[t - 1], path[t]] for t in range(1, T))
+        w += sum(emit[t, path[t]] + log_lab[t, path[t]] for t in range(T))
+        weights.append(w)
+    return logsumexp(weights)
+
+
+def _point(K, D, L, left_to_right, rng):
+    """A parameter point (constrained latent values + the derived full params)."""
+    b0 = np.sort(rng.normal(0, 1.5, K)) + np.arange(K) * 0.3
+    trans = rng.dirichlet(np.ones(K) * 2 + 5 * np.eye(K)[0], size=K)
+    latent = {"pi": rng.dirichlet(np.ones(K) * 2), "b0": b0,
+              "A": rng.normal(0, 0.4, (K, L, D, D)), "sigma": rng.uniform(0.4, 1.2, (K, D))}
+    if left_to_right:
+        for k in range(K - 1):
+            latent[f"trans_{k}"] = rng.dirichlet(np.ones(K - k) + 3 * np.eye(K - k)[0])
+        trans = np.zeros((K, K))
+        for k in range(K - 1):
+            trans[k, k:] = latent[f"trans_{k}"]
+        trans[-1, -1] = 1.0
+    else:
+        latent["trans"] = trans
+    b = b0[:, None]
+    if D > 1:
+        latent["b_rest"] = rng.normal(0, 1, (K, D - 1))
+        b = np.concatenate([b, latent["b_rest"]], axis=1)
+        c = rng.uniform(-0.6, 0.6, K)
+        latent["L_omega"] = np.stack(
+            [np.linalg.cholesky(np.array([[1.0, ck], [ck, 1.0]])) for ck in c])
+    full = {"pi": latent["pi"], "trans": trans, "b": b, "A": latent["A"], "sigma": latent["sigma"]}
+    if D > 1:
+        full["L_omega"] = latent["L_omega"]
+    return latent, full
+
+
+def _soft_labels(T, K, rng):
+    lab = rng.uniform(0.05, 1.0, (T, K))
+    lab[1] = np.eye(K)[K - 1]  # a known state
+    lab[3, 0] = 0.0  # a forbidden state
+    return lab
+
+
+# ------------------------------------------------------------------------------------ exactness
+CASES = [  # (K, T, D, L, left_to_right, labels)
+    (2, 5, 1, 1, False, False),
+    (2, 5, 1, 1, False, True),
+    (2, 5, 1, 1, True, False),
+    (3, 5, 1, 1, True, True),
+    (3, 5, 2, 2, False, True),
+]
+
+
+@pytest.mark.parametrize("K,T,D,L,ltr,use_labels", CASES)
+def test_loglik_equals_brute_force_enumeration(x64, K, T, D, L, ltr, use_labels):
+    rng = np.random.default_rng(SEED + 7)
+    latent, full = _point(K, D, L, ltr, rng)
+    y = rng.normal(0, 1.5, (T, D))
+    labels = _soft_labels(T, K, rng) if use_labels else None
+    kw = {"labels": labels} if use_labels else {}
+    post = bl.Posterior(arhmm.model, y=y, num_states=K, num_lags=L, left_to_right=ltr, **kw)
+    z = post.unconstrain(latent)
+    got = float(jax.jit(post.loglikelihood)(z))
+    want = brute_force_loglik(full, y, L, labels)
+    assert got == pytest.approx(want, rel=1e-10, abs=1e-10)
+    # the Posterior's constrained values round-trip and the derived sites are right
+    vals = jax.jit(post.constrain)(z)
+    np.testing.assert_allclose(vals["trans"], full["trans"], atol=1e-12)
+    np.testing.assert_allclose(vals["b"], full["b"], atol=1e-12)
+
+
+@pytest.mark.parametrize("ltr", [False, True])
+def test_log_joint_equals_hand_written_priors(x64, ltr):
+    """numpyro's log joint (no Jacobian) = hand-written prior log densities + brute force."""
+    K, T, D, L, sticky = 3, 5, 2, 1, 4.0
+    rng = np.random.default_rng(SEED + 11)
+    latent, full = _point(K, D, L, ltr, rng)
+    y = rng.normal(0, 1.5, (T, D))
+    lj, _ = log_density(arhmm.model, (jnp.asarray(y), K),
+                        {"num_lags": L, "left_to_right": ltr, "sticky": sticky},
+                        {k: jnp.asarray(v) for k, v in latent.items()})
+    want = st.dirichlet(np.ones(K)).logpdf(latent["pi"])
+    if ltr:
+        for k in range(K - 1):
+            want += st.dirichlet(np.ones(K - k) + sticky * np.eye(K - k)[0]).logpdf(
+                latent[f"trans_{k}"])
+        want += st.norm(0, 5).logpdf(latent["b0"]).sum()
+    else:
+        for k in range(K):
+            want += st.dirichlet(np.ones(K) + sticky * np.eye(K)[k]).logpdf(latent["trans"][k])
+        want += st.norm(0, 5).logpdf(latent["b0"]).sum() + math.log(math.factorial(K))
+    want += st.norm(0, 5).logpdf(latent["b_rest"]).sum()
+    want += st.norm(0, 0.5).logpdf(latent["A"]).sum()
+    want += st.halfnorm(scale=2).logpdf(latent["sigma"]).sum()
+    # LKJ(eta) for D = 2: the correlation r has density (1 - r^2)^(eta-1) / (2^(2 eta-1)
+    # B(eta, eta)) on (-1, 1), and the Cholesky factor's only free entry is r = L[1, 0].
+    r = latent["L_omega"][:, 1, 0]
+    eta = 2.0
+    log_norm = (2 * eta - 1) * math.log(2) + 2 * math.lgamma(eta) - math.lgamma(2 * eta)
+    want += np.sum((eta - 1) * np.log1p(-r**2) - log_norm)
+    want += brute_force_loglik(full, y, L)
+    assert float(lj) == pytest.approx(want, rel=1e-10)
+
+
+def test_ordered_intercept_prior_is_normalised(x64):
+    """K=2: the order-statistics prior integrates to one over b0[0] < b0[1] (quadrature)."""
+    d = arhmm._OrderedNormal(0.0, 5.0, 2)
+    g = np.linspace(-40, 40, 1601)
+    x0, x1 = np.meshgrid(g, g, indexing="ij")
+    lp = np.asarray(d.log_prob(jnp.stack([x0, x1], -1)))
+    weight = np.where(x0 < x1, 1.0, np.where(x0 == x1, 0.5, 0.0))  # the diagonal: half a cell
+    assert (weight * np.exp(lp)).sum() * (g[1] - g[0]) ** 2 == pytest.approx(1.0, abs=1e-4)
+
+
+def test_vacuous_labels_give_the_plain_model_exactly():
+    data = arhmm.simulate(jax.random.key(SEED), num_steps=60, num_states=3, dim=2)
+    y = data["y"]
+    plain = bl.Posterior(arhmm.model, y=y, num_states=3)
+    vac = bl.Posterior(arhmm.model, y=y, num_states=3, labels=np.ones((60, 3)))
+    z = plain.unconstrain(arhmm.init_params(y, 3))
+    z = z + 0.1 * jax.random.normal(jax.random.key(1), z.shape)
+    for fn in (lambda p: p.logdensity, lambda p: jax.grad(p.logdensity)):
+        np.testing.assert_array_equal(jax.jit(fn(plain))(z), jax.jit(fn(vac))(z))
+
+
+def test_one_hot_labels_force_the_states():
+    K, T = 3, 80
+    data = arhmm.simulate(jax.random.key(SEED), num_steps=T, num_states=K)
+    truth = data["states"]
+    forced = {10: (truth[10] + 1) % K, 40: (truth[40] + 2) % K, 41: (truth[41] + 1) % K}
+    labels = np.ones((T, K))
+    for t, k in forced.items():
+        labels[t] = np.eye(K)[k]
+    li, lt, lo = arhmm.hmm_inputs(data["params"], data["y"], labels=labels)
+    smoothed = np.exp(np.asarray(hmm_smoother(li, lt, lo).log_smoothed))
+    path = np.asarray(hmm_viterbi(li, lt, lo))
+    for t, k in forced.items():
+        assert path[t] == k != truth[t]
+        assert smoothed[t, k] == pytest.approx(1.0, abs=1e-6)
+    # without labels the (well separated) states are found where they were forced
+    li0, lt0, lo0 = arhmm.hmm_inputs(data["params"], data["y"])
+    path0 = np.asarray(hmm_viterbi(li0, lt0, lo0))
+    assert all(path0[t] == truth[t] for t in forced)
+    # a zero forbids a state
+    labels = np.ones((T, K))
+    labels[:, 0] = 0.0
+    li, lt, lo = arhmm.hmm_inputs(data["params"], data["y"], labels=labels)
+    assert np.exp(np.asarray(hmm_smoother(li, lt, lo).log_smoothed))[:, 0].max() == 0.0
+    assert not np.any(np.asarray(hmm_viterbi(li, lt, lo)) == 0)
+
+
+@pytest.mark.parametrize("bad,why", [
+    (np.ones((20, 3)), "shape"),
+    (np.full((20, 2), 1.5), r"\[0, 1\]"),
+    (np.full((20, 2), -0.1), r"\[0, 1\]"),
+    (np.where(np.arange(20)[:, None] == 4, 0.0, np.ones((20, 2))), "all zero"),
+])
+def test_bad_labels_are_rejected(bad, why):
+    y = np.random.default_rng(SEED).normal(size=(20, 1))
+    with pytest.raises(ValueError, match="labels") as err:
+        bl.Posterior(arhmm.model, y=y, num_states=2, labels=bad)
+    assert err.match(why)
+    # the program itself raises before sampling anything
+    with pytest.raises(ValueError, match="labels"):
+        handlers.seed(arhmm.model, rng_seed=0)(jnp.asarray(y), 2, labels=bad)
+
+
+def test_bad_arguments_are_rejected():
+    y = np.zeros((20, 1))
+    with pytest.raises(ValueError, match="y must have shape"):
+        bl.Posterior(arhmm.model, y=np.zeros(20), num_states=2)
+    with pytest.raises(ValueError, match="num_lags"):
+        bl.Posterior(arhmm.model, y=y, num_states=2, num_lags=20)
+    with pytest.raises(ValueError, match="mask"):
+        bl.Posterior(arhmm.model, y=y, num_states=2, mask=np.ones(19, bool))
+
+
+# ------------------------------------------------------------------------------------ batches
+def test_batch_and_mask_equal_separate_sequences(x64):
+    K, D, L = 2, 2, 2
+    rng = np.random.default_rng(SEED + 3)
+    latent, full = _point(K, D, L, False, rng)
+    lengths = [30, 18, 25]
+    ys = [arhmm.simulate(jax.random.key(i), n, params=full)["y"] for i, n in enumerate(lengths)]
+    T = max(lengths)
+    yb = np.zeros((3, T, D))
+    mask = np.zeros((3, T), bool)
+    for i, (y, n) in enumerate(zip(ys, lengths)):
+        yb[i, :n], mask[i, :n] = y, True
+    batch = bl.Posterior(arhmm.model, y=yb, num_states=K, num_lags=L, mask=mask)
+    got = jax.jit(batch.pointwise_loglikelihood)(batch.unconstrain(latent))["y"]
+    for i, y in enumerate(ys):
+        one = bl.Posterior(arhmm.model, y=y, num_states=K, num_lags=L)
+        assert float(got[i]) == pytest.approx(float(jax.jit(one.loglikelihood)(one.unconstrain(latent))),
+                                              rel=1e-10)
+    # a single sequence with a (T,) mask equals its prefix
+    one_m = bl.Posterior(arhmm.model, y=yb[1], num_states=K, num_lags=L, mask=mask[1])
+    assert float(jax.jit(one_m.loglikelihood)(one_m.unconstrain(latent))) == pytest.approx(
+        float(got[1]), rel=1e-10)
+
+
+# ------------------------------------------------------------------------------------ simulate / init
+def test_simulate_shapes_and_structure():
+    out = arhmm.simulate(jax.random.key(SEED), num_steps=400, num_states=3, dim=2, num_lags=2)
+    assert out["y"].shape == (400, 2) and out["states"].shape == (400,)
+    assert set(np.unique(out["states"])) == {0, 1, 2}
+    assert np.all(np.diff(out["params"]["b"][:, 0]) > 0)  # the model's state order
+    ltr = arhmm.simulate(jax.random.key(SEED), num_steps=300, num_states=3, left_to_right=True)
+    s = ltr["states"]
+    assert s[0] == 0 and np.all(np.diff(s) >= 0) and s[-1] >= 1
+    # the distribution's sample() simulates whole sequences of the right shape
+    d = arhmm.ARHMMLikelihood(out["params"], (5, 50, 2), num_lags=2)
+    assert d.sample(jax.random.key(0), (4,)).shape == (4, 5, 50, 2)
+
+
+@pytest.mark.parametrize("K,D,L,ltr", [(2, 1, 1, False), (3, 2, 2, False), (3, 1, 1, True),
+                                       (3, 2, 1, True)])
+def test_init_params_are_valid_starting_points(K, D, L, ltr):
+    out = arhmm.simulate(jax.random.key(SEED), num_steps=300, num_states=K, dim=D, num_lags=L,
+                         left_to_right=ltr)
+    init = arhmm.init_params(out["y"], K, num_lags=L, left_to_right=ltr)
+    post = bl.Posterior(arhmm.model, y=out["y"], num_states=K, num_lags=L, left_to_right=ltr)
+    assert set(init) == set(post.latent_names)
+    z = post.unconstrain(init)
+    val, grad = jax.jit(jax.value_and_grad(post.logdensity))(z)
+    assert np.isfinite(float(val)) and np.all(np.isfinite(np.asarray(grad)))
+    vals = jax.jit(post.constrain)(z)
+    np.testing.assert_allclose(vals["b0"], init["b0"], rtol=1e-4, atol=1e-4)
+    if not ltr:
+        assert np.all(np.diff(init["b0"]) > 0)
+    # the point estimate is near the truth on this well-separated data
+    np.testing.assert_allclose(init["b0"], out["params"]["b"][:, 0], atol=0.5)
+
+
+# ------------------------------------------------------------------------------------ NUTS
+def _within_interval(draws, truth, name, q=0.005):
+    lo, hi = np.quantile(draws, [q, 1 - q], axis=(0, 1))
+    inside = (lo <= truth) & (truth <= hi)
+    assert inside.all(), f"{name}: truth {truth} outside 99% intervals [{lo}, {hi}]"
+
+
+def _fit_and_check(K, D, L, T, ltr, num_warmup, num_samples, min_agree=0.9):
+    data = arhmm.simulate(jax.random.key(SEED + 1), num_steps=T, num_states=K, dim=D,
+                          num_lags=L, left_to_right=ltr)
+    post = bl.Posterior(arhmm.model, y=data["y"], num_states=K, num_lags=L, left_to_right=ltr)
+    fit = bl.fit(post, "nuts", seed=SEED, num_warmup=num_warmup, num_samples=num_samples,
+                 num_chains=2, init=arhmm.init_params(data["y"], K, L, left_to_right=ltr),
+                 progress_bar=False)
+    assert int(np.asarray(fit.idata["sample_stats"]["diverging"]).sum()) == 0
+    truth = data["params"]
+    _within_interval(fit.draws("b"), truth["b"], "b")
+    _within_interval(fit.draws("A"), truth["A"], "A")
+    _within_interval(fit.draws("sigma"), truth["sigma"], "sigma")
+    sp = arhmm.state_posterior(fit, post, num_draws=100)
+    assert sp["smoothed"].shape == (T, K) and sp["viterbi"].shape == (T,)
+    np.testing.assert_allclose(sp["smoothed"].sum(-1), 1.0, atol=1e-5)
+    agree = (sp["viterbi"] == data["states"]).mean()
+    assert agree >= min_agree, f"Viterbi agrees with the true states on {agree:.1%} of steps"
+    assert (sp["map_marginal"] == data["states"]).mean() >= min_agree
+    return fit, data
+
+
+def test_nuts_recovers_parameters_and_states():
+    t0 = time.perf_counter()
+    _fit_and_check(K=2, D=1, L=1, T=300, ltr=False, num_warmup=300, num_samples=300)
+    assert time.perf_counter() - t0 < 90
+
+
+@pytest.mark.slow
+def test_nuts_recovers_three_states_in_two_dimensions():
+    fit, data = _fit_and_check(K=3, D=2, L=1, T=600, ltr=False, num_warmup=500,
+                               num_samples=500)
+    _within_interval(fit.draws("trans"), data["params"]["trans"], "trans")
+
+
+@pytest.mark.slow
+def test_nuts_recovers_a_left_to_right_model():
+    fit, data = _fit_and_check(K=3, D=1, L=2, T=450, ltr=True, num_warmup=500, num_samples=500)
+    trans = fit.draws("trans")
+    assert np.all(trans[..., np.tril_indices(3, -1)[0], np.tril_indices(3, -1)[1]] == 0)
