@@ -27,7 +27,8 @@ from importlib import resources
 import numpy as np
 import pandas as pd
 
-__all__ = ["load", "COLUMNS", "SENSORS", "INFORMATIVE", "HealthIndicator", "rul_score", "baseline_rul"]
+__all__ = ["load", "COLUMNS", "SENSORS", "INFORMATIVE", "HealthIndicator", "rul_score", "baseline_rul",
+           "degradation_data", "rul_distribution", "predict_rul"]
 
 SENSORS = ["T2", "T24", "T30", "T50", "P2", "P15", "P30", "Nf", "Nc", "epr", "Ps30", "phi",
            "NRf", "NRc", "BPR", "farB", "htBleed", "Nf_dmd", "PCNfR_dmd", "W31", "W32"]
@@ -136,3 +137,103 @@ def baseline_rul(train: pd.DataFrame, test: pd.DataFrame, cap: int = 125, window
     out = pd.DataFrame({"rul": np.clip(pred, 0, cap), "lower": np.clip(pred + lo_r, 0, cap),
                         "upper": np.clip(pred + hi_r, 0, cap)}, index=units)
     return out.sort_index()
+
+
+# ----------------------------------------------------------------------------- AR-HMM prognostics
+def degradation_data(df: pd.DataFrame, hi: HealthIndicator, num_states: int, *,
+                     run_to_failure: bool, healthy_cycles: int = 30, final_cycles: int = 15) -> dict:
+    """Padded HI sequences with soft labels for the partially-hidden left-to-right AR-HMM.
+
+    Returns {"y": (B, T, 1), "mask": (B, T), "labels": (B, T, K), "units": (B,), "length": (B,)}.
+    Labels encode what is known: the first ``healthy_cycles`` cycles of every unit are in state 0
+    (a new engine is healthy); for run-to-failure (training) units the last ``final_cycles``
+    cycles are in the last state and no earlier cycle is, so entering the last state means
+    "``final_cycles`` cycles to failure". Everything else is vacuous (all states plausible).
+    """
+    seqs = hi.sequences(df)
+    units = np.array(sorted(seqs))
+    lengths = np.array([len(seqs[u]) for u in units])
+    B, T, K = len(units), int(lengths.max()), int(num_states)
+    y = np.zeros((B, T, 1), np.float32)
+    mask = np.zeros((B, T), bool)
+    labels = np.ones((B, T, K), np.float32)
+    for i, u in enumerate(units):
+        n = lengths[i]
+        y[i, :n, 0] = seqs[u]
+        y[i, n:, 0] = seqs[u][-1]
+        mask[i, :n] = True
+        h = min(healthy_cycles, n)
+        labels[i, :h] = 0.0
+        labels[i, :h, 0] = 1.0
+        if run_to_failure:
+            labels[i, : n - final_cycles, K - 1] = 0.0
+            labels[i, n - final_cycles : n] = 0.0
+            labels[i, n - final_cycles : n, K - 1] = 1.0
+    return {"y": y, "mask": mask, "labels": labels, "units": units, "length": lengths}
+
+
+def rul_distribution(params: dict, data: dict, num_states: int, *, final_cycles: int = 15,
+                     horizon: int = 400):
+    """RUL probabilities (B, horizon + final_cycles) of each unit in ``data`` under each set of
+    AR-HMM parameters in ``params`` (a leading draw axis), averaged over the draws.
+
+    For one draw and unit: the filtered state distribution p at the unit's last cycle (forward
+    algorithm); the probability of first entering the last state s = 1, 2, ... cycles later,
+    exactly, by propagating p's transient part through the transition matrix with the
+    absorbing column removed; RUL = s + final_cycles - 1, because the last state is entered
+    ``final_cycles`` cycles before failure. A unit already in the last state (probability
+    p[K-1]) gets RUL final_cycles // 2 (its time spent there is not tracked).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from bayeslik.filtering import hmm_filter
+    from bayeslik.models import arhmm
+
+    K = int(num_states)
+
+    def one(p, yy, m, lab):
+        li, lt, lo = arhmm.hmm_inputs(p, yy, num_lags=1, labels=lab, left_to_right=True)
+        last = jnp.exp(hmm_filter(li, lt, lo, mask=m).log_filtered[-1])  # padding repeats it
+        absorb = p["trans"][:, K - 1]
+        keep = p["trans"].at[:, K - 1].set(0.0)
+
+        def step(q, _):
+            return q @ keep, q @ absorb
+
+        # enter[i]: probability of first entering the last state s = i + 1 cycles later
+        _, enter = jax.lax.scan(step, last.at[K - 1].set(0.0), None, length=horizon)
+        pmf = jnp.zeros(horizon + final_cycles)
+        pmf = pmf.at[final_cycles + jnp.arange(horizon)].add(enter)  # RUL = s + final - 1
+        pmf = pmf.at[final_cycles // 2].add(last[K - 1])
+        return pmf / jnp.sum(pmf)
+
+    per_unit = jax.vmap(one, in_axes=(None, 0, 0, 0))
+    per_draw = jax.jit(jax.vmap(per_unit, in_axes=(0, None, None, None)))
+    arrays = [jnp.asarray(data[k]) for k in ("y", "mask", "labels")]
+    return np.asarray(per_draw({k: jnp.asarray(v) for k, v in params.items()}, *arrays)).mean(0)
+
+
+def predict_rul(fit, data: dict, num_states: int, *, final_cycles: int = 15, horizon: int = 400,
+                num_draws: int = 200, interval: float = 0.9, cap: int = 125) -> pd.DataFrame:
+    """Posterior predictive RUL of each unit in ``data`` (from :func:`degradation_data`) from a
+    Fit of the left-to-right AR-HMM: :func:`rul_distribution` over ``num_draws`` posterior
+    draws; the point prediction is the median (and the mean), capped at ``cap`` like the truth
+    it is scored against, with the central ``interval``.
+    """
+    total = fit.num_chains * fit.num_draws
+    pick = np.round(np.linspace(0, total - 1, min(num_draws, total))).astype(int)
+    params = {}
+    for k in ("pi", "trans", "b", "A", "sigma"):
+        a = fit.draws(k)
+        params[k] = a.reshape((-1,) + a.shape[2:])[pick]
+    pmf = rul_distribution(params, data, num_states, final_cycles=final_cycles, horizon=horizon)
+    cdf = np.cumsum(pmf, axis=1)
+
+    def quant(q):
+        return np.minimum(np.argmax(cdf >= q, axis=1), cap)
+
+    return pd.DataFrame({"rul": quant(0.5), "lower": quant((1 - interval) / 2),
+                         "upper": quant((1 + interval) / 2),
+                         "mean": np.minimum((pmf * np.arange(pmf.shape[1])).sum(1), cap)},
+                        index=data["units"])
