@@ -244,33 +244,30 @@ def build_datatree(
     import arviz_base as azb
 
     sites = posterior.sites
-    dims = {name: list(s.dims) for name, s in sites.items()}
-    groups: dict[str, dict[str, np.ndarray]] = {
-        "posterior": {k: np.asarray(v) for k, v in draws.items()},
-    }
-    if sample_stats:
-        groups["sample_stats"] = {k: np.asarray(v) for k, v in sample_stats.items()}
-    if log_likelihood:
-        groups["log_likelihood"] = {k: np.asarray(v) for k, v in log_likelihood.items()}
-    obs = posterior.observed_data
-    if obs:
-        groups["observed_data"] = obs
-    group_attrs: dict[str, dict] = {}
+
+    def dims_of(group: Mapping[str, np.ndarray], lead: int) -> dict[str, list[str]]:
+        # a site's axis names; a pointwise log-likelihood has only the data's batch axes (its
+        # event axes are summed), so it takes the leading ones
+        return {k: list(sites[k].dims[: np.ndim(v) - lead]) for k, v in group.items() if k in sites}
+
+    groups: dict[str, xr.Dataset] = {}
+
+    def add(name: str, data: Mapping[str, np.ndarray] | None, lead: int = 2) -> None:
+        if data:
+            data = {k: np.asarray(v) for k, v in data.items()}
+            groups[name] = azb.dict_to_dataset(
+                data, dims=dims_of(data, lead), sample_dims=["chain", "draw"] if lead else [],
+                inference_library=None, check_conventions=False,
+            )
+
+    add("posterior", draws)
+    add("sample_stats", sample_stats)
+    add("log_likelihood", log_likelihood)
+    add("observed_data", posterior.observed_data, lead=0)
     for name, group in (extra_groups or {}).items():
-        groups[name] = {k: np.asarray(v) for k, v in group.items() if not k.startswith("@")}
-    # pointwise log-likelihood may have fewer axes than the data (event dims summed)
-    ll_dims = {}
-    for k, v in (log_likelihood or {}).items():
-        s = sites.get(k)
-        if s is not None:
-            ll_dims[k] = list(s.dims[: np.ndim(v) - 2])
-    dims_all = {**dims, **ll_dims}
-    tree = azb.from_dict(
-        groups,
-        dims={k: v for k, v in dims_all.items()},
-        attrs={"/": dict(attrs or {}), **group_attrs},
-        check_conventions=False,
-    )
+        add(name, group)
+    tree = xr.DataTree.from_dict(groups)
+    tree.attrs.update(dict(attrs or {}))
     created = _dt.datetime.now(_dt.timezone.utc).isoformat()
     tree.attrs.setdefault("created_at", created)
     return tree

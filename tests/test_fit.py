@@ -74,3 +74,20 @@ def test_text_and_html(small_fit):
     assert "<table" in html and "nuts" in html
     table = bl.summary(small_fit)
     assert "ess_bulk" in table.columns and len(table) == 6
+
+
+def test_pointwise_loglik_with_fewer_axes_than_the_data():
+    """One log-likelihood per sequence of a (B, T, D) observation: the data keeps its axes, the
+    log-likelihood its batch axis, and they share that axis's name."""
+    import numpyro
+    import numpyro.distributions as dist
+
+    def model(y):
+        mu = numpyro.sample("mu", dist.Normal(0, 1))
+        with numpyro.plate("seq", y.shape[0]):
+            numpyro.sample("y", dist.Normal(mu, 1).expand(y.shape[1:]).to_event(2), obs=y)
+
+    post = bl.Posterior(model, y=np.zeros((5, 7, 2)))
+    fit = bl.fit(post, "nuts", num_warmup=20, num_samples=10, num_chains=1, progress_bar=False)
+    assert fit.idata["observed_data"]["y"].dims == ("seq", "y_dim_1", "y_dim_2")
+    assert fit.idata["log_likelihood"]["y"].dims == ("chain", "draw", "seq")
