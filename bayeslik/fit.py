@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as _dt
 import html
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
@@ -271,11 +270,3 @@ def build_datatree(
     created = _dt.datetime.now(_dt.timezone.utc).isoformat()
     tree.attrs.setdefault("created_at", created)
     return tree
-
-
-def finite_or_none(x: Any) -> float | None:
-    """A float, or None for None/NaN (what Fit.log_evidence holds)."""
-    if x is None:
-        return None
-    x = float(x)
-    return None if math.isnan(x) else x

@@ -58,7 +58,6 @@ import zipfile
 from functools import lru_cache
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
