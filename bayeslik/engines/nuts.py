@@ -547,7 +547,7 @@ def _run(posteriors, rng_keys, config: NUTSConfig) -> list[Fit]:
             attrs={"inference_library": "bayeslik", "engine": "nuts", "sampling_time": wall / B},
         )
         mine = rows_kept[r]
-        grads = int(num_grad[b * C:(b + 1) * C].sum()) if not interrupted else int(num_grad[mine].sum())
+        grads = int(num_grad[mine].sum())  # the rows of posterior b that kept draws
         extra = {"num_warmup_divergences": int(warm_div[b * C:(b + 1) * C].sum()),
                  "num_postprocess_evals": chains_kept * n_kept,
                  "num_init_evals": C * candidates.shape[1]}
