@@ -976,6 +976,8 @@ _MATRIX_FAMILIES = (
 
 def _unsupported_reason(fn, site_name: str) -> str | None:
     """``None`` if :func:`icdf` handles ``fn``, else an actionable explanation."""
+    if callable(getattr(fn, "unit_cube_transform", None)):
+        return None  # the distribution brings its own map (see icdf's docstring)
     top = type(fn).__name__
     engines = "or use an engine that does not need a unit cube, such as 'nuts' or 'smc'"
     node = fn
@@ -1097,6 +1099,8 @@ def unit_cube_shape(fn) -> tuple[int, ...]:
     """
     check_icdf(fn, "<unnamed>")
     shape = tuple(fn.shape())
+    if callable(getattr(fn, "unit_cube_transform", None)):
+        return shape
     if isinstance(_core(fn), dist.Dirichlet):
         shape = shape[:-1] + (shape[-1] - 1,)
     return shape
@@ -1113,6 +1117,9 @@ def _is_univariate(fn) -> bool:
 
 def _quantile(fn, p, q):
     """Value of ``fn`` at unit-cube pair ``(p, q = 1 - p)`` (broadcasting over batch)."""
+    hook = getattr(fn, "unit_cube_transform", None)
+    if callable(hook):
+        return hook(p)
     if isinstance(fn, _SHAPE_WRAPPERS):
         return _quantile(fn.base_dist, p, q)
     if isinstance(fn, dist.TransformedDistribution):
@@ -1159,6 +1166,11 @@ def icdf(fn, u):
     ``u`` is uniform. For univariate priors it is the quantile function
     :math:`F^{-1}(u)`, increasing in ``u``; see the module docstring for the
     multivariate constructions. Pure and jittable; float32 and float64 both work.
+
+    A distribution of the user's own can take part: if it has a method
+    ``unit_cube_transform(u)`` mapping ``u`` of shape ``fn.shape()`` (entries in
+    :math:`(0, 1)`) to a value distributed as ``fn`` when ``u`` is uniform, that map is
+    used (it need not be a bijection: sorting iid draws gives order statistics).
 
     Example
     -------

@@ -115,7 +115,8 @@ class _OrderedNormal(dist.Distribution):
     r"""Order statistics of ``K`` iid ``Normal(loc, scale)`` draws: a proper prior on the ordered set.
 
     ``log_prob(x) = log K! + sum_k log N(x_k | loc, scale)`` for ``x_0 < ... < x_{K-1}``;
-    ``sample`` sorts iid normal draws.
+    ``sample`` sorts iid normal draws, and so does ``unit_cube_transform`` (the unit-cube map
+    of nested sampling) with normal quantiles.
     """
 
     arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
@@ -134,6 +135,13 @@ class _OrderedNormal(dist.Distribution):
     def log_prob(self, value):
         lp = dist.Normal(self.loc, self.scale).log_prob(value).sum(-1)
         return lp + math.lgamma(self.size + 1)
+
+    def unit_cube_transform(self, u):
+        """Nested sampling's prior transform: sorted normal quantiles of ``u`` (K,) are
+        distributed as the order statistics when ``u`` is uniform."""
+        from jax.scipy.special import ndtri
+
+        return jnp.sort(self.loc + self.scale * ndtri(u), axis=-1)
 
 
 def _allowed(num_states: int, left_to_right: bool) -> np.ndarray:

@@ -332,3 +332,27 @@ def test_nuts_recovers_a_left_to_right_model():
     fit, data = _fit_and_check(K=3, D=1, L=2, T=450, ltr=True, num_warmup=500, num_samples=500)
     trans = fit.draws("trans")
     assert np.all(trans[..., np.tril_indices(3, -1)[0], np.tril_indices(3, -1)[1]] == 0)
+
+
+@pytest.mark.parametrize("ltr", [False, True])
+def test_prior_transform_gives_the_prior(ltr, seed):
+    """The unit-cube map (for nested sampling) pushes uniforms onto the prior: the ordered
+    intercepts are the order statistics of K iid Normal(0, 5) (KS test against the exact CDF of
+    the k-th order statistic); left-to-right models keep iid intercepts."""
+    K = 3
+    data = arhmm.simulate(jax.random.key(seed), num_steps=30, num_states=K, left_to_right=ltr)
+    post = bl.Posterior(arhmm.model, y=data["y"], num_states=K, left_to_right=ltr)
+    n = 4000
+    u = jax.random.uniform(jax.random.key(seed + 1), (n, post.ndim))
+    z = jax.jit(jax.vmap(post.prior_transform))(u)
+    b0 = np.asarray(jax.vmap(post.constrain)(z)["b0"])
+    assert np.all(np.isfinite(b0))
+    if not ltr:
+        assert np.all(np.diff(b0, axis=1) > 0)
+    s = arhmm.INTERCEPT_SCALE
+    for k in range(K):
+        if ltr:  # iid normals
+            cdf = lambda x: st.norm.cdf(x / s)  # noqa: E731
+        else:  # P(X_(k) <= x) = P(at least k+1 of K below x)
+            cdf = lambda x, k=k: st.binom.sf(k, K, st.norm.cdf(x / s))  # noqa: E731
+        assert st.kstest(b0[:, k], cdf).pvalue > 1e-3, k
