@@ -6,7 +6,7 @@ here with the cell that failed.
 
 from __future__ import annotations
 
-import os
+import json
 import pathlib
 import sys
 
@@ -21,13 +21,16 @@ def test_notebook_runs(path, monkeypatch, tmp_path):
     nbclient = pytest.importorskip("nbclient")
     monkeypatch.setenv("BAYESLIK_NOTEBOOK_FAST", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    nb = nbformat.read(path, as_version=4)
     # the kernel is this interpreter (the project's environment), whatever kernelspecs exist
-    client = nbclient.NotebookClient(
-        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}},
-        kernel_manager_kwargs={"kernel_cmd": [sys.executable, "-m", "ipykernel_launcher", "-f",
-                                              "{connection_file}"]},
-    )
+    spec = tmp_path / "kernels" / "bayeslik-test"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "bayeslik tests", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
+    nb = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="bayeslik-test",
+                                     resources={"metadata": {"path": str(path.parent)}})
     client.execute()
 
 
