@@ -24,7 +24,7 @@ from bayeslik.models import arhmm, cmapss
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--units", type=int, default=20)
-    ap.add_argument("--states", type=int, default=4)
+    ap.add_argument("--states", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--samples", type=int, default=200)
     ap.add_argument("--chains", type=int, default=2)
@@ -40,7 +40,7 @@ def main() -> None:
     te = cmapss.degradation_data(d["test"], hi, K, run_to_failure=False)
     post = bl.Posterior(arhmm.model, y=tr["y"], num_states=K, left_to_right=True,
                         labels=tr["labels"], mask=tr["mask"])
-    init = arhmm.init_params(tr["y"][0][: tr["length"][0]], K, left_to_right=True)
+    init = arhmm.init_params(tr["y"], K, left_to_right=True, mask=tr["mask"])
     t = time.perf_counter()
     fit = bl.fit(post, "nuts", seed=0, num_warmup=args.warmup, num_samples=args.samples,
                  num_chains=args.chains, init=init, dense_mass=args.dense_mass,

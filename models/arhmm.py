@@ -598,7 +598,7 @@ def _segment(y: np.ndarray, K: int, max_len: int = 4000) -> np.ndarray:
 
 
 def init_params(y, num_states: int, num_lags: int = 1, left_to_right: bool = False,
-                sticky: float = 10.0) -> dict:
+                sticky: float = 10.0, mask=None) -> dict:
     r"""Constrained starting values for NUTS, ``bl.fit(post, "nuts", init=init_params(y, K))``.
 
     A cheap point estimate: states assigned by 1-D k-means on ``y[:, 0]`` (``left_to_right``: the
@@ -610,7 +610,8 @@ def init_params(y, num_states: int, num_lags: int = 1, left_to_right: bool = Fal
     ``b[:, 0]`` and ``b0`` made strictly increasing, as the ordering constraint requires.
 
     Returns a dict with one entry per latent site of :func:`model` (for a batch ``(B, T, D)``,
-    the sequences are concatenated for the estimate).
+    the sequences are pooled for the estimate; with a prefix ``mask`` ``(B, T)``, only each
+    sequence's valid steps, so padding does not distort it).
 
     >>> import jax
     >>> data = simulate(jax.random.key(0), num_steps=300, num_states=2)
@@ -620,6 +621,12 @@ def init_params(y, num_states: int, num_lags: int = 1, left_to_right: bool = Fal
     """
     y = np.asarray(y, dtype=float)
     seqs = [y] if y.ndim == 2 else list(y)
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool).reshape(len(seqs), -1)
+        seqs = [s[: int(m.sum())] for s, m in zip(seqs, mask)]
+        if any(len(s) <= num_lags for s in seqs):
+            raise ValueError(f"init_params: every sequence needs more than num_lags = {num_lags} "
+                             "valid steps")
     K, L = int(num_states), int(num_lags)
     D = seqs[0].shape[1]
     zs = []

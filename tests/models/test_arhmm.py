@@ -356,3 +356,19 @@ def test_prior_transform_gives_the_prior(ltr, seed):
         else:  # P(X_(k) <= x) = P(at least k+1 of K below x)
             cdf = lambda x, k=k: st.binom.sf(k, K, st.norm.cdf(x / s))  # noqa: E731
         assert st.kstest(b0[:, k], cdf).pvalue > 1e-3, k
+
+
+def test_init_params_ignores_padding_under_a_mask(seed):
+    """With a prefix mask the point estimate uses only the valid steps: whatever the padding
+    holds, the starting values are the same (and without the mask they are not)."""
+    K = 2
+    a = np.asarray(arhmm.simulate(jax.random.key(seed), num_steps=80, num_states=K)["y"])
+    b = np.asarray(arhmm.simulate(jax.random.key(seed + 1), num_steps=50, num_states=K)["y"])
+    y1 = np.stack([a, np.concatenate([b, np.full((30, 1), 50.0)])])
+    y2 = np.stack([a, np.concatenate([b, np.full((30, 1), -7.0)])])
+    mask = np.stack([np.ones(80, bool), np.arange(80) < 50])
+    p1, p2 = (arhmm.init_params(y, K, mask=mask) for y in (y1, y2))
+    for k in p1:
+        np.testing.assert_array_equal(p1[k], p2[k], err_msg=k)
+    q1, q2 = (arhmm.init_params(y, K) for y in (y1, y2))
+    assert not np.allclose(q1["b0"], q2["b0"])
