@@ -7,6 +7,7 @@
 
 from bayeslik import engines
 from bayeslik.api import fit, register_engine
+from bayeslik.compare import Comparison, compare
 from bayeslik.errors import (
     BayeslikError,
     DataError,
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Posterior", "Fit", "Cost", "fit", "load_fit", "engines", "register_engine", "summary", "sbc",
+    "compare", "Comparison",
     "BayeslikError", "DataError", "EngineError", "ImproperPriorError", "InitializationError",
     "ModelError", "PriorTransformError",
 ]

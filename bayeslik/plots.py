@@ -6,7 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["plot_sbc"]
+__all__ = ["plot_sbc", "plot_marginals", "plot_cost", "plot_evidence"]
 
 
 def plot_sbc(result, quantities: Sequence[str] | None = None, ci_prob: float = 0.95,
@@ -47,5 +47,132 @@ def plot_sbc(result, quantities: Sequence[str] | None = None, ci_prob: float = 0
         axes[2 * (j // ncol), j % ncol].axis("off")
         axes[2 * (j // ncol) + 1, j % ncol].axis("off")
     fig.suptitle(f"SBC: {result.model} x {result.engine} ({S} simulations, L <= {L})", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _scalar_marginals(fit, var_names, max_params):
+    """[(label, draws (n,))] of the first ``max_params`` scalar components of ``var_names``."""
+    out = []
+    for v in var_names:
+        if v not in fit.idata["posterior"]:
+            continue
+        a = fit.draws(v)
+        flat = a.reshape(a.shape[0] * a.shape[1], -1)
+        for j in range(flat.shape[1]):
+            out.append((v if flat.shape[1] == 1 else f"{v}[{j}]", flat[:, j]))
+    return out[:max_params]
+
+
+def plot_marginals(comparison, var_names: Sequence[str] | None = None, max_params: int = 12,
+                   max_cols: int = 4):
+    """Every engine's marginal posterior of each scalar parameter, overlaid (kernel density
+    estimates of the first seed's draws), with the reference: its draws (black) or exact
+    normal-approximation moments (dashed). Returns the Figure."""
+    import matplotlib.pyplot as plt
+    from scipy.stats import gaussian_kde, norm
+
+    labels = [lab for lab, fits in comparison.fits.items() if any(f is not None for f in fits)]
+    if not labels:
+        raise ValueError("no engine produced a fit; nothing to plot")
+    first = comparison[labels[0]]
+    names = list(var_names or first.idata["posterior"].data_vars)
+    names = [n for n in names if n in comparison.posterior.sites]
+    params = [p for p, _ in _scalar_marginals(first, names, max_params)]
+    ncol = min(max(len(params), 1), max_cols)
+    nrow = int(np.ceil(max(len(params), 1) / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.5 * nrow), squeeze=False)
+    ref = comparison.reference
+    ref_draws = dict(_scalar_marginals(_DrawsFit(ref.draws), names, max_params)) \
+        if ref is not None and ref.draws else {}
+    for i, lab in enumerate(labels):
+        for ax, (p, x) in zip(axes.flat, _scalar_marginals(comparison[lab], names, max_params)):
+            grid = _grid(x, ref_draws.get(p))
+            if np.ptp(x) > 0:
+                ax.plot(grid, gaussian_kde(x)(grid), color=f"C{i}", lw=1.3, label=lab)
+            ax.set_title(p, fontsize=9)
+            ax.set_yticks([])
+    for ax, p in zip(axes.flat, params):
+        if p in ref_draws:
+            r = ref_draws[p]
+            grid = _grid(r, None)
+            ax.plot(grid, gaussian_kde(r)(grid), "k-", lw=1, alpha=0.8, label="reference")
+        elif ref is not None and ref.mean is not None:
+            var, _, idx = p.partition("[")
+            if var in ref.mean and ref.sd is not None and var in ref.sd:
+                j = int(idx[:-1]) if idx else 0
+                m, s = np.ravel(ref.mean[var])[j], np.ravel(ref.sd[var])[j]
+                grid = np.linspace(m - 4 * s, m + 4 * s, 200)
+                ax.plot(grid, norm.pdf(grid, m, s), "k--", lw=1, label="exact (normal approx.)")
+    for ax in list(axes.flat)[len(params):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+class _DrawsFit:
+    """The bits of a Fit that _scalar_marginals reads, over a dict of draws."""
+
+    def __init__(self, draws):
+        self._d = draws
+        self.idata = {"posterior": draws}
+
+    def draws(self, v):
+        return np.asarray(self._d[v])
+
+
+def _grid(x, other):
+    lo, hi = np.quantile(x, [0.001, 0.999])
+    if other is not None:
+        lo, hi = min(lo, np.quantile(other, 0.001)), max(hi, np.quantile(other, 0.999))
+    pad = 0.1 * (hi - lo + 1e-12)
+    return np.linspace(lo - pad, hi + pad, 200)
+
+
+def plot_cost(comparison):
+    """Bars per engine (mean over seeds): wall time (compile time hatched) and the smallest
+    bulk ESS per second. Returns the Figure."""
+    import matplotlib.pyplot as plt
+
+    t = comparison.table[comparison.table["status"] == "ok"]
+    g = t.groupby("engine", sort=False)[["wall_s", "compile_s", "ess_bulk_per_s"]].mean()
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3))
+    x = np.arange(len(g))
+    ax[0].bar(x, g["wall_s"], color=[f"C{i}" for i in x])
+    ax[0].bar(x, g["compile_s"].fillna(0), color="none", edgecolor="k", hatch="//",
+              label="compile")
+    ax[0].set(ylabel="wall time (s)", xticks=x, xticklabels=g.index)
+    ax[0].legend(fontsize=8)
+    ax[1].bar(x, g["ess_bulk_per_s"], color=[f"C{i}" for i in x])
+    ax[1].set(ylabel="min bulk ESS / s", xticks=x, xticklabels=g.index)
+    for a in ax:
+        a.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    return fig
+
+
+def plot_evidence(comparison):
+    """log Z of every run that estimated it, with +-1 error bars, and the exact value where the
+    reference knows it. Returns the Figure."""
+    import matplotlib.pyplot as plt
+
+    t = comparison.table[(comparison.table["status"] == "ok")
+                         & comparison.table["log_evidence"].notna()]
+    fig, ax = plt.subplots(figsize=(6, 3))
+    labels = list(dict.fromkeys(t["engine"]))
+    for i, lab in enumerate(labels):
+        r = t[t["engine"] == lab]
+        xs = i + np.linspace(-0.15, 0.15, len(r)) if len(r) > 1 else np.array([i])
+        ax.errorbar(xs, r["log_evidence"], yerr=r["log_evidence_err"].fillna(0), fmt="o",
+                    color=f"C{i}", capsize=3)
+    ref = comparison.reference
+    if ref is not None and ref.log_evidence is not None:
+        ax.axhline(ref.log_evidence, color="k", ls="--", lw=1, label="exact")
+        ax.legend(fontsize=8)
+    ax.set(xticks=range(len(labels)), xticklabels=labels, ylabel="log Z")
+    if not labels:
+        ax.text(0.5, 0.5, "no engine estimated the evidence", ha="center", va="center",
+                transform=ax.transAxes)
     fig.tight_layout()
     return fig
