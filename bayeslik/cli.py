@@ -2,7 +2,9 @@
 
     bayeslik demo [--out DIR] [--quick]     fit the bundled reference problems, print and save a table
     bayeslik models                          list the bundled models
-    bayeslik fit MODEL [--engine nuts] [--seed 0] [--out FILE.nc] [--set key=value ...]
+    bayeslik fit MODEL [--engine nuts] [--data FILE] [--seed 0] [--out FILE.nc] [--set key=value ...]
+    bayeslik compare MODEL [--engines nuts smc ...] [--data FILE] [--seeds 1] [--out DIR]
+                           [--set engine.key=value ...]
     bayeslik sbc MODEL [--engine nuts] [--simulations 100] [--draws 100] [--out DIR] [--set ...]
 
 Exit codes: 0 success, 1 a bayeslik error (bad model, data or engine option; the message says
@@ -87,18 +89,69 @@ def _cmd_sbc(args) -> int:
     return 0 if res.passed else 3
 
 
+def _read_data(path: str | None, data: dict) -> dict:
+    """The bundled data with the arguments in ``path`` (.npz, or .json of lists/numbers) replaced."""
+    if path is None:
+        return data
+    import numpy as np
+
+    if not os.path.exists(path):
+        raise _UsageError(f"--data {path!r}: no such file")
+    try:
+        if path.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as f:
+                new = {k: f[k] for k in f.files}
+        elif path.endswith(".json"):
+            with open(path) as f:
+                new = json.load(f)
+            if not isinstance(new, dict):
+                raise ValueError("the JSON file must hold an object {argument: value}")
+            new = {k: np.asarray(v) if isinstance(v, list) else v for k, v in new.items()}
+        else:
+            raise ValueError("use a .npz file (numpy.savez) or a .json object")
+    except (OSError, ValueError) as e:
+        raise _UsageError(f"--data {path!r} cannot be read: {e}") from None
+    unknown = sorted(set(new) - set(data))
+    if unknown:
+        raise _UsageError(f"--data {path!r} has {unknown}, which the model does not take; its "
+                          f"data arguments are {sorted(data)}")
+    return {**data, **new}
+
+
 def _cmd_fit(args) -> int:
     import bayeslik as bl
 
     options = _options(args.set)
     model, data, _ = _load_model(args.model)
-    post = bl.Posterior(model, **data)
+    post = bl.Posterior(model, **_read_data(args.data, data))
     fit = bl.fit(post, args.engine, seed=args.seed, **options)
     print(fit)
     if args.out:
         fit.save(args.out)
         print(f"saved {args.out}")
     return 0
+
+
+def _cmd_compare(args) -> int:
+    import bayeslik as bl
+
+    model, data, truth = _load_model(args.model)
+    post = bl.Posterior(model, **_read_data(args.data, data))
+    per_engine: dict[str, dict] = {}
+    for key, value in _options(args.set).items():
+        engine, dot, option = key.partition(".")
+        if not dot or engine not in args.engines:
+            raise _UsageError(f"--set {key}=...: compare options are ENGINE.OPTION=VALUE with "
+                              f"ENGINE among {args.engines}")
+        per_engine.setdefault(engine, {})[option] = value
+    ref = truth if truth is not None and args.data is None else None
+    cmp = bl.compare(post, args.engines, reference=ref, seeds=args.seeds,
+                     engine_options=per_engine, progress_bar=not args.quiet)
+    print(cmp)
+    if args.out:
+        paths = cmp.save(args.out)
+        print(f"written: {len(paths)} files in {args.out}/ (table.csv, figures, one netCDF per fit)")
+    return 0 if (cmp.table["status"] == "ok").all() else 1
 
 
 def _cmd_demo(args) -> int:
@@ -165,9 +218,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model")
     p.add_argument("--engine", default="nuts")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default=None, help=".npz or .json file replacing some of the model's data")
     p.add_argument("--out", default=None, help="save the Fit to this netCDF file")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="engine option, e.g. num_samples=500")
     p.set_defaults(func=_cmd_fit)
+    p = sub.add_parser("compare", help="run several engines on one bundled model and compare them")
+    p.add_argument("model")
+    p.add_argument("--engines", nargs="+", default=["nuts"])
+    p.add_argument("--data", default=None, help=".npz or .json file replacing some of the model's data")
+    p.add_argument("--seeds", type=int, default=1, help="runs per engine (seeds 0..n-1)")
+    p.add_argument("--out", default=None, help="folder for table.csv, figures and fits")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--set", action="append", metavar="ENGINE.KEY=VALUE",
+                   help="an engine's option, e.g. nuts.num_samples=500")
+    p.set_defaults(func=_cmd_compare)
     p = sub.add_parser("sbc", help="simulation-based calibration of an engine on a bundled model")
     p.add_argument("model")
     p.add_argument("--engine", default="nuts")

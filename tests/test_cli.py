@@ -1,0 +1,74 @@
+"""The ``bayeslik`` command: exit codes scripts can trust, clear messages, files written."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bayeslik.cli import main
+
+SMALL = ["--set", "num_warmup=100", "--set", "num_samples=100", "--set", "num_chains=1",
+         "--set", "progress_bar=false"]
+
+
+def test_models_lists_the_zoo(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "normal_mean" in out and "eight_schools" in out
+
+
+def test_unknown_model_is_a_usage_error(capsys):
+    assert main(["fit", "no_such_model"]) == 2
+    assert "unknown model 'no_such_model'" in capsys.readouterr().err
+
+
+def test_unknown_engine_and_option_are_bayeslik_errors(capsys):
+    assert main(["fit", "normal_mean", "--engine", "nutz"]) == 1
+    assert "unknown engine 'nutz'" in capsys.readouterr().err
+    assert main(["fit", "normal_mean", "--set", "num_sample=3"]) == 1
+    assert "no option(s) ['num_sample']" in capsys.readouterr().err
+
+
+def test_fit_with_replaced_data_and_saved_fit(tmp_path, capsys):
+    import bayeslik as bl
+
+    y = np.full(20, 3.0)
+    np.savez(tmp_path / "d.npz", y=y)
+    out = tmp_path / "fit.nc"
+    assert main(["fit", "normal_mean", "--data", str(tmp_path / "d.npz"), "--out", str(out)]
+                + SMALL) == 0
+    mu = bl.load_fit(str(out)).draws("mu")
+    assert abs(mu.mean() - 3.0) < 0.2  # the data in the file, not the bundled data, were fitted
+
+
+@pytest.mark.parametrize("content, why", [
+    ("not json", "cannot be read"),
+    (json.dumps([1, 2]), "must hold an object"),
+    (json.dumps({"z": [1.0]}), "does not take"),
+])
+def test_bad_data_files_are_usage_errors(tmp_path, capsys, content, why):
+    path = tmp_path / "d.json"
+    path.write_text(content)
+    assert main(["fit", "normal_mean", "--data", str(path)]) == 2
+    assert why in capsys.readouterr().err
+    assert main(["fit", "normal_mean", "--data", str(tmp_path / "missing.npz")]) == 2
+
+
+def test_compare_writes_table_figures_and_fits(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    code = main(["compare", "normal_mean", "--engines", "nuts", "--out", str(out), "--quiet",
+                 "--set", "nuts.num_warmup=100", "--set", "nuts.num_samples=100"])
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "cost.png", "evidence.png", "marginals.png", "nuts_seed0.nc", "table.csv"]
+    import pandas as pd
+
+    t = pd.read_csv(out / "table.csv")
+    assert t.loc[0, "status"] == "ok" and t.loc[0, "mean_err_max"] < 0.5
+
+
+def test_compare_rejects_options_without_an_engine(capsys):
+    assert main(["compare", "normal_mean", "--engines", "nuts", "--set", "num_samples=5"]) == 2
+    assert "ENGINE.OPTION=VALUE" in capsys.readouterr().err
