@@ -212,10 +212,11 @@ def hmm_inputs(params: dict, y, *, num_lags: int = 1, labels=None, left_to_right
         labels: optional ``(T, K)`` soft labels in ``[0, 1]``.
         left_to_right: whether ``trans`` has the left-to-right structure.
 
-    >>> import jax
-    >>> data = simulate(jax.random.key(0), num_steps=50, num_states=2)
-    >>> [a.shape for a in hmm_inputs(data["params"], data["y"])]
-    [(2,), (2, 2), (50, 2)]
+    Examples:
+        >>> import jax
+        >>> data = simulate(jax.random.key(0), num_steps=50, num_states=2)
+        >>> [a.shape for a in hmm_inputs(data["params"], data["y"])]
+        [(2,), (2, 2), (50, 2)]
     """
     y = jnp.asarray(y)
     b, A = jnp.asarray(params["b"]), jnp.asarray(params["A"])
@@ -613,11 +614,12 @@ def init_params(y, num_states: int, num_lags: int = 1, left_to_right: bool = Fal
     the sequences are pooled for the estimate; with a prefix ``mask`` ``(B, T)``, only each
     sequence's valid steps, so padding does not distort it).
 
-    >>> import jax
-    >>> data = simulate(jax.random.key(0), num_steps=300, num_states=2)
-    >>> p = init_params(data["y"], 2)
-    >>> bool(p["b0"][0] < p["b0"][1])
-    True
+    Examples:
+        >>> import jax
+        >>> data = simulate(jax.random.key(0), num_steps=300, num_states=2)
+        >>> p = init_params(data["y"], 2)
+        >>> bool(p["b0"][0] < p["b0"][1])
+        True
     """
     y = np.asarray(y, dtype=float)
     seqs = [y] if y.ndim == 2 else list(y)
