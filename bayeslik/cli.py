@@ -1,6 +1,6 @@
 """The ``bayeslik`` command.
 
-    bayeslik demo [--out DIR] [--quick]     fit the bundled reference problems, print and save a table
+    bayeslik demo [--out DIR] [--quick]     every engine on a reference problem, and the C-MAPSS AR-HMM
     bayeslik models                          list the bundled models
     bayeslik fit MODEL [--engine nuts] [--data FILE] [--seed 0] [--out FILE.nc] [--set key=value ...]
     bayeslik compare MODEL [--engines nuts smc ...] [--data FILE] [--seeds 1] [--out DIR]
@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from typing import Any, Callable
 
 
@@ -154,59 +153,115 @@ def _cmd_compare(args) -> int:
     return 0 if (cmp.table["status"] == "ok").all() else 1
 
 
+#: The demo's engines for a generic posterior, in this order, where registered.
+DEMO_ENGINES = ("nuts", "smc", "nested", "nss", "nested+surrogate")
+
+
+def _demo_engine_options(quick: bool) -> dict[str, dict]:
+    if quick:
+        return {"nuts": dict(num_warmup=200, num_samples=200, num_chains=2),
+                "smc": dict(num_particles=300), "nested": dict(num_live=75),
+                "nss": dict(num_live=75), "nested+surrogate": dict(num_live=75)}
+    return {"nuts": dict(num_warmup=1000, num_samples=1000, num_chains=4),
+            "smc": dict(num_particles=2000), "nested": dict(num_live=500),
+            "nss": dict(num_live=500), "nested+surrogate": dict(num_live=500)}
+
+
 def _cmd_demo(args) -> int:
-    """The README's main job: NUTS on every bundled reference problem, checked against its
-    exact answer (or posteriordb reference draws), a table printed and written to --out."""
+    """The README's main job, on bundled data: (1) every engine on a reference problem with an
+    exact posterior and evidence, compared in one table; (2) the partially-hidden AR-HMM of
+    C-MAPSS FD001 fitted with NUTS and SMC, with the remaining useful life of the 100 test
+    engines scored against the truth beside a regression baseline. Tables, figures and fits
+    are written under --out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     import numpy as np
     import pandas as pd
 
     import bayeslik as bl
-    from bayeslik.diagnostics import error_vs_reference
-    from bayeslik.models import reference
+    from bayeslik.models import arhmm, cmapss, reference
 
-    os.makedirs(args.out, exist_ok=True)
-    size = dict(num_warmup=300, num_samples=300) if args.quick else dict(num_warmup=1000, num_samples=1000)
+    out = args.out
+    os.makedirs(out, exist_ok=True)
+    show = not args.quiet
+    available = set(bl.engines.available())
+    engines = [e for e in DEMO_ENGINES if e in available]
+    options = {e: o for e, o in _demo_engine_options(args.quick).items() if e in engines}
+
+    # 1. every engine on a problem whose answer is known exactly
+    prob = reference.get("normal_mean" if args.quick else "correlated_gaussian")
+    print(f"== 1. {len(engines)} engines on '{prob.name}': {prob.description}")
+    cmp = bl.compare(prob.posterior(), engines, reference=prob, seeds=[args.seed],
+                     engine_options=options, progress_bar=show)
+    cmp.save(os.path.join(out, "reference"))
+    print(cmp)
+
+    # 2. the partially-hidden AR-HMM of C-MAPSS, NUTS and SMC, and the RUL of the test engines
+    K, units = (3, 3) if args.quick else (5, 10)
+    print(f"\n== 2. C-MAPSS FD001: partially-hidden AR-HMM, K={K} stages, {units} training "
+          "engines; RUL of the 100 test engines")
+    d = cmapss.load()
+    hi = cmapss.HealthIndicator.fit(d["train"])
+    tr = cmapss.degradation_data(d["train"][d["train"]["unit"] <= units], hi, K,
+                                 run_to_failure=True)
+    te = cmapss.degradation_data(d["test"], hi, K, run_to_failure=False)
+    post = bl.Posterior(arhmm.model, y=tr["y"], num_states=K, left_to_right=True,
+                        labels=tr["labels"], mask=tr["mask"])
+    init = arhmm.init_params(tr["y"], K, left_to_right=True, mask=tr["mask"])
+    hmm_opts = {"nuts": dict(options.get("nuts", {}), init=init, max_tree_depth=8)}
+    hmm_engines = ["nuts"]
+    if "smc" in engines:
+        hmm_engines.append("smc")
+        hmm_opts["smc"] = dict(num_particles=200 if args.quick else 1000)
+    cmp2 = bl.compare(post, hmm_engines, seeds=[args.seed], engine_options=hmm_opts,
+                      progress_bar=show)
+    cmp2.save(os.path.join(out, "cmapss"))
+    print(cmp2)
+    truth = np.minimum(d["rul"], 125)
+    preds = {"linear baseline": cmapss.baseline_rul(d["train"], d["test"])}
+    for e in hmm_engines:
+        if cmp2.fits[e][0] is not None:
+            preds[f"AR-HMM ({e})"] = cmapss.predict_rul(cmp2[e], te, K,
+                                                        num_draws=50 if args.quick else 200)
     rows = []
-    for name in reference.names():
-        prob = reference.get(name)
-        post = prob.posterior()
-        t = time.perf_counter()
-        fit = bl.fit(post, "nuts", seed=args.seed, num_chains=4, progress_bar=not args.quiet, **size)
-        wall = time.perf_counter() - t
-        fit.save(os.path.join(args.out, f"{name}.nc"))
-        print(f"\n== {name}: {prob.description}")
-        print(fit)
-        summ = fit.summary(round_to="none")
-        if prob.posterior_mean:
-            err = error_vs_reference(fit, mean=prob.posterior_mean, sd=prob.posterior_sd)
-        else:
-            err = error_vs_reference(fit, draws=prob.reference_draws)
-        worst_z = max(float(np.max(np.abs(e["z"]))) for e in err.values())
-        worst_sd = max(float(np.max(np.abs(e["sd_ratio"] - 1))) for e in err.values())
-        rows.append({
-            "problem": name,
-            "wall_s": round(wall, 2),
-            "compile_s": round(fit.cost.compile_s, 2),
-            "grad_evals": fit.cost.num_grad_evals,
-            "min_ess_bulk": int(summ["ess_bulk"].min()),
-            "max_rhat": round(float(summ["r_hat"].max()), 3),
-            "divergences": int(fit.idata["sample_stats"]["diverging"].sum()),
-            "max_|mean err|/mcse": round(worst_z, 2),
-            "max_|sd/sd_ref-1|": round(worst_sd, 3),
-            "truth": "exact" if prob.posterior_mean else "posteriordb draws",
-        })
+    for name, p in preds.items():
+        s = cmapss.rul_score(d["rul"], p["rul"].to_numpy())
+        rows.append({"method": name, "rmse": round(s["rmse"], 2), "phm08": round(s["phm08"], 1),
+                     "coverage_90": float(np.mean((truth >= p["lower"]) & (truth <= p["upper"]))),
+                     "mean_interval_width": round(float(np.mean(p["upper"] - p["lower"])), 1)})
     table = pd.DataFrame(rows)
-    path = os.path.join(args.out, "demo_nuts.csv")
-    table.to_csv(path, index=False)
+    table.to_csv(os.path.join(out, "cmapss", "rul.csv"), index=False)
+    fig, ax = plt.subplots(figsize=(11, 4))
+    order = np.argsort(truth)
+    x = np.arange(len(order))
+    for i, (name, p) in enumerate(preds.items()):
+        if name.startswith("AR-HMM"):
+            ax.fill_between(x, p["lower"].to_numpy()[order], p["upper"].to_numpy()[order],
+                            alpha=0.2, step="mid", color=f"C{i}")
+        ax.plot(x, p["rul"].to_numpy()[order], ".", color=f"C{i}", label=name)
+    ax.plot(x, truth[order], "k-", label="true RUL (capped at 125)")
+    ax.set(xlabel="test engines, sorted by true RUL", ylabel="RUL (cycles)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "cmapss", "rul.png"), dpi=110)
+    plt.close(fig)
     print("\n" + table.to_string(index=False))
-    print(f"\nwritten: {path} and one netCDF Fit per problem in {args.out}/")
-    return 0
+    print(f"\nwritten: {out}/reference/ (table.csv, figures, fits) and {out}/cmapss/ "
+          "(table.csv, rul.csv, rul.png, figures, fits)")
+    failed = pd.concat([cmp.table, cmp2.table])
+    failed = failed[failed["status"] != "ok"]
+    for _, r in failed.iterrows():
+        print(f"bayeslik demo: {r['engine']} failed: {r['status']}", file=sys.stderr)
+    return 0 if failed.empty else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bayeslik", description="bayeslik: models, engines, fits.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="fit the bundled reference problems with NUTS; print and save a table")
+    p = sub.add_parser("demo", help="every engine on a reference problem, and the C-MAPSS AR-HMM "
+                                    "with RUL predictions; tables and figures saved")
     p.add_argument("--out", default="bayeslik-output", help="folder for the table and fits")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="fewer draws (a smoke run)")

@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--chains", type=int, default=2)
     ap.add_argument("--max-tree-depth", type=int, default=8)
     ap.add_argument("--dense-mass", action="store_true")
+    ap.add_argument("--save", default=None, help="also save the AR-HMM Fit to this netCDF file")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "cmapss_rul.csv"))
     args = ap.parse_args()
     d = cmapss.load()
@@ -47,6 +48,9 @@ def main() -> None:
                  max_tree_depth=args.max_tree_depth, progress_bar=True)
     wall = time.perf_counter() - t
     print(fit)
+    print(fit.summary().to_string())
+    if args.save:
+        fit.save(args.save)
     true = np.minimum(d["rul"], 125)
     rows = []
     for name, pred in (("ar-hmm (median)", cmapss.predict_rul(fit, te, K)),

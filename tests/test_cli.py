@@ -72,3 +72,22 @@ def test_compare_writes_table_figures_and_fits(tmp_path, capsys):
 def test_compare_rejects_options_without_an_engine(capsys):
     assert main(["compare", "normal_mean", "--engines", "nuts", "--set", "num_samples=5"]) == 2
     assert "ENGINE.OPTION=VALUE" in capsys.readouterr().err
+
+
+def test_demo_quick_writes_both_parts(tmp_path, capsys):
+    """The README's main job at its smallest size: every engine on the reference problem, then
+    the C-MAPSS AR-HMM with NUTS and SMC and the RUL table."""
+    import pandas as pd
+
+    out = tmp_path / "demo"
+    code = main(["demo", "--quick", "--quiet", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    ref = pd.read_csv(out / "reference" / "table.csv")
+    assert (ref["status"] == "ok").all() and "nuts" in set(ref["engine"])
+    # exact log evidence known: every engine that estimates it is within 1 nat here
+    ev = ref.dropna(subset=["log_evidence"])
+    assert len(ev) >= 1 and (ev["log_evidence_error"].abs() < 1.0).all(), ev
+    rul = pd.read_csv(out / "cmapss" / "rul.csv")
+    assert set(rul["method"]) >= {"linear baseline", "AR-HMM (nuts)"}
+    assert (out / "cmapss" / "rul.png").exists()
