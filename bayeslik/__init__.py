@@ -7,7 +7,7 @@
 
 from bayeslik import engines
 from bayeslik.api import fit, register_engine
-from bayeslik.compare import Comparison, compare
+from bayeslik.compare import Comparison, Reference, compare
 from bayeslik.errors import (
     BayeslikError,
     DataError,
@@ -17,6 +17,7 @@ from bayeslik.errors import (
     ModelError,
     PriorTransformError,
 )
+from bayeslik.engines.pmmh import StateSpacePosterior
 from bayeslik.fit import Cost, Fit, load_fit
 from bayeslik.posterior import Posterior
 from bayeslik.sbc import sbc
@@ -25,7 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Posterior", "Fit", "Cost", "fit", "load_fit", "engines", "register_engine", "summary", "sbc",
-    "compare", "Comparison",
+    "compare", "Comparison", "Reference", "StateSpacePosterior",
     "BayeslikError", "DataError", "EngineError", "ImproperPriorError", "InitializationError",
     "ModelError", "PriorTransformError",
 ]

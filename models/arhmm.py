@@ -97,6 +97,7 @@ __all__ = [
     "hmm_inputs",
     "init_params",
     "model",
+    "prior",
     "simulate",
     "state_posterior",
 ]
@@ -329,6 +330,23 @@ def _sample_params(K: int, D: int, L: int, left_to_right: bool, sticky: float) -
             "L_omega", dist.LKJCholesky(D, LKJ_CONCENTRATION).expand([K]).to_event(1)
         )
     return params
+
+
+def prior(num_states: int, dim: int = 1, num_lags: int = 1, left_to_right: bool = False,
+          sticky: float = 10.0) -> dict:
+    """The AR-HMM's prior alone, as a NumPyro program: samples the same sites as :func:`model`
+    (without ``y``) and returns the constrained parameters ``{"pi", "trans", "b", "A", "sigma"}``
+    (and ``"L_omega"`` for ``dim > 1``), the inputs of :func:`hmm_inputs`. For engines that
+    take the prior and the likelihood apart, e.g. particle MCMC's ``StateSpacePosterior``.
+
+    Examples:
+        >>> from numpyro import handlers
+        >>> tr = handlers.trace(handlers.seed(prior, 0)).get_trace(2)
+        >>> sorted(k for k, v in tr.items() if v["type"] == "sample")
+        ['A', 'b0', 'pi', 'sigma', 'trans']
+    """
+    return _sample_params(int(num_states), int(dim), int(num_lags), bool(left_to_right),
+                          float(sticky))
 
 
 def _check_args(y, num_states, num_lags, labels, mask, sticky) -> tuple[int, int, int]:

@@ -8,4 +8,11 @@ from bayeslik.engines.nuts import NUTS, NUTSConfig
 register_engine("nuts", NUTSConfig, nuts.run, "No-U-Turn HMC with Stan's windowed warmup (blackjax)",
                 run_many=nuts.run_many)
 
-__all__ = ["NUTS", "NUTSConfig", "available", "nuts"]
+from bayeslik.engines import pmmh  # noqa: E402
+from bayeslik.engines.pmmh import PMMH, PMMHConfig, StateSpacePosterior  # noqa: E402
+
+register_engine("pmmh", PMMHConfig, pmmh.run,
+                "Particle marginal Metropolis-Hastings for state-space models (correlated, adaptive)")
+
+__all__ = ["NUTS", "NUTSConfig", "PMMH", "PMMHConfig", "StateSpacePosterior", "available", "nuts",
+           "pmmh"]

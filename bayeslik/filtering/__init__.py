@@ -14,8 +14,18 @@ from bayeslik.filtering.hmm import (
     hmm_smoother,
     hmm_viterbi,
 )
+from bayeslik.filtering import kalman, particle  # noqa: E402
+from bayeslik.filtering.kalman import kalman_filter, kalman_loglik  # noqa: E402
+from bayeslik.filtering.particle import PFResult, StateSpaceModel, particle_filter  # noqa: E402
 
 __all__ = [
+    "kalman",
+    "particle",
+    "kalman_filter",
+    "kalman_loglik",
+    "PFResult",
+    "StateSpaceModel",
+    "particle_filter",
     "FilterResult",
     "SmootherResult",
     "choose_method",
