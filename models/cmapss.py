@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["load", "COLUMNS", "SENSORS", "INFORMATIVE", "HealthIndicator", "rul_score", "baseline_rul",
-           "degradation_data", "rul_distribution", "predict_rul"]
+           "degradation_data", "rul_distribution", "rul_from_state_probs", "predict_rul"]
 
 SENSORS = ["T2", "T24", "T30", "T50", "P2", "P15", "P30", "Nf", "Nc", "epr", "Ps30", "phi",
            "NRf", "NRc", "BPR", "farB", "htBleed", "Nf_dmd", "PCNfR_dmd", "W31", "W32"]
@@ -190,28 +190,52 @@ def rul_distribution(params: dict, data: dict, num_states: int, *, final_cycles:
     from bayeslik.filtering import hmm_filter
     from bayeslik.models import arhmm
 
-    K = int(num_states)
-
     def one(p, yy, m, lab):
         li, lt, lo = arhmm.hmm_inputs(p, yy, num_lags=1, labels=lab, left_to_right=True)
         last = jnp.exp(hmm_filter(li, lt, lo, mask=m).log_filtered[-1])  # padding repeats it
-        absorb = p["trans"][:, K - 1]
-        keep = p["trans"].at[:, K - 1].set(0.0)
-
-        def step(q, _):
-            return q @ keep, q @ absorb
-
-        # enter[i]: probability of first entering the last state s = i + 1 cycles later
-        _, enter = jax.lax.scan(step, last.at[K - 1].set(0.0), None, length=horizon)
-        pmf = jnp.zeros(horizon + final_cycles)
-        pmf = pmf.at[final_cycles + jnp.arange(horizon)].add(enter)  # RUL = s + final - 1
-        pmf = pmf.at[final_cycles // 2].add(last[K - 1])
-        return pmf / jnp.sum(pmf)
+        return rul_from_state_probs(last, p["trans"], final_cycles=final_cycles, horizon=horizon)
 
     per_unit = jax.vmap(one, in_axes=(None, 0, 0, 0))
     per_draw = jax.jit(jax.vmap(per_unit, in_axes=(0, None, None, None)))
     arrays = [jnp.asarray(data[k]) for k in ("y", "mask", "labels")]
     return np.asarray(per_draw({k: jnp.asarray(v) for k, v in params.items()}, *arrays)).mean(0)
+
+
+def rul_from_state_probs(state_probs, trans, *, final_cycles: int = 15,
+                         horizon: int = 400):
+    r"""RUL probabilities ``(..., horizon + final_cycles)`` from filtered state probabilities
+    ``(..., K)`` of the left-to-right AR-HMM with transition matrix ``trans`` ``(K, K)``: the
+    rule of :func:`rul_distribution` (the probability of first entering
+    the last state ``s`` cycles later, RUL = ``s + final_cycles - 1``; a unit already in the last
+    state gets RUL ``final_cycles // 2``).
+
+    >>> import jax.numpy as jnp
+    >>> trans = jnp.array([[0.9, 0.1], [0.0, 1.0]])
+    >>> pmf = rul_from_state_probs(jnp.array([1.0, 0.0]), trans, final_cycles=2, horizon=3)
+    >>> [round(float(v), 4) for v in pmf]
+    [0.0, 0.0, 0.369, 0.3321, 0.2989]
+    """
+    import jax
+    import jax.numpy as jnp
+
+    trans = jnp.asarray(trans)
+    K = trans.shape[0]
+    absorb = trans[:, K - 1]
+    keep = trans.at[:, K - 1].set(0.0)
+
+    def one(p):
+        def step(q, _):
+            return q @ keep, q @ absorb
+
+        _, enter = jax.lax.scan(step, p.at[K - 1].set(0.0), None, length=horizon)
+        pmf = jnp.zeros(horizon + final_cycles, p.dtype)
+        pmf = pmf.at[final_cycles + jnp.arange(horizon)].add(enter)
+        pmf = pmf.at[final_cycles // 2].add(p[K - 1])
+        return pmf / jnp.sum(pmf)
+
+    p = jnp.asarray(state_probs)
+    flat = p.reshape(-1, K)
+    return jax.vmap(one)(flat).reshape(p.shape[:-1] + (horizon + final_cycles,))
 
 
 def predict_rul(fit, data: dict, num_states: int, *, final_cycles: int = 15, horizon: int = 400,

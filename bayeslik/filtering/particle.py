@@ -100,7 +100,6 @@ __all__ = [
     "arhmm_ssm",
     "arhmm_observations",
     "online_rul",
-    "rul_from_state_probs",
 ]
 
 _METHODS = ("bootstrap", "guided", "auxiliary")
@@ -944,39 +943,6 @@ def _chol_logpdf(x, mean, chol):
 
 
 # --------------------------------------------------------------------------- online C-MAPSS RUL
-def rul_from_state_probs(state_probs: jax.Array, trans: jax.Array, *, final_cycles: int = 15,
-                         horizon: int = 400) -> jax.Array:
-    r"""RUL probabilities ``(..., horizon + final_cycles)`` from filtered state probabilities
-    ``(..., K)`` of the left-to-right AR-HMM with transition matrix ``trans`` ``(K, K)``: the
-    rule of :func:`bayeslik.models.cmapss.rul_distribution` (the probability of first entering
-    the last state ``s`` cycles later, RUL = ``s + final_cycles - 1``; a unit already in the last
-    state gets RUL ``final_cycles // 2``).
-
-    >>> trans = jnp.array([[0.9, 0.1], [0.0, 1.0]])
-    >>> pmf = rul_from_state_probs(jnp.array([1.0, 0.0]), trans, final_cycles=2, horizon=3)
-    >>> [round(float(v), 4) for v in pmf]
-    [0.0, 0.0, 0.369, 0.3321, 0.2989]
-    """
-    trans = jnp.asarray(trans)
-    K = trans.shape[0]
-    absorb = trans[:, K - 1]
-    keep = trans.at[:, K - 1].set(0.0)
-
-    def one(p):
-        def step(q, _):
-            return q @ keep, q @ absorb
-
-        _, enter = lax.scan(step, p.at[K - 1].set(0.0), None, length=horizon)
-        pmf = jnp.zeros(horizon + final_cycles, p.dtype)
-        pmf = pmf.at[final_cycles + jnp.arange(horizon)].add(enter)
-        pmf = pmf.at[final_cycles // 2].add(p[K - 1])
-        return pmf / jnp.sum(pmf)
-
-    p = jnp.asarray(state_probs)
-    flat = p.reshape(-1, K)
-    return jax.vmap(one)(flat).reshape(p.shape[:-1] + (horizon + final_cycles,))
-
-
 def online_rul(rng_key: jax.Array, params: dict, y, *, num_particles: int = 1000, labels=None,
                final_cycles: int = 15, horizon: int = 400, interval: float = 0.9,
                method: str = "bootstrap") -> dict:
@@ -989,7 +955,7 @@ def online_rul(rng_key: jax.Array, params: dict, y, *, num_particles: int = 1000
     :func:`bayeslik.models.cmapss.degradation_data`).
 
     At every cycle ``t`` the particle filter's state probabilities
-    :math:`\hat p(z_t = k \mid y_{0:t})` give the RUL distribution by :func:`rul_from_state_probs`;
+    :math:`\hat p(z_t = k \mid y_{0:t})` give the RUL distribution by :func:`bayeslik.models.cmapss.rul_from_state_probs`;
     each cycle costs one filter step (:func:`filter_step` does the same one cycle at a time).
 
     Returns ``{"state_probs": (T, K), "rul_pmf": (T, horizon + final_cycles), "rul_median",
@@ -1024,4 +990,6 @@ def online_rul(rng_key: jax.Array, params: dict, y, *, num_particles: int = 1000
 
 @partial(jax.jit, static_argnums=(2, 3))
 def _rul_jit(probs, trans, final_cycles, horizon):
+    from bayeslik.models.cmapss import rul_from_state_probs
+
     return rul_from_state_probs(probs, trans, final_cycles=final_cycles, horizon=horizon)

@@ -329,7 +329,7 @@ def test_online_rul_matches_the_exact_filter(cmapss_unit):
     tv = 0.5 * np.abs(out["rul_pmf"][-1] - pmf_exact).sum()
     assert tv < 0.5 * np.abs(out["state_probs"][-1] - exact[-1]).sum() + 1e-4, tv
     # and the same rule applied to the exact probabilities reproduces it to float precision
-    assert np.allclose(pf.rul_from_state_probs(jnp.asarray(exact[-1]), params["trans"]), pmf_exact,
+    assert np.allclose(cmapss.rul_from_state_probs(jnp.asarray(exact[-1]), params["trans"]), pmf_exact,
                        atol=1e-5)
     # the RUL shrinks as the unit ages: the median falls over the observed cycles
     assert out["rul_median"][-1] <= out["rul_median"][30]
