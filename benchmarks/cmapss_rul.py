@@ -1,6 +1,6 @@
 """RUL on C-MAPSS FD001: the partially-hidden left-to-right AR-HMM (NUTS) vs the linear baseline.
 
-Run:  python benchmarks/cmapss_rul.py [--units 20] [--states 4] [--warmup 200] [--samples 200]
+Run:  python benchmarks/cmapss_rul.py [--units 20] [--states 5] [--warmup 250] [--samples 250] [--save FIT.nc]
 
 Fits the AR-HMM of the health indicator to the first --units training engines (soft labels:
 healthy start, final state for the last 15 cycles), predicts the RUL of all 100 test engines
@@ -24,9 +24,9 @@ from bayeslik.models import arhmm, cmapss
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--units", type=int, default=20)
-    ap.add_argument("--states", type=int, default=7)
-    ap.add_argument("--warmup", type=int, default=200)
-    ap.add_argument("--samples", type=int, default=200)
+    ap.add_argument("--states", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=250)
+    ap.add_argument("--samples", type=int, default=250)
     ap.add_argument("--chains", type=int, default=2)
     ap.add_argument("--max-tree-depth", type=int, default=8)
     ap.add_argument("--dense-mass", action="store_true")
