@@ -8,6 +8,24 @@ from bayeslik.engines.nuts import NUTS, NUTSConfig
 register_engine("nuts", NUTSConfig, nuts.run, "No-U-Turn HMC with Stan's windowed warmup (blackjax)",
                 run_many=nuts.run_many)
 
+from bayeslik.engines import nested  # noqa: E402
+from bayeslik.engines.nested import Nested, NestedConfig  # noqa: E402
+
+register_engine("nested", NestedConfig, nested.run,
+                "Nested sampling with dynesty (static or dynamic), logZ and weighted draws")
+
+from bayeslik.engines import nss  # noqa: E402
+from bayeslik.engines.nss import NSS, NSSConfig  # noqa: E402
+
+register_engine("nss", NSSConfig, nss.run,
+                "JAX-native nested slice sampling (blackjax), logZ and weighted draws; GPU-ready")
+
+from bayeslik.engines import nested_surrogate  # noqa: E402
+from bayeslik.engines.nested_surrogate import NestedSurrogate, NestedSurrogateConfig  # noqa: E402
+
+register_engine("nested+surrogate", NestedSurrogateConfig, nested_surrogate.run,
+                "dynesty with a neural likelihood surrogate (MLP ensemble) and an evidence guard")
+
 from bayeslik.engines import smc  # noqa: E402
 from bayeslik.engines.smc import SMC, SMCConfig  # noqa: E402
 
@@ -20,5 +38,8 @@ from bayeslik.engines.pmmh import PMMH, PMMHConfig, StateSpacePosterior  # noqa:
 register_engine("pmmh", PMMHConfig, pmmh.run,
                 "Particle marginal Metropolis-Hastings for state-space models (correlated, adaptive)")
 
-__all__ = ["NUTS", "NUTSConfig", "SMC", "SMCConfig", "PMMH", "PMMHConfig", "StateSpacePosterior",
-           "available", "nuts", "smc", "pmmh"]
+__all__ = [
+    "NUTS", "NUTSConfig", "Nested", "NestedConfig", "NSS", "NSSConfig", "NestedSurrogate",
+    "NestedSurrogateConfig", "SMC", "SMCConfig", "PMMH", "PMMHConfig", "StateSpacePosterior",
+    "available", "nuts", "nested", "nss", "nested_surrogate", "smc", "pmmh",
+]

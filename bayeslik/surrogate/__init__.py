@@ -1,0 +1,20 @@
+"""Neural likelihood surrogates for nested sampling.
+
+* :mod:`~bayeslik.surrogate.network`: ensembles of small MLPs (equinox + optax), training with
+  early stopping, successive-halving architecture search;
+* :mod:`~bayeslik.surrogate.likelihood`: :class:`SurrogateLikelihood`, the ``loglik_wrapper``
+  that decides point by point between the network and the true likelihood;
+* :mod:`~bayeslik.surrogate.guard`: the importance correction of the evidence after the run.
+
+Use it through the engine: ``bl.fit(post, "nested+surrogate", ...)`` (see docs/surrogates.md).
+"""
+
+from bayeslik.surrogate.guard import GuardResult, importance_correction
+from bayeslik.surrogate.likelihood import SurrogateLikelihood, SurrogateOptions
+from bayeslik.surrogate.network import (Architecture, Ensemble, predict, search_architecture,
+                                        train_ensemble)
+
+__all__ = [
+    "Architecture", "Ensemble", "GuardResult", "SurrogateLikelihood", "SurrogateOptions",
+    "importance_correction", "predict", "search_architecture", "train_ensemble",
+]

@@ -1,0 +1,494 @@
+r"""A neural surrogate that stands in for an expensive log-likelihood during nested sampling.
+
+The idea is BAMBI's (Graff et al. 2012) and Gomez-Vargas et al.'s (2023): nested sampling
+evaluates the likelihood at many points, most of them near the current likelihood contour; an
+ensemble of small networks trained on those points can replace the true likelihood once it is
+accurate where the run is going. :class:`SurrogateLikelihood` is a ``loglik_wrapper`` for the
+``"nested"`` engine: given the true batched likelihood it returns a batched function that
+decides, point by point, whether the surrogate's value is good enough.
+
+The rules (all thresholds in :class:`SurrogateOptions`):
+
+1. **Learning.** Until the surrogate is switched in, every point goes to the true likelihood and
+   is stored. Once ``num_initial`` points are stored, and again every ``retrain_every`` new true
+   points (doubling the interval, up to 32x, while the network keeps failing), an ensemble is
+   trained on the most recent ``train_size`` of them. Inputs are the physical (constrained)
+   parameter values by default, outputs the log-likelihood, both standardised. Targets below
+   the ``clip_quantile`` of the window are clipped up to it: nested sampling needs values only
+   above its contour, and everything far below only has to stay below. The first training runs
+   a successive-halving search over architectures (``widths`` x ``depths`` x
+   ``learning_rates``).
+2. **Tolerance.** Accuracy matters where the posterior mass is. A point whose log-likelihood is
+   ``g`` nats below the highest one seen is held to ``s(g) * rmse_max`` with
+   ``s(g) = 1 + rel_tol / rmse_max * max(0, g - full_accuracy_nats)``: full accuracy in the
+   posterior bulk, a relative accuracy far below it, where the dead points carry negligible
+   weight. The training loss weights points by ``1 / s^2`` and the output scale is the weighted
+   one, so the networks spend their capacity on the bulk.
+3. **Switch-in.** A random ``val_fraction`` of the window is held out; the surrogate is switched
+   in when, on the held-out points above the ``contour_quantile`` of the window's values (near and
+   above the current contour), the RMS of ``error / s`` is at most ``rmse_max`` and the mean of
+   ``spread / s`` at most ``spread_max``.
+4. **Serving.** With the surrogate in, a point gets the ensemble mean ``m`` unless
+   (a) ``m`` lies above the training range (``m > max`` of the trained values): such points always
+   go to the true likelihood, since the network extrapolates there and nested sampling would
+   otherwise chase its errors upward;
+   (b) the ensemble spread exceeds ``s * spread_max`` (unless the point is predicted far below the
+   clip level even at ``m + 3 spread``);
+   (c) it is drawn for a re-check (probability ``1 / recheck_every``).
+   Points of (a)-(c) get their true value, which is stored for training.
+5. **Fallback.** The re-checks are a random sample of the points the surrogate would serve; the
+   RMS of their errors (over ``s``) over the last ``recheck_window`` of them must stay below
+   ``fallback_rmse``, otherwise the surrogate is switched out (every point goes to the true
+   likelihood again) and retrained after ``retrain_every`` new points. While it serves, it is
+   retrained (warm start) every ``retrain_every`` new true points; the new ensemble replaces the
+   serving one only if it does better on the new window's held-out points.
+6. **Guard.** ``finalize`` re-weights a subsample of the final posterior with the true likelihood
+   (:mod:`bayeslik.surrogate.guard`) and replaces the evidence by the corrected one; the fit is
+   flagged when the correction exceeds ``guard_max_correction`` nats or its ESS fraction is below
+   ``guard_min_ess_fraction``.
+
+Example
+-------
+>>> import numpy as np
+>>> from bayeslik.surrogate.likelihood import SurrogateLikelihood, SurrogateOptions
+>>> opts = SurrogateOptions(num_initial=200, search=False, inputs="cube")
+>>> wrapper = SurrogateLikelihood(opts, num_live=100)
+>>> true_fn = lambda u: -0.5 * (((u - 0.5) / 0.1) ** 2).sum(1)
+>>> batch_fn = wrapper(true_fn, None, __import__("jax").random.key(0))
+>>> vals = batch_fn(np.random.default_rng(0).uniform(size=(8, 2)))   # learning: true values
+>>> wrapper.counters["num_true_calls"]
+8
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from bayeslik.errors import EngineError
+from bayeslik.surrogate import guard as _guard
+from bayeslik.surrogate import network as _net
+
+__all__ = ["SurrogateOptions", "SurrogateLikelihood"]
+
+
+@dataclass(frozen=True)
+class SurrogateOptions:
+    """Settings of the likelihood surrogate (all hashable). See the module docstring for the rules.
+
+    num_initial : true points before the first training (None: ``2 * num_live``).
+    inputs : what the networks see: "physical", the constrained parameter values (flattened; a
+        likelihood is usually smoothest there, e.g. quadratic for a Gaussian), or "cube", the
+        unit-cube coordinates the sampler works in.
+    train_size : the most recent true points trained on (the arrays' fixed capacity).
+    val_fraction : share of the window held out for the accuracy check.
+    contour_quantile : the held-out check uses held-out points above this quantile of the window.
+    clip_quantile : training targets below this quantile of the window are clipped up to it.
+    rmse_max : switch-in threshold on the held-out RMSE near the contour (nats), for points
+        within ``full_accuracy_nats`` of the highest log-likelihood seen.
+    spread_max : switch-in threshold on the mean held-out spread, and the per-point spread above
+        which a point goes to the true likelihood (nats), on the same scale.
+    rel_tol, full_accuracy_nats : how the tolerance grows below the posterior bulk: a point whose
+        log-likelihood is ``g`` nats below the highest seen is held to ``s(g) * rmse_max`` (and
+        ``s(g) * spread_max``), ``s(g) = 1 + rel_tol / rmse_max * max(0, g -
+        full_accuracy_nats)``. Such points carry negligible posterior weight, and nested sampling
+        there only compares them with a contour that is equally far down. None: ``ndim / 2 + 3
+        sqrt(ndim / 2) + 3``, the bulk of a Gaussian posterior's log-likelihood values.
+    recheck_every : a served point is re-checked with probability ``1 / recheck_every``.
+    recheck_window, fallback_rmse : the RMSE of the last ``recheck_window`` errors of true
+        evaluations made with the surrogate in; above ``fallback_rmse`` it is switched out.
+    retrain_every : new true points between (re)trainings.
+    num_members : networks in the ensemble.
+    train_steps : most AdamW steps per training (early stopping on the held-out points).
+    search : run the successive-halving search at the first training (else ``widths[0]``,
+        ``depths[0]``, ``learning_rates[0]``).
+    widths, depths, learning_rates : the search grid.
+    search_min_steps : the budget of the search's first rung.
+    guard_num_points : posterior points re-weighted by the guard (0: no guard).
+    guard_max_correction, guard_min_ess_fraction : when the guard flags the fit.
+    """
+
+    num_initial: int | None = None
+    inputs: str = "physical"
+    train_size: int = 1000
+    val_fraction: float = 0.2
+    contour_quantile: float = 0.5
+    clip_quantile: float = 0.1
+    rmse_max: float = 0.1
+    spread_max: float = 0.2
+    rel_tol: float = 0.05
+    full_accuracy_nats: float | None = None
+    recheck_every: int = 100
+    recheck_window: int = 30
+    fallback_rmse: float = 0.3
+    retrain_every: int = 300
+    num_members: int = 4
+    train_steps: int = 2000
+    search: bool = True
+    widths: tuple[int, ...] = (64, 32)
+    depths: tuple[int, ...] = (3, 2)
+    learning_rates: tuple[float, ...] = (1e-2, 3e-3)
+    search_min_steps: int = 300
+    guard_num_points: int = 200
+    guard_max_correction: float = 0.1
+    guard_min_ess_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        def bad(name: str, need: str) -> None:
+            raise EngineError(
+                f"surrogate option {name}={getattr(self, name)!r} is invalid: it must be {need}."
+            )
+
+        if self.num_initial is not None and int(self.num_initial) < 20:
+            bad("num_initial", "None (2 x num_live) or an int >= 20")
+        if self.inputs not in ("physical", "cube"):
+            bad("inputs", '"physical" or "cube"')
+        if int(self.train_size) < 50:
+            bad("train_size", "an int >= 50")
+        if not 0.05 <= self.val_fraction <= 0.5:
+            bad("val_fraction", "in [0.05, 0.5]")
+        if not 0 <= self.contour_quantile < 1:
+            bad("contour_quantile", "in [0, 1)")
+        if not 0 <= self.clip_quantile < self.contour_quantile:
+            bad("clip_quantile", "in [0, contour_quantile)")
+        if not self.rel_tol >= 0:
+            bad("rel_tol", ">= 0")
+        if self.full_accuracy_nats is not None and not self.full_accuracy_nats >= 0:
+            bad("full_accuracy_nats", "None or >= 0 (nats)")
+        for name in ("rmse_max", "spread_max", "fallback_rmse", "guard_max_correction"):
+            if not getattr(self, name) > 0:
+                bad(name, "> 0 (nats)")
+        if self.fallback_rmse < self.rmse_max:
+            bad("fallback_rmse", f">= rmse_max ({self.rmse_max})")
+        for name in ("recheck_every", "recheck_window", "retrain_every", "num_members",
+                     "train_steps", "search_min_steps"):
+            if int(getattr(self, name)) < 1:
+                bad(name, "a positive int")
+        if int(self.guard_num_points) < 0 or int(self.guard_num_points) == 1:
+            bad("guard_num_points", "0 (no guard) or an int >= 2")
+        if not 0 <= self.guard_min_ess_fraction <= 1:
+            bad("guard_min_ess_fraction", "in [0, 1]")
+        for name in ("widths", "depths", "learning_rates"):
+            v = getattr(self, name)
+            if not isinstance(v, tuple) or not v:
+                bad(name, "a non-empty tuple (tuples keep the config hashable)")
+        if any(int(w) < 1 for w in self.widths) or any(int(d) < 1 for d in self.depths):
+            bad("widths", "positive ints (and depths too)")
+        if any(not lr > 0 for lr in self.learning_rates):
+            bad("learning_rates", "positive floats")
+
+    def candidates(self) -> list[_net.Architecture]:
+        return [_net.Architecture(int(w), int(d), float(lr))
+                for w in self.widths for d in self.depths for lr in self.learning_rates]
+
+
+def _features_fn(posterior) -> Callable[[np.ndarray], np.ndarray] | None:
+    """Unit-cube points -> flattened constrained latent values, jitted (None without a Posterior).
+
+    Only the latent values are outputs, so XLA drops the likelihood's work from the program."""
+    if posterior is None:
+        return None
+    import jax.numpy as jnp
+    from jax.flatten_util import ravel_pytree
+
+    pt, constrain, names = posterior.prior_transform, posterior.constrain, posterior.latent_names
+
+    def one(u):
+        vals = constrain(pt(u))
+        return ravel_pytree({n: jnp.asarray(vals[n], jnp.float32) for n in names})[0]
+
+    fn = jax.jit(jax.vmap(one))
+    dtype = jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
+
+    def features(u: np.ndarray) -> np.ndarray:
+        n = len(u)
+        size = max(16, 1 << (n - 1).bit_length())
+        pad = np.full((size, u.shape[1]), 0.5, dtype)
+        pad[:n] = u
+        return np.asarray(fn(pad), np.float64)[:n]
+
+    return features
+
+
+class SurrogateLikelihood:
+    """A single-use ``loglik_wrapper`` for nested sampling (see the module docstring).
+
+    ``wrapper(true_batch_fn, posterior, rng_key)`` returns the batched function the sampler
+    calls; ``wrapper.finalize(fit_parts)`` runs the guard and returns what the engine merges into
+    its Fit; ``wrapper.counters`` and ``wrapper.history`` tell what happened.
+    """
+
+    def __init__(self, options: SurrogateOptions | None = None, *, num_live: int = 500,
+                 progress: Callable[[str], None] | None = None) -> None:
+        self.options = options or SurrogateOptions()
+        self.num_live = int(num_live)
+        self.num_initial = int(self.options.num_initial or 2 * self.num_live)
+        self._started = False
+        self._progress = progress
+        self.counters: dict[str, Any] = dict(
+            num_points=0, num_true_calls=0, num_surrogate_calls=0, num_rechecks=0,
+            num_above_range=0, num_high_spread=0, num_trainings=0, num_retrains=0,
+            num_fallbacks=0, num_switch_ins=0, num_guard_calls=0, train_s=0.0, search_s=0.0,
+            first_switch_in_at=None, last_heldout_score=None, last_heldout_rmse=None,
+            last_heldout_spread=None, architecture=None,
+        )
+        self.history: list[tuple[int, str, float]] = []  # (true calls so far, event, score)
+
+    # ------------------------------------------------------------------ the hook
+    def __call__(self, true_batch_fn: Callable[[np.ndarray], np.ndarray], posterior: Any,
+                 rng_key: jax.Array) -> Callable[[np.ndarray], np.ndarray]:
+        if self._started:
+            raise EngineError(
+                "a SurrogateLikelihood wraps one run only; make a new one for each run."
+            )
+        self._started = True
+        self._true_fn = true_batch_fn
+        self._features = _features_fn(posterior) if self.options.inputs == "physical" else None
+        k_np, self._key = jax.random.split(rng_key)
+        self._rng = np.random.default_rng(np.asarray(jax.random.key_data(k_np)).ravel())
+        self._x: list[np.ndarray] = []  # true evaluations, in order
+        self._y: list[float] = []
+        self._known: dict[bytes, float] = {}
+        self._ensemble: _net.Ensemble | None = None
+        self._arch: _net.Architecture | None = None
+        self._active = False
+        self._next_train = self.num_initial
+        self._y_hi = np.inf
+        self._floor = -np.inf
+        self._errors: deque = deque(maxlen=int(self.options.recheck_window))
+        self._y_ref = -np.inf
+        self._full_acc: float | None = None
+        self._refusals = 0
+        return self.batch_fn
+
+    @property
+    def active(self) -> bool:
+        """Whether the surrogate currently stands in for the true likelihood."""
+        return self._active
+
+    def _inputs(self, u: np.ndarray) -> np.ndarray:
+        return u if self._features is None else self._features(u)
+
+    def _true(self, u: np.ndarray, x: np.ndarray) -> np.ndarray:
+        vals = np.asarray(self._true_fn(u), np.float64).reshape(len(u))
+        for row, v in zip(u, vals):
+            self._known[row.tobytes()] = float(v)
+        self._x.extend(np.asarray(x, np.float64))
+        self._y.extend(vals.tolist())
+        self.counters["num_true_calls"] += len(u)
+        return vals
+
+    def _scale(self, y: np.ndarray) -> np.ndarray:
+        """s(y) >= 1: how much looser than rmse_max the tolerance is at log-likelihood y."""
+        o = self.options
+        gap = np.maximum(0.0, self._y_ref - np.asarray(y, np.float64) - self._full_acc)
+        s = 1.0 + (o.rel_tol / o.rmse_max) * gap
+        return np.where(np.isfinite(s), s, np.inf)
+
+    def batch_fn(self, u: np.ndarray) -> np.ndarray:
+        """Log-likelihood values of unit-cube points ``u`` (n, ndim): surrogate or true."""
+        u = np.ascontiguousarray(u, np.float64)
+        if u.ndim == 1:
+            u = u[None]
+        self.counters["num_points"] += len(u)
+        if self._full_acc is None:
+            d = u.shape[1]
+            fa = self.options.full_accuracy_nats
+            self._full_acc = float(d / 2 + 3 * np.sqrt(d / 2) + 3 if fa is None else fa)
+        o = self.options
+        x = self._inputs(u)
+        if not self._active:
+            vals = self._true(u, x)
+        else:
+            mean, spread = _net.predict(self._ensemble, x)
+            scale = self._scale(mean)
+            above = ~(mean <= self._y_hi)  # also catches NaN
+            unsure = (spread > o.spread_max * scale) & (mean + 3 * spread > self._floor)
+            recheck = self._rng.uniform(size=len(u)) < 1.0 / o.recheck_every
+            need = above | unsure | recheck
+            vals = mean.copy()
+            if need.any():
+                vals[need] = self._true(u[need], x[need])
+                # the re-checks are a random sample of the points the surrogate would serve: their
+                # errors (in units of the tolerance) decide the fallback
+                rc = recheck & ~above & ~unsure
+                if rc.any():
+                    err = (mean[rc] - np.maximum(vals[rc], self._floor)) / np.minimum(
+                        self._scale(vals[rc]), scale[rc])
+                    self._errors.extend(np.where(np.isfinite(err), err, 1e3).tolist())
+            c = self.counters
+            c["num_above_range"] += int(above.sum())
+            c["num_high_spread"] += int((unsure & ~above).sum())
+            c["num_rechecks"] += int((recheck & ~above & ~unsure).sum())
+            c["num_surrogate_calls"] += int((~need).sum())
+            if len(self._errors) >= max(5, self._errors.maxlen // 2):  # enough re-checks to judge
+                rmse = float(np.sqrt(np.mean(np.square(self._errors))))
+                if rmse > o.fallback_rmse:
+                    self._switch_out(rmse)
+        if len(self._y) >= self._next_train:
+            self._train()
+        return vals
+
+    # ------------------------------------------------------------------ training
+    def _switch_out(self, rmse: float) -> None:
+        self._active = False
+        self.counters["num_fallbacks"] += 1
+        self._errors.clear()
+        self._next_train = len(self._y) + int(self.options.retrain_every)
+        self.history.append((self.counters["num_true_calls"], "fallback", rmse))
+
+    def _window(self):
+        """The training window: inputs, clipped targets, train/validation/contour-check weights."""
+        o = self.options
+        n = min(len(self._y), int(o.train_size))
+        cap = int(o.train_size)
+        x = np.full((cap, len(self._x[0])), 0.5, np.float32)
+        y_raw = np.full(cap, -np.inf)
+        x[:n] = np.asarray(self._x[-n:], np.float32)
+        y_raw[:n] = np.asarray(self._y[-n:], np.float64)
+        finite = np.isfinite(y_raw[:n])
+        vals = y_raw[:n][finite]
+        floor = float(np.quantile(vals, o.clip_quantile)) if vals.size else 0.0
+        contour = float(np.quantile(vals, o.contour_quantile)) if vals.size else 0.0
+        y = np.maximum(np.where(np.isfinite(y_raw), y_raw, floor), floor)
+        y[n:] = floor
+        in_use = np.zeros(cap, bool)
+        in_use[:n] = True
+        val = in_use & (self._rng.uniform(size=cap) < o.val_fraction)
+        train = in_use & ~val
+        check = val & (y_raw >= contour)
+        # weights 1/s(y)^2: the loss and the checks measure errors in units of the tolerance
+        w = 1.0 / np.square(self._scale(y))
+        return x, y, train * w, check * w, check, floor, n
+
+    def _train(self) -> None:
+        o = self.options
+        t0 = time.perf_counter()
+        finite = np.isfinite(self._y)
+        self._y_ref = max(self._y_ref, float(np.max(np.asarray(self._y)[finite]))) \
+            if np.any(finite) else self._y_ref
+        x, y, w_train, w_check, check, floor, n = self._window()
+        self._key, k_search, k_train = jax.random.split(self._key, 3)
+        if self._arch is None:
+            if o.search and len(o.candidates()) > 1:
+                ts = time.perf_counter()
+                res = _net.search_architecture(k_search, x, y, w_train, w_check, o.candidates(),
+                                               min_steps=int(o.search_min_steps))
+                self._arch = res.best
+                self.counters["search_s"] += time.perf_counter() - ts
+                self.counters["search_table"] = [
+                    (r, a.width, a.depth, a.learning_rate, s, e) for r, a, s, e in res.table]
+            else:
+                self._arch = o.candidates()[0]
+            self.counters["architecture"] = dataclasses.asdict(self._arch)
+        warm = self._ensemble if self._active else None
+        steps = int(o.train_steps) if warm is None else max(1, int(o.train_steps) // 2)
+        ens, _ = _net.train_ensemble(
+            k_train, x, y, w_train, w_check, self._arch, num_members=int(o.num_members),
+            max_steps=steps, chunk=200, patience=2, init=warm,
+            scaler=None if warm is None else warm.scaler)
+
+        def scores(e):
+            if not check.any():
+                return np.inf, np.inf, np.inf
+            mean, spread = _net.predict(e, x[check])
+            sc = self._scale(y[check])
+            return (float(np.sqrt(np.mean(np.square((mean - y[check]) / sc)))),
+                    float(np.mean(spread / sc)),
+                    float(np.sqrt(np.mean(np.square(mean - y[check])))))
+
+        score, spread_score, rmse_top = scores(ens)
+        kept = False
+        if self._active:
+            # While serving, the window's recent true points are the ones the surrogate sent back
+            # (above its range, unsure, re-checked): a biased sample of hard points, so it does
+            # not decide the switch-out (the re-checks do). A retrain replaces the serving
+            # ensemble only if it does better on them.
+            old = scores(self._ensemble)
+            if old[0] <= score:
+                (score, spread_score, rmse_top), kept = old, True
+            ok = True
+        else:
+            ok = score <= o.rmse_max and spread_score <= o.spread_max
+        self.counters["num_trainings"] += 1
+        self.counters["num_retrains"] += int(self._ensemble is not None)
+        self.counters["last_heldout_score"] = score
+        self.counters["last_heldout_rmse"] = rmse_top
+        self.counters["last_heldout_spread"] = spread_score
+        if not kept:
+            self._ensemble = ens
+            self._floor = floor
+            self._y_hi = float(np.max(y[:n]))
+        was = self._active
+        self._active = bool(ok)
+        if ok and not was:
+            self.counters["num_switch_ins"] += 1
+            if self.counters["first_switch_in_at"] is None:
+                self.counters["first_switch_in_at"] = self.counters["num_true_calls"]
+            self._errors.clear()
+        event = ("switch-in" if ok and not was else ("kept" if kept else "retrain") if ok
+                 else "refused")
+        self._refusals = 0 if ok else self._refusals + 1
+        self.history.append((self.counters["num_true_calls"], event, score))
+        # back off geometrically while refused (the interval doubles, up to 32x): a likelihood
+        # the networks cannot learn then costs O(log run length) trainings, not O(run length)
+        self._next_train = len(self._y) + int(o.retrain_every) * 2 ** min(self._refusals, 5)
+        self.counters["train_s"] += time.perf_counter() - t0
+        if self._progress is not None:
+            self._progress(f"surrogate {event}: held-out score {score:.3f}")
+
+    # ------------------------------------------------------------------ after the run
+    def finalize(self, fit_parts: dict) -> dict:
+        """Run the guard on the dead points and report the counters (the hook's second half).
+
+        ``fit_parts``: ``u`` (N, ndim) weighted dead points in the unit cube, ``logwt``,
+        ``logl``, ``logz``, ``logzerr``. Returns ``cost_extra``, ``num_true_calls`` (the
+        sampling's plus the guard's), ``log_evidence``/``log_evidence_err`` (corrected),
+        ``flags`` and ``attrs``.
+        """
+        o = self.options
+        c = self.counters
+        logz, logzerr = float(fit_parts["logz"]), float(fit_parts["logzerr"])
+        flags: list[str] = []
+        attrs: dict[str, Any] = {"surrogate_log_evidence_uncorrected": logz,
+                                 "surrogate_log_evidence_err_uncorrected": logzerr}
+        out: dict[str, Any] = {}
+        if c["num_switch_ins"] == 0:
+            score = c["last_heldout_score"]
+            why = (f"the run ended before {self.num_initial} true points were collected"
+                   if score is None else
+                   f"last held-out score {score:.3g} against rmse_max {o.rmse_max}; the "
+                   "likelihood may be too rough for the networks, or raise train_size / loosen "
+                   "rmse_max")
+            flags.append(f"surrogate never switched in: every likelihood value is true ({why}).")
+        if o.guard_num_points > 0 and len(fit_parts["logl"]) > 0 and c["num_switch_ins"] > 0:
+            g = _guard.importance_correction(
+                self._rng, fit_parts["u"], fit_parts["logwt"], fit_parts["logl"], logz=logz,
+                logzerr=logzerr, true_batch_fn=self._true_fn, num_points=int(o.guard_num_points),
+                known_true=self._known)
+            c["num_guard_calls"] = g.num_true_calls
+            out["log_evidence"] = g.log_evidence
+            out["log_evidence_err"] = g.log_evidence_err
+            gd = g._asdict()
+            attrs.update({f"guard_{k}": v for k, v in gd.items()})
+            c.update({f"guard_{k}": v for k, v in gd.items()
+                      if k in ("correction", "correction_err", "ess_fraction", "surrogate_weight")})
+            large = abs(g.correction) > o.guard_max_correction
+            if large or g.ess_fraction < o.guard_min_ess_fraction:
+                flags.append(
+                    f"surrogate guard: the true likelihood moved log Z by {g.correction:+.3f} "
+                    f"(ESS fraction {g.ess_fraction:.2f}); the evidence reported is the corrected "
+                    "one, but the posterior draws use the surrogate's values: rerun with a "
+                    "smaller rmse_max or plain 'nested' if this matters."
+                )
+        total = c["num_true_calls"] + c["num_guard_calls"]
+        extra = {k: v for k, v in c.items() if k != "search_table"}
+        extra["num_true_calls_total"] = total
+        out.update(cost_extra=extra, num_true_calls=total, flags=flags, attrs=attrs)
+        return out

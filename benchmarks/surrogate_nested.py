@@ -1,0 +1,96 @@
+"""Plain dynesty vs dynesty + neural likelihood surrogate ("nested" vs "nested+surrogate").
+
+Run:  python benchmarks/surrogate_nested.py [--problems a,b] [--num-live 300] [--seeds 0]
+          [--out benchmarks/results/surrogate_nested.csv]
+
+Per problem, engine and seed, in one run on one machine: true likelihood calls (for the surrogate
+run: sampling + guard), surrogate calls, wall time (training included, ``train_s`` says how
+much), logZ, its error, |logZ - truth| and the true calls as a fraction of plain dynesty's with
+the same seed. The truth is exact for the suite problems (bayeslik.models.reference /
+nested_suite); for the cosmology models, which have none, the plain dynesty logZ of the same
+seed is the reference (so |logZ error| there is the difference of two estimates, each with its
+own error). The surrogate runs use the engine's default settings (architecture search on).
+
+A benchmark, not a test: it writes a table and never fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import time
+
+import bayeslik as bl
+from bayeslik.models import cosmology, nested_suite, reference
+
+PROBLEMS = {
+    "normal_mean": lambda: (reference.get("normal_mean").posterior(),
+                            reference.get("normal_mean").log_evidence),
+    "correlated_gaussian_3d": lambda: (nested_suite.get("correlated_gaussian_3d").posterior(),
+                                       nested_suite.get("correlated_gaussian_3d").log_evidence),
+    "gaussian_shells_2d": lambda: (nested_suite.get("gaussian_shells_2d").posterior(),
+                                   nested_suite.get("gaussian_shells_2d").log_evidence),
+    "loggamma_2d": lambda: (nested_suite.get("loggamma_2d").posterior(),
+                            nested_suite.get("loggamma_2d").log_evidence),
+    "gaussian_shells_5d": lambda: (nested_suite.get("gaussian_shells_5d").posterior(),
+                                   nested_suite.get("gaussian_shells_5d").log_evidence),
+    "loggamma_10d": lambda: (nested_suite.get("loggamma_10d").posterior(),
+                             nested_suite.get("loggamma_10d").log_evidence),
+    "eggbox": lambda: (nested_suite.get("eggbox").posterior(),
+                       nested_suite.get("eggbox").log_evidence),
+    "cosmo_lcdm": lambda: (cosmology.posterior("lcdm", ("cc", "sn", "bao")), None),
+    "cosmo_wcdm": lambda: (cosmology.posterior("wcdm", ("cc", "sn", "bao")), None),
+}
+
+FIELDS = ["problem", "engine", "seed", "num_live", "true_calls", "surrogate_calls",
+          "true_call_fraction", "wall_s", "train_s", "log_evidence", "log_evidence_err",
+          "truth", "abs_logz_error", "guard_correction", "flags"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--problems", default=",".join(PROBLEMS))  # see PROBLEMS
+    ap.add_argument("--num-live", type=int, default=300)
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
+                                                  "surrogate_nested.csv"))
+    args = ap.parse_args()
+    rows = []
+    for name in args.problems.split(","):
+        post, truth = PROBLEMS[name]()
+        for seed in (int(s) for s in args.seeds.split(",")):
+            plain_calls, plain_logz = None, None
+            for engine in ("nested", "nested+surrogate"):
+                t0 = time.perf_counter()
+                fit = bl.fit(post, engine, seed=seed, num_live=args.num_live, progress_bar=False)
+                wall = time.perf_counter() - t0
+                e = fit.cost.extra
+                ref = truth if truth is not None else plain_logz
+                if engine == "nested":
+                    plain_calls, plain_logz = fit.cost.num_loglik_evals, fit.log_evidence
+                    ref = truth if truth is not None else plain_logz
+                row = dict(
+                    problem=name, engine=engine, seed=seed, num_live=args.num_live,
+                    true_calls=fit.cost.num_loglik_evals,
+                    surrogate_calls=e.get("num_surrogate_calls", 0),
+                    true_call_fraction=round(fit.cost.num_loglik_evals / plain_calls, 4),
+                    wall_s=round(wall, 1), train_s=round(e.get("train_s", 0.0), 1),
+                    log_evidence=round(fit.log_evidence, 4),
+                    log_evidence_err=round(fit.log_evidence_err, 4),
+                    truth="" if truth is None else round(truth, 4),
+                    abs_logz_error=round(abs(fit.log_evidence - ref), 4),
+                    guard_correction=round(e["guard_correction"], 4) if "guard_correction" in e
+                    else "",
+                    flags=" | ".join(fit.flags),
+                )
+                rows.append(row)
+                print(row, flush=True)
+                with open(args.out, "w", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=FIELDS)
+                    w.writeheader()
+                    w.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
