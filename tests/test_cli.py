@@ -76,7 +76,7 @@ def test_compare_rejects_options_without_an_engine(capsys):
 
 def test_demo_quick_writes_both_parts(tmp_path, capsys):
     """The README's main job at its smallest size: every engine on the reference problem, then
-    the C-MAPSS AR-HMM with NUTS and SMC and the RUL table."""
+    the C-MAPSS AR-HMM (NUTS) and the RUL table."""
     import pandas as pd
 
     out = tmp_path / "demo"

@@ -372,3 +372,34 @@ def test_init_params_ignores_padding_under_a_mask(seed):
         np.testing.assert_array_equal(p1[k], p2[k], err_msg=k)
     q1, q2 = (arhmm.init_params(y, K) for y in (y1, y2))
     assert not np.allclose(q1["b0"], q2["b0"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine, options", [
+    ("smc", {"num_particles": 2000}),
+    ("nested", {"num_live": 400}),
+])
+def test_population_engines_agree_with_nuts_on_the_arhmm(engine, options, seed):
+    """The states are summed out in the program, so every engine runs the AR-HMM: SMC and
+    nested sampling (through the ordered intercepts' unit-cube map) agree with NUTS on every
+    posterior mean, within 4 combined standard errors (NUTS: its MCSE; the population engine:
+    sd / sqrt(its ESS), the ESS taken no larger than a quarter of its draws, because resampled
+    draws repeat)."""
+    import arviz_stats as azs
+
+    data = arhmm.simulate(jax.random.key(seed), num_steps=120, num_states=2)
+    post = bl.Posterior(arhmm.model, y=data["y"], num_states=2)
+    ref = bl.fit(post, "nuts", seed=seed, num_warmup=500, num_samples=1000, num_chains=2,
+                 init=arhmm.init_params(data["y"], 2), progress_bar=False)
+    fit = bl.fit(post, engine, seed=seed, progress_bar=False, **options)
+    assert fit.log_evidence is not None and np.isfinite(fit.log_evidence)
+    mcse = azs.mcse(ref.idata, method="mean")
+    ess = azs.ess(fit.idata, method="bulk")
+    for name in ("b0", "A", "sigma", "pi", "trans"):
+        r, o = ref.draws(name), fit.draws(name)
+        n = o.shape[0] * o.shape[1]
+        o_flat = o.reshape((n,) + o.shape[2:])
+        se_o = o_flat.std(0) / np.sqrt(np.minimum(np.asarray(ess[name]), n / 4))
+        se = np.sqrt(np.asarray(mcse[name]) ** 2 + se_o**2)
+        diff = np.abs(o_flat.mean(0) - r.reshape((-1,) + r.shape[2:]).mean(0))
+        assert np.all(diff < 4 * se), (name, diff, se)
