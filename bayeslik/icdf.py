@@ -76,6 +76,7 @@ Example
 (3,)
 """
 
+
 from __future__ import annotations
 
 import math
@@ -88,6 +89,11 @@ from jax import lax
 from jax.scipy.special import betainc, erfinv, gammainc, gammaincc, gammaln, ndtr, ndtri
 from numpyro.distributions import constraints
 from numpyro.distributions import transforms as T
+
+
+def _optional(*names: str) -> tuple[type, ...]:
+    """The NumPyro distribution classes of these names that this NumPyro version has."""
+    return tuple(getattr(dist, n) for n in names if hasattr(dist, n))
 
 from bayeslik.errors import PriorTransformError
 
@@ -695,8 +701,9 @@ def _truncated_pair(cdf_pair, low, high, p, q):
 
 def _truncation_bounds(fn):
     """``(low, high)`` of a truncated distribution, ``None`` for an open side."""
-    one_sided_right = isinstance(fn, (dist.RightTruncatedDistribution, dist.RightTruncatedGamma))
-    one_sided_left = isinstance(fn, (dist.LeftTruncatedDistribution, dist.LeftTruncatedGamma))
+    one_sided_right = isinstance(fn, (dist.RightTruncatedDistribution,
+                                       *_optional("RightTruncatedGamma")))
+    one_sided_left = isinstance(fn, (dist.LeftTruncatedDistribution, *_optional("LeftTruncatedGamma")))
     low = None if one_sided_right else fn.low
     high = None if one_sided_left else fn.high
     return low, high
@@ -781,17 +788,16 @@ _UNIVARIATE: dict[type, Callable] = {
     dist.LeftTruncatedDistribution: _q_truncated_symmetric,
     dist.RightTruncatedDistribution: _q_truncated_symmetric,
     dist.TwoSidedTruncatedDistribution: _q_truncated_symmetric,
-    dist.LeftTruncatedGamma: _q_truncated_gamma,
-    dist.RightTruncatedGamma: _q_truncated_gamma,
-    dist.TwoSidedTruncatedGamma: _q_truncated_gamma,
 }
+# truncated Gammas are NumPyro >= 0.22 classes: registered where this NumPyro has them
+_TRUNCATED_GAMMA = _optional("LeftTruncatedGamma", "RightTruncatedGamma", "TwoSidedTruncatedGamma")
+_UNIVARIATE.update({cls: _q_truncated_gamma for cls in _TRUNCATED_GAMMA})
 
 _TRUNCATED_SYMMETRIC = (
     dist.LeftTruncatedDistribution,
     dist.RightTruncatedDistribution,
     dist.TwoSidedTruncatedDistribution,
 )
-_TRUNCATED_GAMMA = (dist.LeftTruncatedGamma, dist.RightTruncatedGamma, dist.TwoSidedTruncatedGamma)
 # wrappers that change shapes or the log density only: the value is the base's value
 _SHAPE_WRAPPERS = (dist.Independent, dist.ExpandedDistribution, dist.MaskedDistribution)
 _TRUNCATION_BASES = (

@@ -119,14 +119,15 @@ def timed(fn, args, repeats, min_total_s=0.5, max_runs=200):
     return out, first, statistics.median(times)
 
 
-def float64_loglik(hmm, log_init, log_trans, log_obs):
-    """Reference log-likelihood in float64 (bayeslik's sequential scan, checked against
-    brute-force enumeration in tests/filtering); restores the x64 flag afterwards."""
+def float64_loglik(hmm, log_init, log_trans, log_obs, method="sequential"):
+    """Reference log-likelihood in float64 (bayeslik's sequential scan, or the parallel one where
+    the sequential is skipped; both checked against brute-force enumeration in tests/filtering);
+    restores the x64 flag afterwards."""
     old = jax.config.read("jax_enable_x64")
     jax.config.update("jax_enable_x64", True)
     try:
         a = [jnp.asarray(np.asarray(x), dtype=jnp.float64) for x in (log_init, log_trans, log_obs)]
-        return float(hmm.hmm_loglik(*a, method="sequential"))
+        return float(hmm.hmm_loglik(*a, method=method))
     finally:
         jax.config.update("jax_enable_x64", old)
 
@@ -135,6 +136,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--T", nargs="+", type=float, default=[1e3, 1e4, 1e5, 1e6])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--sequential-max-T", type=float, default=float("inf"),
+                        help="skip the sequential scans above this T (on a GPU a sequential scan "
+                        "of 1e6 steps takes seconds per call)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
@@ -151,9 +155,15 @@ def main(argv=None):
     rows = []
     for T in (int(t) for t in args.T):
         log_init, log_trans, log_obs = problem(T)
-        reference = float64_loglik(hmm, log_init, log_trans, log_obs)
+        with_seq = T <= args.sequential_max_T
+        reference = float64_loglik(hmm, log_init, log_trans, log_obs,
+                                   "sequential" if with_seq else "parallel")
         row = {"T": T, "K": 4, "device": device_desc, "loglik_float64": reference}
         for name, f in implementations(hmm, dyn, log_init).items():
+            if not with_seq and name.endswith("sequential"):
+                for k in ("compile_s", "ll_s", "vg_s", "loglik", "rel_err"):
+                    row[f"{name}_{k}"] = float("nan")
+                continue
             vg = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
             ll = jax.jit(f)
             (value, _), compile_s, vg_s = timed(vg, (log_obs, log_trans), args.repeats)

@@ -1,6 +1,6 @@
 """Nested samplers on the exactness suite: dynesty (plain and batched), nss, and nautilus.
 
-Run:  python benchmarks/nested_suite.py [--problems a,b] [--repeats 1]
+Run:  python benchmarks/nested_suite.py [--problems a,b] [--methods nss,nautilus] [--repeats 1]
           [--out benchmarks/results/nested_suite.csv]
       python benchmarks/nested_suite.py --batching [--out benchmarks/results/nested_batching.csv]
 
@@ -33,6 +33,7 @@ import csv
 import os
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
@@ -53,7 +54,7 @@ SETTINGS = {
 }
 
 FIELDS = ["problem", "method", "seed", "num_loglik_evals", "wall_s", "compile_s", "logz",
-          "logzerr", "logz_true", "abs_err", "within_4_err_or_0.2", "notes"]
+          "logzerr", "logz_true", "abs_err", "within_4_err_or_0.2", "notes", "backend"]
 
 
 def _row(problem, method, seed, calls, wall, compile_s, logz, logzerr, truth, notes=""):
@@ -63,7 +64,7 @@ def _row(problem, method, seed, calls, wall, compile_s, logz, logzerr, truth, no
             "wall_s": round(wall, 3), "compile_s": round(compile_s, 3), "logz": round(logz, 4),
             "logzerr": None if logzerr is None else round(logzerr, 4),
             "logz_true": round(truth, 4), "abs_err": round(err, 4),
-            "within_4_err_or_0.2": bool(ok), "notes": notes}
+            "within_4_err_or_0.2": bool(ok), "notes": notes, "backend": jax.default_backend()}
 
 
 def run_nautilus(post, seed, timeout):
@@ -80,7 +81,8 @@ def run_nautilus(post, seed, timeout):
     return fn.num_calls, wall, fn.compile_s, float(sampler.log_z), note
 
 
-def suite(problems, repeats, out, nautilus_timeout=float("inf")):
+def suite(problems, repeats, out, nautilus_timeout=float("inf"),
+          methods=("dynesty", "dynesty_batched", "nss", "nautilus")):
     rows = []
 
     def emit(row):  # the table is rewritten after every run: a long run can be cut short
@@ -98,10 +100,14 @@ def suite(problems, repeats, out, nautilus_timeout=float("inf")):
                 ("dynesty_batched", "nested", dict(dyn, batch=True)),
                 ("nss", "nss", dict(nss_opts)),
             ):
+                if method not in methods:
+                    continue
                 fit = bl.fit(post, engine, seed=rep, progress_bar=False, **opts)
                 emit(_row(name, method, rep, fit.cost.num_loglik_evals, fit.cost.wall_s,
                           fit.cost.compile_s, fit.log_evidence, fit.log_evidence_err,
                           prob.log_evidence, "; ".join(fit.flags)))
+            if "nautilus" not in methods:
+                continue
             try:
                 calls, wall, comp, logz, note = run_nautilus(post, rep, nautilus_timeout)
                 emit(_row(name, "nautilus", rep, calls, wall, comp, logz, None,
@@ -185,6 +191,8 @@ def main():
     ap.add_argument("--batching", action="store_true")
     ap.add_argument("--nautilus-timeout", type=float, default=float("inf"),
                     help="seconds; a nautilus run stopped by it is noted in the table")
+    ap.add_argument("--methods", default="dynesty,dynesty_batched,nss,nautilus",
+                    help="comma-separated subset of the methods")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     here = os.path.dirname(os.path.abspath(__file__))
@@ -193,7 +201,7 @@ def main():
     else:
         suite(args.problems.split(","), args.repeats,
               args.out or os.path.join(here, "results", "nested_suite.csv"),
-              args.nautilus_timeout)
+              args.nautilus_timeout, tuple(args.methods.split(",")))
 
 
 if __name__ == "__main__":
