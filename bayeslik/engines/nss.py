@@ -47,14 +47,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bayeslik.engines._programs import ProgramCache, Programs, draws_fn
 from bayeslik.errors import EngineError, ImproperPriorError, InitializationError
 from bayeslik.fit import Cost, Fit, build_datatree
 
@@ -182,7 +182,7 @@ def evidence(rng: np.random.Generator, dead: DeadPoints, num_samples: int = 100)
 
 
 # ---------------------------------------------------------------------------- compiled programs
-class _Programs:
+class _Programs(Programs):
     """``init``: live states from prior draws; ``chunk``: a scan of NS steps returning the dead
     points and likelihood-evaluation counts; ``draws``: constrained values and pointwise
     log-likelihood. All take the data arrays, so they are shared by Posteriors with one
@@ -191,8 +191,7 @@ class _Programs:
     def __init__(self, posterior, num_delete: int, num_inner: int, chunk_len: int):
         import blackjax
 
-        self.compile_s = 0.0
-        self._compiled: dict[tuple, Any] = {}
+        super().__init__()
 
         def algorithm(data):
             fns = posterior.at(data)
@@ -220,42 +219,18 @@ class _Programs:
 
             return jax.lax.scan(body, state, keys)
 
-        def draws(zs, data):
-            evaluate = posterior.at(data).evaluate
-
-            def one(z):
-                ev = evaluate(z)
-                return ev.values, ev.pointwise_loglikelihood
-
-            return jax.lax.map(one, zs, batch_size=256)
+        draws = draws_fn(posterior)
 
         self._fns = {"init": jax.jit(init), "chunk": jax.jit(chunk), "draws": jax.jit(draws)}
 
-    def __call__(self, name: str, *args):
-        sig = (name,) + tuple((np.shape(a), str(getattr(a, "dtype", type(a))))
-                              for a in jax.tree.leaves(args))
-        exe = self._compiled.get(sig)
-        if exe is None:
-            t0 = time.perf_counter()
-            exe = self._fns[name].lower(*args).compile()
-            self.compile_s += time.perf_counter() - t0
-            self._compiled[sig] = exe
-        return exe(*args)
 
 
-_CACHE: "OrderedDict[tuple, _Programs]" = OrderedDict()
-_CACHE_SIZE = 16
+_CACHE = ProgramCache(16)
 
 
 def _programs(posterior, num_delete: int, num_inner: int, chunk_len: int) -> _Programs:
     key = (posterior.cache_key, num_delete, num_inner, chunk_len)
-    if key in _CACHE:
-        _CACHE.move_to_end(key)
-    else:
-        _CACHE[key] = _Programs(posterior, num_delete, num_inner, chunk_len)
-        while len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
-    return _CACHE[key]
+    return _CACHE.get(key, lambda: _Programs(posterior, num_delete, num_inner, chunk_len))
 
 
 def _pad_rows(z: np.ndarray, smallest: int = 256) -> np.ndarray:

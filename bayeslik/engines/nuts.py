@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Mapping, NamedTuple
 
@@ -25,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bayeslik.engines._programs import ProgramCache, Programs, draws_fn
 from bayeslik.errors import EngineError, InitializationError
 from bayeslik.fit import Cost, Fit, build_datatree
 
@@ -247,7 +247,7 @@ def _schedule(num_warmup: int, initial_buffer: int = 75, first_window: int = 25,
 
 
 # ---------------------------------------------------------------------------- compiled programs
-class _Programs:
+class _Programs(Programs):
     """The compiled functions of one (Posterior, settings) pair, compiled once and reused.
 
     ``init``: candidates (chains, tries, ndim) -> (ChainState per chain, index of the first
@@ -257,8 +257,7 @@ class _Programs:
     """
 
     def __init__(self, posterior, config: NUTSConfig, mesh, batched: bool = False):
-        self.compile_s = 0.0
-        self._compiled: dict[tuple, Any] = {}
+        super().__init__()
 
         # every function takes the data arrays as its last argument, so one compilation serves
         # every Posterior with the same cache_key (same program, same data shapes)
@@ -290,33 +289,14 @@ class _Programs:
                 vchunk, mesh=mesh, in_specs=(c, c, r, r, r, r, r), out_specs=(c, c), check_vma=False
             )
 
-        def post(zs, data):
-            evaluate = posterior.at(data).evaluate
-
-            def one(z):
-                ev = evaluate(z)
-                return ev.values, ev.pointwise_loglikelihood
-
-            return jax.lax.map(one, zs, batch_size=256)
+        post = draws_fn(posterior)
 
         self._fns = {"init": jax.jit(vinit), "chunk": jax.jit(vchunk),
                      "post": jax.jit(jax.vmap(post) if batched else post)}
 
-    def __call__(self, name: str, *args):
-        sig = (name,) + tuple(
-            (np.shape(a), getattr(a, "dtype", type(a))) for a in jax.tree.leaves(args)
-        )
-        exe = self._compiled.get(sig)
-        if exe is None:
-            t0 = time.perf_counter()
-            exe = self._fns[name].lower(*args).compile()
-            self.compile_s += time.perf_counter() - t0
-            self._compiled[sig] = exe
-        return exe(*args)
 
 
-_CACHE: "OrderedDict[tuple, _Programs]" = OrderedDict()
-_CACHE_SIZE = 32
+_CACHE = ProgramCache(32)
 
 
 def _programs(posterior, config: NUTSConfig, mesh, batched: bool = False) -> _Programs:
@@ -324,13 +304,7 @@ def _programs(posterior, config: NUTSConfig, mesh, batched: bool = False) -> _Pr
     compiled code (least recently used ones are dropped beyond _CACHE_SIZE)."""
     static = (config.target_accept, config.max_tree_depth, config.dense_mass, batched)
     key = (posterior.cache_key, static, None if mesh is None else tuple(mesh.devices.flat))
-    if key in _CACHE:
-        _CACHE.move_to_end(key)
-    else:
-        _CACHE[key] = _Programs(posterior, config, mesh, batched)
-        while len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
-    return _CACHE[key]
+    return _CACHE.get(key, lambda: _Programs(posterior, config, mesh, batched))
 
 
 def _candidates(posterior, rng_key, num_chains: int, init, radius: float, num_tries: int):
@@ -384,6 +358,29 @@ def _phase(total: int, length: int, n: int, stage: np.ndarray, end: np.ndarray):
                np.pad(end[sl], (0, pad)).astype(bool), np.arange(length) < k)
 
 
+def _gather_processes(info, step_size, rows_kept, num_grad, warm_div):
+    """Every process's chains, in chain order, on every process (jax.distributed runs)."""
+    from jax.experimental import multihost_utils
+
+    n = multihost_utils.process_allgather(np.int32(info.position.shape[1]))
+    if np.unique(n).size > 1:  # an interrupted process kept fewer draws: keep what all have
+        info = jax.tree.map(lambda a: a[:, : int(n.min())], info)
+
+    def gather(a):
+        return np.asarray(multihost_utils.process_allgather(np.asarray(a), tiled=True))
+
+    info = jax.tree.map(gather, info)
+    step_size, all_rows = gather(step_size), gather(rows_kept)
+    order = np.argsort(all_rows, kind="stable")
+    info = jax.tree.map(lambda a: a[order], info)
+    # each process counted only its own chains' work
+    mine = np.zeros(num_grad.shape, bool)
+    mine[rows_kept] = True
+    num_grad = gather(np.where(mine, num_grad, 0)).reshape(-1, num_grad.size).sum(0)
+    warm_div = gather(np.where(mine, warm_div, 0)).reshape(-1, warm_div.size).sum(0)
+    return info, step_size[order], all_rows[order], num_grad, warm_div
+
+
 def run(posterior, rng_key: jax.Array, config: NUTSConfig) -> Fit:
     """Run NUTS on ``posterior`` and return a Fit.
 
@@ -422,10 +419,21 @@ def _run(posteriors, rng_keys, config: NUTSConfig) -> list[Fit]:
     rows = B * C
     devices = jax.local_devices()
     sequential = config.chain_method == "sequential" and not batched
+    # several JAX processes (jax.distributed): each runs its own block of chains, then every
+    # process gathers all of them, so each returns the same Fit
+    num_procs, proc = jax.process_count(), jax.process_index()
+    multi = num_procs > 1 and not batched
+    own = np.arange(rows)
+    if multi:
+        if C % num_procs:
+            raise EngineError(
+                f"NUTS option num_chains={C}: the chains are split evenly over the {num_procs} "
+                f"JAX processes (jax.distributed); use a multiple of {num_procs}.")
+        own = np.arange(proc * C // num_procs, (proc + 1) * C // num_procs)
     mesh = None
-    if not sequential and len(devices) > 1 and rows % len(devices) == 0:
+    if not sequential and len(devices) > 1 and len(own) % len(devices) == 0:
         mesh = jax.sharding.Mesh(np.array(devices), ("chain",))
-    groups = [[c] for c in range(rows)] if sequential else [list(range(rows))]
+    groups = [[int(c)] for c in own] if sequential else [[int(c) for c in own]]
     progs = _programs(posterior, config, mesh, batched)
     compile_before = progs.compile_s
     if batched:  # one data row per chain: posterior b's arrays for its C chains
@@ -452,8 +460,8 @@ def _run(posteriors, rng_keys, config: NUTSConfig) -> list[Fit]:
     slen, sn = _chunks(S * T, config.num_chunks, multiple=T)
 
     name = posterior.name + (f" x{B}" if batched else "")
-    bar = tqdm(total=(W + S * T) * rows, desc=f"NUTS {name}", disable=not config.progress_bar,
-               unit="it")
+    bar = tqdm(total=(W + S * T) * len(own), desc=f"NUTS {name}",
+               disable=not config.progress_bar or proc != 0, unit="it")
     num_grad = np.ones(rows, np.int64)  # the initial gradient of each chain
     warm_div = np.zeros(rows, np.int64)
     kept: list[list[DrawInfo]] = [[] for _ in groups]
@@ -504,6 +512,9 @@ def _run(posteriors, rng_keys, config: NUTSConfig) -> list[Fit]:
     info = jax.tree.map(lambda *a: np.concatenate([x[:, :n_kept] for x in a], axis=0), *per_group)
     step_size = np.concatenate([np.atleast_1d(step_sizes[g]) for g in done])
     rows_kept = np.concatenate([np.array(groups[g]) for g in done])
+    if multi:
+        info, step_size, rows_kept, num_grad, warm_div = _gather_processes(
+            info, step_size, rows_kept, num_grad, warm_div)
     chains_kept = info.position.shape[0] // B
 
     # constrained values and pointwise log-likelihood of every draw, in one compiled pass

@@ -51,7 +51,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, NamedTuple
 
@@ -59,6 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bayeslik.engines._programs import ProgramCache, Programs
 from bayeslik.errors import EngineError, InitializationError, ModelError
 from bayeslik.filtering import particle as _pf
 from bayeslik.fit import Cost, Fit, build_datatree
@@ -338,11 +338,11 @@ def build_kernel(posterior: StateSpacePosterior, config: PMMHConfig) -> tuple[Ca
     return init_fn, step_fn
 
 
-class _Programs:
+class _Programs(Programs):
     """The compiled functions of one (posterior, static settings)."""
 
     def __init__(self, posterior: StateSpacePosterior, config: PMMHConfig):
-        self.compile_s = 0.0
+        super().__init__()
         init_fn, step_fn = build_kernel(posterior, config)
 
         def evaluate(z, key, ys):
@@ -379,22 +379,10 @@ class _Programs:
             "chunk": jax.jit(chunk),
             "constrain": jax.jit(jax.vmap(posterior.constrain)),
         }
-        self._compiled: dict = {}
-
-    def __call__(self, name: str, *args):
-        sig = (name,) + tuple((np.shape(a), getattr(a, "dtype", type(a)))
-                              for a in jax.tree.leaves(args))
-        exe = self._compiled.get(sig)
-        if exe is None:
-            t0 = time.perf_counter()
-            exe = self._fns[name].lower(*args).compile()
-            self.compile_s += time.perf_counter() - t0
-            self._compiled[sig] = exe
-        return exe(*args)
 
 
-_CACHE: "OrderedDict[tuple, _Programs]" = OrderedDict()
-_CACHE_SIZE = 16
+
+_CACHE = ProgramCache(16)
 
 
 def _programs(posterior: StateSpacePosterior, config: PMMHConfig) -> _Programs:
@@ -402,13 +390,7 @@ def _programs(posterior: StateSpacePosterior, config: PMMHConfig) -> _Programs:
               float(config.rho), float(config.target_accept), float(config.ess_threshold),
               config.num_variance_checks)
     key = (posterior.cache_key, static)
-    if key in _CACHE:
-        _CACHE.move_to_end(key)
-    else:
-        _CACHE[key] = _Programs(posterior, config)
-        while len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
-    return _CACHE[key]
+    return _CACHE.get(key, lambda: _Programs(posterior, config))
 
 
 # =========================================================================== the run

@@ -45,14 +45,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bayeslik.engines._programs import ProgramCache, Programs, draws_fn
 from bayeslik.errors import EngineError, InitializationError
 from bayeslik.fit import Cost, Fit, build_datatree
 
@@ -481,7 +481,7 @@ def default_log_scale(config: SMCConfig, ndim: int) -> float:
 
 
 # ---------------------------------------------------------------------------- compiled programs
-class _Programs:
+class _Programs(Programs):
     """The compiled functions of one (Posterior, settings) pair, compiled once per shape.
 
     ``init``: prior draws (N, D) -> SMCState at temperature 0. ``stage``: one stage.
@@ -489,8 +489,7 @@ class _Programs:
     """
 
     def __init__(self, posterior, config: SMCConfig):
-        self.compile_s = 0.0
-        self._compiled: dict[tuple, Any] = {}
+        super().__init__()
 
         def eval_fn_of(data):
             evaluate = posterior.at(data).evaluate
@@ -510,32 +509,13 @@ class _Programs:
                                 config.dense_mass, config.resampling)
             return stage(key, state, params)
 
-        def post(zs, data):
-            evaluate = posterior.at(data).evaluate
-
-            def one(z):
-                ev = evaluate(z)
-                return ev.values, ev.pointwise_loglikelihood
-
-            return jax.lax.map(one, zs, batch_size=256)
+        post = draws_fn(posterior)
 
         self._fns = {"init": jax.jit(init_fn), "stage": jax.jit(stage_fn), "post": jax.jit(post)}
 
-    def __call__(self, name: str, *args):
-        sig = (name,) + tuple(
-            (np.shape(a), getattr(a, "dtype", type(a))) for a in jax.tree.leaves(args)
-        )
-        exe = self._compiled.get(sig)
-        if exe is None:
-            t0 = time.perf_counter()
-            exe = self._fns[name].lower(*args).compile()
-            self.compile_s += time.perf_counter() - t0
-            self._compiled[sig] = exe
-        return exe(*args)
 
 
-_CACHE: "OrderedDict[tuple, _Programs]" = OrderedDict()
-_CACHE_SIZE = 32
+_CACHE = ProgramCache(32)
 
 # the settings that change the compiled code (the others are arguments or host-side)
 _STATIC = ("kernel", "num_leapfrog_steps", "dense_mass", "resampling")
@@ -544,13 +524,7 @@ _STATIC = ("kernel", "num_leapfrog_steps", "dense_mass", "resampling")
 def _programs(posterior, config: SMCConfig) -> _Programs:
     static = tuple((k, getattr(config, k)) for k in _STATIC)
     key = (posterior.cache_key, static)
-    if key in _CACHE:
-        _CACHE.move_to_end(key)
-    else:
-        _CACHE[key] = _Programs(posterior, config)
-        while len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
-    return _CACHE[key]
+    return _CACHE.get(key, lambda: _Programs(posterior, config))
 
 
 # ---------------------------------------------------------------------------- the run
