@@ -361,22 +361,20 @@ _CHILD = textwrap.dedent("""
     from bayeslik.engines import nested
     from bayeslik.models import nested_suite
     post = nested_suite.get("gaussian_shells_2d").posterior()
+    dynamic = len(sys.argv) > 3 and sys.argv[3] == "dynamic"
     cfg = nested.NestedConfig(num_live=400, checkpoint_file=sys.argv[1], checkpoint_every=0.3,
-                              progress_bar=False)
+                              progress_bar=False, dynamic=dynamic,
+                              **(dict(maxbatch=3, nlive_batch=200) if dynamic else {}))
     print("started", flush=True)
     nested.run(post, jax.random.key(int(sys.argv[2])), cfg)
     print("finished", flush=True)
 """)
 
 
-def test_checkpoint_resume_after_sigkill(shells, tmp_path, seed):
-    """A run killed (SIGKILL) after writing a checkpoint resumes from it: the dead points written
-    before the kill are kept, the iteration count continues, logZ is right."""
-    import dynesty
-
-    ckpt = str(tmp_path / "run.pkl")
+def _run_and_kill(ckpt: str, seed: int, *args: str) -> None:
+    """Start _CHILD, SIGKILL it once it has written a checkpoint (and run a little past it)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    child = subprocess.Popen([sys.executable, "-c", _CHILD, ckpt, str(seed)], env=env,
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, ckpt, str(seed), *args], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         t0 = time.time()
@@ -392,6 +390,15 @@ def test_checkpoint_resume_after_sigkill(shells, tmp_path, seed):
         if child.poll() is None:
             child.kill()
     assert child.returncode == -signal.SIGKILL
+
+
+def test_checkpoint_resume_after_sigkill(shells, tmp_path, seed):
+    """A run killed (SIGKILL) after writing a checkpoint resumes from it: the dead points written
+    before the kill are kept, the iteration count continues, logZ is right."""
+    import dynesty
+
+    ckpt = str(tmp_path / "run.pkl")
+    _run_and_kill(ckpt, seed)
     saved = dynesty.utils.restore_sampler(ckpt)
     it_saved = saved.it - 1
     logl_saved = np.asarray(saved.saved_run["logl"])
@@ -415,6 +422,37 @@ def test_checkpoint_resume_after_sigkill(shells, tmp_path, seed):
     other = nested_suite.get("correlated_gaussian_3d").posterior()
     with pytest.raises(EngineError, match="resume"):
         bl.fit(other, "nested", seed=seed, num_live=50, progress_bar=False,
+               checkpoint_file=ckpt, resume=True)
+
+
+@pytest.mark.slow
+def test_dynamic_checkpoint_resume_after_sigkill(shells, tmp_path, seed):
+    """A dynamic run killed (SIGKILL) mid-run resumes from its checkpoint: the saved dead points
+    stay the first ones of the result, the batches still run, logZ is right."""
+    import dynesty
+
+    ckpt = str(tmp_path / "dyn.pkl")
+    _run_and_kill(ckpt, seed, "dynamic")
+    saved = dynesty.utils.restore_sampler(ckpt)
+    assert hasattr(saved, "batch_sampler")
+    logl_saved = np.asarray(saved.saved_run["logl"])
+    calls_saved = nested._find_adapter(saved).calls_before
+
+    prob, post = shells
+    cfg = NestedConfig(num_live=400, checkpoint_file=ckpt, checkpoint_every=0.3, resume=True,
+                       progress_bar=False, dynamic=True, maxbatch=3, nlive_batch=200)
+    fit = nested.run(post, jax.random.key(seed), cfg)
+    extra = fit.cost.extra
+    assert extra["resumed_from_iteration"] == len(logl_saved)
+    # batches add points in between the saved ones: every saved likelihood is still in the run
+    logl = np.sort(fit.idata["nested_samples"]["loglikelihood"].values[0])
+    assert len(logl) > len(logl_saved)
+    assert np.isin(logl_saved, logl).all()
+    assert fit.cost.num_loglik_evals > calls_saved
+    check_evidence(fit, prob.log_evidence)
+    # a static run cannot resume a dynamic checkpoint
+    with pytest.raises(EngineError, match="dynamic"):
+        bl.fit(post, "nested", seed=seed, num_live=400, progress_bar=False,
                checkpoint_file=ckpt, resume=True)
 
 
