@@ -29,3 +29,14 @@ def test_every_page_is_in_the_nav():
     pages = [p.relative_to(ROOT / "docs").as_posix() for p in (ROOT / "docs").rglob("*.md")]
     missing = [p for p in pages if p not in nav]
     assert not missing, f"add these pages to mkdocs.yml's nav: {missing}"
+
+
+def test_every_notebook_is_an_example_page():
+    """Each notebook is linked into docs/examples/ (shown on the site with its stored outputs)
+    and listed in the nav."""
+    nav = (ROOT / "mkdocs.yml").read_text()
+    for nb in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        link = ROOT / "docs" / "examples" / nb.name
+        assert link.exists() and link.resolve() == nb.resolve(), (
+            f"link it: ln -s ../../notebooks/{nb.name} docs/examples/{nb.name}")
+        assert f"examples/{nb.name}" in nav, f"add examples/{nb.name} to mkdocs.yml's nav"
