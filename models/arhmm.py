@@ -505,6 +505,20 @@ def simulate(rng_key, num_steps: int, num_states: int = 3, dim: int = 1, num_lag
     return {"y": np.asarray(y), "states": np.asarray(z), "params": params}
 
 
+def example() -> tuple:
+    """A small default problem for the command line's model zoo: ``(model, data)``, a simulated
+    2-state AR(1)-HMM of 300 steps (``bayeslik fit arhmm``).
+
+    >>> m, data = example()
+    >>> data["y"].shape, data["num_states"]
+    ((300, 1), 2)
+    """
+    import jax
+
+    sim = simulate(jax.random.key(0), num_steps=300, num_states=2)
+    return model, {"y": sim["y"], "num_states": 2}
+
+
 # --------------------------------------------------------------------------------------------------
 # state posterior
 # --------------------------------------------------------------------------------------------------

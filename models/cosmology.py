@@ -255,6 +255,12 @@ def model(kind="lcdm", cc_z=None, cc_h=None, cc_sigma=None, sn_zcmb=None, sn_zhe
         numpyro.factor("bao", -0.5 * (r @ bao_prec @ r) - 0.5 * bao_logdet)
 
 
+def example() -> tuple:
+    """The command line's default: ``(model, data)`` for flat LCDM on the bundled cosmic
+    chronometers, Pantheon supernovae and BAO (``bayeslik fit cosmology``)."""
+    return model, {"kind": "lcdm", "num_nodes": 32, **load(("cc", "sn", "bao"))}
+
+
 def posterior(kind: str = "lcdm", datasets=("cc", "sn", "bao"), num_nodes: int = 32):
     """A bayeslik.Posterior of ``kind`` (one of KINDS) on ``datasets``."""
     from bayeslik.posterior import Posterior

@@ -19,6 +19,21 @@ def test_models_lists_the_zoo(capsys):
     assert "normal_mean" in out and "eight_schools" in out
 
 
+def test_every_family_example_builds_a_posterior():
+    """Each model family in the zoo loads its default problem into a Posterior with latents."""
+    import bayeslik as bl
+    from bayeslik.cli import FAMILIES, _bundled
+
+    zoo = _bundled()
+    assert {"arhmm", "cosmology"} <= set(zoo)
+    for name in FAMILIES:
+        if name not in zoo:  # a family whose module is not installed
+            continue
+        model, data, _ = zoo[name][1]()
+        post = bl.Posterior(model, **data)
+        assert post.ndim > 0, name
+
+
 def test_unknown_model_is_a_usage_error(capsys):
     assert main(["fit", "no_such_model"]) == 2
     assert "unknown model 'no_such_model'" in capsys.readouterr().err
