@@ -641,7 +641,10 @@ def run(posterior, rng_key: jax.Array, config: NestedConfig, *,
             else:
                 sampler = dynesty.NestedSampler(adapter, _identity, ndim, nlive=nlive,
                                                 rstate=rstate, live_points=live, **common)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(record=True) as caught:
+            # dynesty's own warnings (e.g. a very large bootstrap enlargement factor, which it
+            # can repeat hundreds of times) become one Fit flag each instead of a flood
+            warnings.simplefilter("always")
             warnings.filterwarnings("ignore", message=".*resuming a finished.*")
             if config.dynamic:
                 dyn_kw = dict(nlive_init=nlive, wt_kwargs={"pfrac": float(config.pfrac)},
@@ -654,6 +657,7 @@ def run(posterior, rng_key: jax.Array, config: NestedConfig, *,
                 sampler.run_nested(**dyn_kw, **run_kw)
             else:
                 sampler.run_nested(dlogz=config.dlogz, resume=resuming, save_bounds=False, **run_kw)
+        flags.extend(_dynesty_warning_flags(caught))
     except KeyboardInterrupt:
         interrupted = True
         if "sampler" not in locals() or config.dynamic:
@@ -761,6 +765,19 @@ def _samplers(sampler) -> list:
     """The sampler and, for a dynamic one, its inner samplers (each holds the likelihood)."""
     out = [sampler, getattr(sampler, "sampler", None), getattr(sampler, "batch_sampler", None)]
     return [s for s in out if s is not None and hasattr(s, "loglikelihood")]
+
+
+def _dynesty_warning_flags(caught) -> list[str]:
+    """One flag per distinct warning dynesty raised during the run, with how often it came;
+    other libraries' warnings are passed on unchanged."""
+    counts: dict[str, int] = {}
+    for w in caught:
+        if f"{os.sep}dynesty{os.sep}" not in str(w.filename):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            continue
+        text = str(w.message).strip()
+        counts[text] = counts.get(text, 0) + 1
+    return [f"dynesty warned{f' {n} times' if n > 1 else ''}: {text}" for text, n in counts.items()]
 
 
 def _find_adapter(sampler):

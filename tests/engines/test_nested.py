@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 
 import jax
 import numpy as np
@@ -503,3 +504,22 @@ def test_reference(name, seed):
     check_evidence(fit, prob.log_evidence)
     for site, mean in prob.posterior_mean.items():
         check_moments(fit, mean, prob.posterior_sd[site], site=site)
+
+
+def test_dynesty_warnings_become_one_flag_each():
+    """Repeated dynesty warnings collapse into one flag with a count; others pass through."""
+    dyn_file = os.path.join(os.path.dirname(dynesty_module_file()), "bounding.py")
+    caught = [warnings.WarningMessage(UserWarning("enlargement factor very large"), UserWarning,
+                                      dyn_file, 1) for _ in range(3)]
+    caught.append(warnings.WarningMessage(UserWarning("other"), UserWarning, "/x/other.py", 1))
+    with warnings.catch_warnings(record=True) as passed:
+        warnings.simplefilter("always")
+        flags = nested._dynesty_warning_flags(caught)
+    assert flags == ["dynesty warned 3 times: enlargement factor very large"]
+    assert [str(w.message) for w in passed] == ["other"]
+
+
+def dynesty_module_file() -> str:
+    import dynesty
+
+    return dynesty.__file__
