@@ -488,11 +488,36 @@ def test_suite(name, mode, seed):
     if name.startswith("gaussian_shells"):
         check_shell_balance(fit)
     if name == "loggamma_10d":
-        # dynesty's random-walk/slice proposals leave the 10-D live points clumped, so the
-        # ESS-based standard error of a moment is too small (rwalk: one coordinate at 4.7 of
-        # them; rslice with 30 slices: 2.8, at 5x the cost); no honest moment check here yet
+        # dynesty's random-walk/slice proposals leave the 10-D live points correlated, so the
+        # ESS-based standard error of a moment is 1.5-3.9x too small (measured over 8 seeds);
+        # test_loggamma_10d_means_over_runs checks the moments with the between-run error
         return
     check_moments(fit, *folded(name))
+
+
+@pytest.mark.slow
+def test_loggamma_10d_means_over_runs(seed):
+    """LogGamma 10-D: the folded posterior means of R independent dynesty runs agree with the
+    exact ones within the error measured by the runs' own spread (Student t with R - 1 degrees
+    of freedom, family-wise level 1% over the 10 coordinates). Measured over 8 seeds, the means
+    are unbiased (|z| <= 1.8) while the posterior sds come out 1-2.5% too small (z down to -4.1,
+    rwalk; rslice likewise at twice the calls): the sds are reported, not asserted."""
+    from scipy import stats
+
+    name, runs = "loggamma_10d", 6
+    fold, mean_true, sd_true = nested_suite.folded_moments(name)
+    post = nested_suite.get(name).posterior()
+    means, sds = [], []
+    for r in range(runs):
+        fit = bl.fit(post, "nested", seed=seed + r, progress_bar=False, **SUITE_SETTINGS[name])
+        m, sd, _, _ = weighted_moments(fit, "x", fold)
+        means.append(m)
+        sds.append(sd)
+    means = np.array(means)
+    z = (means.mean(0) - np.ravel(mean_true)) / (means.std(0, ddof=1) / np.sqrt(runs))
+    crit = stats.t.ppf(1 - 0.01 / (2 * z.size), runs - 1)
+    assert np.all(np.abs(z) < crit), (z, crit)
+    print("sd ratio run/true:", np.round(np.mean(sds, 0) / np.ravel(sd_true), 4))
 
 
 @pytest.mark.slow
