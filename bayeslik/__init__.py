@@ -20,13 +20,14 @@ from bayeslik.errors import (
 from bayeslik.engines.pmmh import StateSpacePosterior
 from bayeslik.fit import Cost, Fit, load_fit
 from bayeslik.posterior import Posterior
+from bayeslik.relabel import relabel
 from bayeslik.sbc import sbc
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Posterior", "Fit", "Cost", "fit", "load_fit", "engines", "register_engine", "summary", "sbc",
-    "compare", "Comparison", "Reference", "StateSpacePosterior",
+    "compare", "Comparison", "Reference", "StateSpacePosterior", "relabel",
     "BayeslikError", "DataError", "EngineError", "ImproperPriorError", "InitializationError",
     "ModelError", "PriorTransformError",
 ]

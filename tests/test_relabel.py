@@ -1,0 +1,147 @@
+"""Tests of bayeslik.relabel on an AR-HMM Fit built by hand (no sampler run).
+
+The Fit's draws scatter tightly around the simulated parameters; every draw's states are then
+permuted by a random permutation (on both axes of the transition matrix) and relabelling must
+give back the original draws up to one global permutation, with both methods. The mixture
+side (a NUTS fit, multi-chain) is tested in tests/models/test_mixture.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import types
+
+import jax
+import numpy as np
+import pytest
+
+import bayeslik as bl
+from bayeslik.fit import Cost, Fit, build_datatree
+from bayeslik.models import arhmm
+from bayeslik.relabel import SPECS, arhmm_classification_fn, permute_draws, relabel
+
+K, T, C, D = 3, 120, 2, 40
+
+
+@pytest.fixture(scope="module")
+def arhmm_fit():
+    from tests.conftest import SEED
+
+    rng = np.random.default_rng(SEED)
+    data = arhmm.simulate(jax.random.key(SEED), num_steps=T, num_states=K)
+    # what build_datatree and arhmm_classification_fn read from a Posterior (building the real
+    # one traces the model eagerly, seconds that this test does not need)
+    post = types.SimpleNamespace(sites={}, observed_data={"y": data["y"]},
+                                 data={"y": data["y"], "num_states": K}, name="arhmm")
+    p = data["params"]
+
+    def jitter(x, scale, positive=False):
+        out = x + scale * rng.normal(size=(C, D) + np.shape(x))
+        return np.abs(out) if positive else out
+
+    def dirichlet(rows, conc=200.0):
+        rows = np.asarray(rows)
+        flat = rows.reshape(-1, rows.shape[-1])
+        draws = np.stack([rng.dirichlet(conc * r + 1e-3, size=(C, D)) for r in flat], axis=2)
+        return draws.reshape((C, D) + rows.shape)
+
+    b0 = np.sort(jitter(p["b"][:, 0], 0.05), axis=-1)
+    draws = {"pi": dirichlet(p["pi"]), "trans": dirichlet(p["trans"]), "b0": b0,
+             "A": jitter(p["A"], 0.03), "sigma": jitter(p["sigma"], 0.02, positive=True)}
+    draws["b"] = b0[..., None]
+    idata = build_datatree(post, draws, sample_stats={"lp": rng.normal(size=(C, D))})
+    fit = Fit(idata=idata, engine="hand", config={}, seed=None, cost=Cost(wall_s=0.0),
+              model=post.name)
+    return post, fit
+
+
+def _scramble(fit, perms, spec):
+    import xarray as xr
+
+    ds = fit.idata["posterior"].to_dataset()
+    S = fit.num_chains * fit.num_draws
+    new = {}
+    for k, v in ds.data_vars.items():
+        if k in spec:
+            axes = (spec[k],) if isinstance(spec[k], int) else spec[k]
+            x = permute_draws(np.asarray(v.values).reshape((S,) + v.shape[2:]), perms, axes)
+            new[k] = v.copy(data=x.reshape(v.shape))
+        else:
+            new[k] = v
+    tree = fit.idata.copy()
+    tree["posterior"] = xr.DataTree(xr.Dataset(new, attrs=ds.attrs))
+    return dataclasses.replace(fit, idata=tree)
+
+
+def _global_permutation(a, b, spec):
+    """The g with a == b permuted by g on every component axis, or None."""
+    for g in itertools.permutations(range(K)):
+        g = np.asarray(g)
+        if all(np.allclose(a.draws(s), _apply(b.draws(s), g, spec[s])) for s in spec
+               if s in a.idata["posterior"]):
+            return g
+    return None
+
+
+def _apply(x, g, axes):
+    for ax in (axes,) if isinstance(axes, int) else axes:
+        x = np.take(x, g, axis=ax + 2)
+    return x
+
+
+def test_permute_draws_on_two_axes():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5, K, K))
+    perms = np.array([rng.permutation(K) for _ in range(5)])
+    out = permute_draws(x, perms, (0, 1))
+    for s in range(5):
+        np.testing.assert_array_equal(out[s], x[s][np.ix_(perms[s], perms[s])])
+
+
+@pytest.mark.parametrize("method", ["pivot", "stephens"])
+def test_relabel_arhmm_undoes_random_permutations(arhmm_fit, method, seed):
+    post, fit = arhmm_fit
+    spec = SPECS["arhmm"]
+    rng = np.random.default_rng(seed + 1)
+    perms = np.array([rng.permutation(K) for _ in range(C * D)])
+    scrambled = _scramble(fit, perms, spec)
+    assert _global_permutation(scrambled, fit, spec) is None
+    kw = {"prob_fn": arhmm_classification_fn(post)} if method == "stephens" else {}
+    fixed = relabel(scrambled, "arhmm", method=method, **kw)
+    g = _global_permutation(fixed, fit, spec)
+    assert g is not None
+    # the transition matrix was permuted on both axes: its rows still sum to one and the
+    # sticky diagonal is back on the diagonal
+    trans = fixed.draws("trans")
+    np.testing.assert_allclose(trans.sum(-1), 1.0, rtol=1e-5)
+    assert np.all(np.diagonal(trans, axis1=-2, axis2=-1) > 0.8)
+
+
+def test_relabel_arhmm_leaves_an_identified_fit_alone(arhmm_fit):
+    _, fit = arhmm_fit
+    fixed = relabel(fit, "arhmm")
+    g = _global_permutation(fixed, fit, SPECS["arhmm"])
+    assert g is not None
+    assert np.all(fixed.idata["relabel"]["permutation"].values == g)  # one label for all draws
+
+
+def test_relabel_stephens_needs_prob_fn_for_hmm(arhmm_fit, no_jit):
+    _, fit = arhmm_fit
+    with pytest.raises(ValueError, match="prob_fn"):
+        relabel(fit, "arhmm", method="stephens")
+    with pytest.raises(ValueError, match="components"):
+        relabel(fit, 3)
+    with pytest.raises(ValueError, match="pivot"):
+        relabel(fit, "arhmm", pivot=(5, 0))
+
+
+def test_relabelled_fit_round_trips(arhmm_fit, tmp_path):
+    _, fit = arhmm_fit
+    out = relabel(fit, "arhmm")
+    out.save(str(tmp_path / "fit.nc"))
+    back = bl.load_fit(str(tmp_path / "fit.nc"))
+    np.testing.assert_array_equal(back.idata["relabel"]["permutation"].values,
+                                  out.idata["relabel"]["permutation"].values)
+    assert back.idata.attrs["relabel_method"] == "pivot"
+    np.testing.assert_allclose(back.draws("trans"), out.draws("trans"))
