@@ -29,7 +29,8 @@ FAMILIES = {
     "cosmology": ("cosmology", "flat LCDM on cosmic chronometers + Pantheon + BAO"),
     "mixture": ("mixture", "heterogeneous Gaussian mixture on simulated clusters"),
     "meta": ("meta", "hierarchical few-shot meta-learner (NIW prior) on simulated tasks"),
-    "hawkes": ("tpp", "multivariate Hawkes process on bundled event sequences"),
+    "hawkes": ("tpp", "multivariate Hawkes process on bundled earthquake months"),
+    "lognormmix": ("tpp", "time-mark dependent log-normal mixture TPP on bundled earthquake months"),
 }
 
 
