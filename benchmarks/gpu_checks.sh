@@ -27,4 +27,4 @@ on pf && timeout 100 python3 benchmarks/particle_filter.py --no-particles --gpu-
 echo "== nss on the exactness suite"
 on nss && timeout 170 python3 benchmarks/nested_suite.py --methods nss --problems gaussian_shells_2d,correlated_gaussian_3d,loggamma_2d,eggbox,gaussian_shells_5d,loggamma_10d --out "$OUT/nested_suite_nss_gpu.csv" 2>&1 | tee "$OUT/nss_gpu.log"
 echo "== GPU correctness: filtering and nss tests"
-on pytest && timeout 170 python3 -m pytest -q -p no:cacheprovider tests/filtering tests/engines/test_nss.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
+on pytest && XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 170 python3 -m pytest -q -p no:cacheprovider tests/filtering tests/engines/test_nss.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
