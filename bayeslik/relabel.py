@@ -289,27 +289,45 @@ def relabel(fit, components: str | Mapping = "mixture", method: str = "pivot", *
                              f"({S}, N, {K})")
         perms, iters = _stephens(P, perms, num_iters)
         info["stephens_iterations"] = iters
-    new_vars = {}
-    for site in post_ds.data_vars:
-        if site in spec:
-            v = permute_draws(draws[site], perms, spec[site])
-            new_vars[site] = post_ds[site].copy(data=v.reshape(post_ds[site].shape))
-        else:
-            new_vars[site] = post_ds[site]
-    new_post = xr.Dataset(new_vars, attrs=post_ds.attrs)
     perm_da = xr.Dataset(
         {"permutation": (("chain", "draw", "component"), perms.reshape(C, D, K))},
         coords={"chain": post_ds["chain"].values, "draw": post_ds["draw"].values,
                 "component": np.arange(K)},
     )
-    tree = fit.idata.copy()
-    tree["posterior"] = xr.DataTree(new_post)
+    tree = permute_fit(fit, perms, spec).idata
     tree["relabel"] = xr.DataTree(perm_da)
     tree.attrs = {**tree.attrs, "relabel_method": method,
                   "relabel_components": json.dumps({k: list(v) for k, v in spec.items()}),
                   "relabel_info": json.dumps(info)}
     num_changed = int((perms != np.arange(K)).any(1).sum())
     tree.attrs["relabel_num_permuted_draws"] = num_changed
+    return dataclasses.replace(fit, idata=tree)
+
+
+def permute_fit(fit, perms, components: str | Mapping = "mixture"):
+    """A copy of ``fit`` whose component sites are permuted draw by draw, as :func:`permute_draws`
+    does for one array: ``perms`` is ``(chain * draw, K)`` (or ``(chain, draw, K)``), and
+    ``components`` names the sites and axes as in :func:`relabel` (in a dict, sites the Fit does
+    not have are skipped). :func:`relabel` applies its
+    permutations with it; it also scrambles a Fit's labels on purpose (tests, demonstrations).
+
+    >>> scrambled = permute_fit(fit, perms, {"mu": 0, "weights": 0})   # doctest: +SKIP
+    """
+    if isinstance(components, Mapping):  # a spec written for a larger model: skip absent sites
+        components = {k: v for k, v in components.items() if k in fit.idata["posterior"]}
+    spec, _ = _resolve(fit, components)
+    post_ds = fit.idata["posterior"].to_dataset()
+    S = fit.num_chains * fit.num_draws
+    perms = np.asarray(perms).reshape(S, -1)
+    new_vars = {}
+    for site, da in post_ds.data_vars.items():
+        if site in spec:
+            v = permute_draws(np.asarray(da.values).reshape((S,) + da.shape[2:]), perms, spec[site])
+            new_vars[site] = da.copy(data=v.reshape(da.shape))
+        else:
+            new_vars[site] = da
+    tree = fit.idata.copy()
+    tree["posterior"] = xr.DataTree(xr.Dataset(new_vars, attrs=post_ds.attrs))
     return dataclasses.replace(fit, idata=tree)
 
 

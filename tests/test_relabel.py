@@ -8,7 +8,6 @@ side (a NUTS fit, multi-chain) is tested in tests/models/test_mixture.py.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import types
 
@@ -19,7 +18,7 @@ import pytest
 import bayeslik as bl
 from bayeslik.fit import Cost, Fit, build_datatree
 from bayeslik.models import arhmm
-from bayeslik.relabel import SPECS, arhmm_classification_fn, permute_draws, relabel
+from bayeslik.relabel import SPECS, arhmm_classification_fn, permute_draws, permute_fit, relabel
 
 K, T, C, D = 3, 120, 2, 40
 
@@ -57,21 +56,7 @@ def arhmm_fit():
 
 
 def _scramble(fit, perms, spec):
-    import xarray as xr
-
-    ds = fit.idata["posterior"].to_dataset()
-    S = fit.num_chains * fit.num_draws
-    new = {}
-    for k, v in ds.data_vars.items():
-        if k in spec:
-            axes = (spec[k],) if isinstance(spec[k], int) else spec[k]
-            x = permute_draws(np.asarray(v.values).reshape((S,) + v.shape[2:]), perms, axes)
-            new[k] = v.copy(data=x.reshape(v.shape))
-        else:
-            new[k] = v
-    tree = fit.idata.copy()
-    tree["posterior"] = xr.DataTree(xr.Dataset(new, attrs=ds.attrs))
-    return dataclasses.replace(fit, idata=tree)
+    return permute_fit(fit, perms, spec)
 
 
 def _global_permutation(a, b, spec):

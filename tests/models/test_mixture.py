@@ -252,25 +252,9 @@ def test_parameter_recovery_nuts(nuts_fit):
 
 def _permuted_copy(fit, perms, spec):
     """A Fit whose spec sites are permuted per draw by perms (S, K)."""
-    import dataclasses
+    from bayeslik.relabel import permute_fit
 
-    import xarray as xr
-
-    from bayeslik.relabel import permute_draws
-
-    ds = fit.idata["posterior"].to_dataset()
-    S = fit.num_chains * fit.num_draws
-    new = {}
-    for k, v in ds.data_vars.items():
-        if k in spec:
-            axes = (spec[k],) if isinstance(spec[k], int) else spec[k]
-            x = permute_draws(np.asarray(v.values).reshape((S,) + v.shape[2:]), perms, axes)
-            new[k] = v.copy(data=x.reshape(v.shape))
-        else:
-            new[k] = v
-    tree = fit.idata.copy()
-    tree["posterior"] = xr.DataTree(xr.Dataset(new, attrs=ds.attrs))
-    return dataclasses.replace(fit, idata=tree)
+    return permute_fit(fit, perms, spec)
 
 
 def _equal_up_to_global_permutation(a, b, spec, K):
