@@ -3,6 +3,7 @@ and both return the same Fit, equal chain by chain to a one-process run with the
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -19,15 +20,16 @@ _WORKER = textwrap.dedent("""
     import sys
     import jax
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    import json
     port, pid, out, seed = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    settings = json.loads(sys.argv[5])
     jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
                                process_id=pid, initialization_timeout=120)
     import numpy as np
     import bayeslik as bl
     from bayeslik.models import reference
     post = reference.get("normal_mean").posterior()
-    fit = bl.fit(post, "nuts", seed=seed, num_warmup=150, num_samples=100, num_chains=4,
-                 progress_bar=False)
+    fit = bl.fit(post, "nuts", seed=seed, **settings)
     np.savez(out, mu=fit.draws("mu"), grads=fit.cost.num_grad_evals,
              step=fit.idata["sample_stats"]["step_size"].values)
     jax.distributed.shutdown()
@@ -46,7 +48,8 @@ def test_two_processes_split_the_chains(tmp_path, seed):
     port = _free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     outs = [str(tmp_path / f"p{i}.npz") for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(port), str(i), outs[i], str(seed)],
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(port), str(i), outs[i], str(seed),
+                               json.dumps(SETTINGS)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
     logs = []

@@ -55,10 +55,6 @@ def arhmm_fit():
     return post, fit
 
 
-def _scramble(fit, perms, spec):
-    return permute_fit(fit, perms, spec)
-
-
 def _global_permutation(a, b, spec):
     """The g with a == b permuted by g on every component axis, or None."""
     for g in itertools.permutations(range(K)):
@@ -90,7 +86,7 @@ def test_relabel_arhmm_undoes_random_permutations(arhmm_fit, method, seed):
     spec = SPECS["arhmm"]
     rng = np.random.default_rng(seed + 1)
     perms = np.array([rng.permutation(K) for _ in range(C * D)])
-    scrambled = _scramble(fit, perms, spec)
+    scrambled = permute_fit(fit, perms, spec)
     assert _global_permutation(scrambled, fit, spec) is None
     kw = {"prob_fn": arhmm_classification_fn(post)} if method == "stephens" else {}
     fixed = relabel(scrambled, "arhmm", method=method, **kw)

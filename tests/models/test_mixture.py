@@ -22,7 +22,7 @@ from scipy.special import logsumexp
 
 import bayeslik as bl
 from bayeslik.models import mixture, posteriordb
-from bayeslik.relabel import relabel
+from bayeslik.relabel import permute_fit, relabel
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -250,13 +250,6 @@ def test_parameter_recovery_nuts(nuts_fit):
     assert err < 0.03, err
 
 
-def _permuted_copy(fit, perms, spec):
-    """A Fit whose spec sites are permuted per draw by perms (S, K)."""
-    from bayeslik.relabel import permute_fit
-
-    return permute_fit(fit, perms, spec)
-
-
 def _equal_up_to_global_permutation(a, b, spec, K):
     for g in itertools.permutations(range(K)):
         g = np.asarray(g)
@@ -284,7 +277,7 @@ def test_relabel_undoes_random_permutations(nuts_fit, method, seed):
     S = fit.num_chains * fit.num_draws
     rng = np.random.default_rng(seed)
     perms = np.array([rng.permutation(K_TRUE) for _ in range(S)])
-    scrambled = _permuted_copy(fit, perms, spec)
+    scrambled = permute_fit(fit, perms, spec)
     assert not _equal_up_to_global_permutation(scrambled, fit, spec, K_TRUE)
     fixed = relabel(scrambled, "mixture", method=method)
     assert _equal_up_to_global_permutation(fixed, fit, spec, K_TRUE)
@@ -304,7 +297,7 @@ def test_relabel_aligns_chains_in_different_modes(nuts_fit):
     # chain 1 sits in the other label mode for its whole run
     perms = np.tile(np.arange(K_TRUE), (C, D, 1))
     perms[1] = perms[1][:, ::-1]
-    split = _permuted_copy(fit, perms.reshape(C * D, K_TRUE), spec)
+    split = permute_fit(fit, perms.reshape(C * D, K_TRUE), spec)
     rhat_before = float(np.max(azs.rhat(split.idata, var_names=["mu"])["mu"].values))
     fixed = relabel(split, "mixture")
     rhat_after = float(np.max(azs.rhat(fixed.idata, var_names=["mu"])["mu"].values))
