@@ -22,9 +22,10 @@ sets a ``truth`` row evaluates the generating parameters.
 Run: ``python benchmarks/tpp_events.py`` (``--quick`` for a smoke run; ``--datasets a,b --out
 x.csv`` for part of it and ``--merge x.csv y.csv`` to combine parts). Writes
 benchmarks/results/tpp_events.csv after every fit. NUTS 2 chains x (200 warmup + 200 draws),
-max_tree_depth 7, 2 mixture components, length buckets at 48/128 events. The wall time was not
-measured on an idle machine: on 2 cores at load average 10-17 one Hawkes fit took 80-444 s and
-one mixture fit 700-1550 s, most of it compiling.
+max_tree_depth 7, 2 mixture components, length buckets at 48/128 events; the two chains run
+side by side on two JAX CPU devices (unless XLA_FLAGS says otherwise). ``--models`` fits only
+some of the models (e.g. to complete a table). Wall times (docs/tpp.md) were measured next to
+other jobs: 70-555 s per fit, 2000 s for a mixture on ``hawkes1`` at load average 10-17.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ import argparse
 import os
 import sys
 import time
+
+# two CPU devices by default, so that NUTS runs its two chains side by side (a chain never
+# waits for the other's tree); set XLA_FLAGS yourself to choose otherwise
+if "XLA_FLAGS" not in os.environ:
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 
 import jax
 import numpy as np
@@ -147,6 +153,8 @@ def main(argv=None):
     ap.add_argument("--num-samples", type=int, default=200)
     ap.add_argument("--num-chains", type=int, default=2)
     ap.add_argument("--max-tree-depth", type=int, default=7)
+    ap.add_argument("--models", default="hawkes,lognormmix_indep,lognormmix_dep",
+                    help="which models to fit (comma-separated; the truth rows always come)")
     ap.add_argument("--num-draws", type=int, default=100, help="posterior draws used for the metrics")
     ap.add_argument("--quick", action="store_true", help="tiny subsets and runs (smoke test)")
     ap.add_argument("--out", default=RESULTS)
@@ -169,7 +177,7 @@ def main(argv=None):
         # M = 1: both mixture variants are the same program, so only one is fitted
         if M > 1:
             variants.append(("lognormmix_dep", "lognormmix", True))
-        for label, kind, dep in variants:
+        for label, kind, dep in [v for v in variants if v[0] in args.models.split(",")]:
             try:
                 fit, ts, wall = fit_one(kind, train, M, opts, dependent=dep)
                 ev = tpp.evaluate(fit, test, num_draws=args.num_draws, time_scale=ts)
