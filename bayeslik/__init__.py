@@ -8,6 +8,7 @@
 from bayeslik import engines
 from bayeslik.api import fit, register_engine
 from bayeslik.compare import Comparison, Reference, compare
+from bayeslik.devices import use_cpu_cores
 from bayeslik.errors import (
     BayeslikError,
     DataError,
@@ -27,7 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Posterior", "Fit", "Cost", "fit", "load_fit", "engines", "register_engine", "summary", "sbc",
-    "compare", "Comparison", "Reference", "StateSpacePosterior", "relabel",
+    "compare", "Comparison", "Reference", "StateSpacePosterior", "relabel", "use_cpu_cores",
     "BayeslikError", "DataError", "EngineError", "ImproperPriorError", "InitializationError",
     "ModelError", "PriorTransformError",
 ]

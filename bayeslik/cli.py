@@ -190,8 +190,8 @@ def _demo_engine_options(quick: bool) -> dict[str, dict]:
                 "smc": dict(num_particles=300), "nested": dict(num_live=75),
                 "nss": dict(num_live=75), "nested+surrogate": dict(num_live=75)}
     return {"nuts": dict(num_warmup=1000, num_samples=1000, num_chains=4),
-            "smc": dict(num_particles=2000), "nested": dict(num_live=500),
-            "nss": dict(num_live=500), "nested+surrogate": dict(num_live=500)}
+            "smc": dict(num_particles=2000), "nested": dict(num_live=300),
+            "nss": dict(num_live=500), "nested+surrogate": dict(num_live=300)}
 
 
 def _cmd_demo(args) -> int:
@@ -215,10 +215,14 @@ def _cmd_demo(args) -> int:
     show = not args.quiet
     available = set(bl.engines.available())
     engines = [e for e in DEMO_ENGINES if e in available]
-    options = {e: o for e, o in _demo_engine_options(args.quick).items() if e in engines}
+    # each engine's own bar too (compare turns them off by default): some runs take minutes
+    options = {e: dict(o, progress_bar=show) for e, o in _demo_engine_options(args.quick).items()
+               if e in engines}
 
     # 1. every engine on a problem whose answer is known exactly
-    prob = reference.get("normal_mean" if args.quick else "correlated_gaussian")
+    # 4-D: big enough for the engines to differ, small enough that the dynesty-based ones (pure
+    # Python per point) take a minute or two rather than ten on two cores
+    prob = reference.get("normal_mean") if args.quick else reference.correlated_gaussian(dim=4)
     print(f"== 1. {len(engines)} engines on '{prob.name}': {prob.description}")
     cmp = bl.compare(prob.posterior(), engines, reference=prob, seeds=[args.seed],
                      engine_options=options, progress_bar=show)
@@ -237,11 +241,14 @@ def _cmd_demo(args) -> int:
     post = bl.Posterior(arhmm.model, y=tr["y"], num_states=K, left_to_right=True,
                         labels=tr["labels"], mask=tr["mask"])
     init = arhmm.init_params(tr["y"], K, left_to_right=True, mask=tr["mask"])
-    hmm_opts = {"nuts": dict(options.get("nuts", {}), init=init, max_tree_depth=8)}
+    nuts_hmm = dict(options.get("nuts", {}), init=init, max_tree_depth=8)
+    if not args.quick:  # 4 chains x 500 draws: the RUL summaries need no more
+        nuts_hmm.update(num_warmup=500, num_samples=500)
+    hmm_opts = {"nuts": nuts_hmm}
     hmm_engines = ["nuts"]
     if "smc" in engines and not args.quick:  # SMC on the AR-HMM takes minutes: not in a smoke run
         hmm_engines.append("smc")
-        hmm_opts["smc"] = dict(num_particles=300)
+        hmm_opts["smc"] = dict(num_particles=300, progress_bar=show)
     cmp2 = bl.compare(post, hmm_engines, seeds=[args.seed], engine_options=hmm_opts,
                       progress_bar=show)
     cmp2.save(os.path.join(out, "cmapss"))
@@ -324,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="engine option")
     p.set_defaults(func=_cmd_sbc)
     args = parser.parse_args(argv)
+    from bayeslik.devices import use_cpu_cores
+
+    use_cpu_cores()  # NUTS chains side by side on the cores (before JAX starts)
     from bayeslik.errors import BayeslikError
 
     try:

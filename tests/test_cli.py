@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
+import jax
 import numpy as np
 import pytest
 
+import bayeslik as bl
 from bayeslik.cli import main
 
 SMALL = ["--set", "num_warmup=100", "--set", "num_samples=100", "--set", "num_chains=1",
@@ -106,3 +111,25 @@ def test_demo_quick_writes_both_parts(tmp_path, capsys):
     rul = pd.read_csv(out / "cmapss" / "rul.csv")
     assert set(rul["method"]) >= {"linear baseline", "AR-HMM (nuts)"}
     assert (out / "cmapss" / "rul.png").exists()
+
+
+def test_command_line_runs_use_one_cpu_device_per_core(capsys):
+    # a fresh process (JAX not started): one CPU device per core, so NUTS chains run side by
+    # side; the user's XLA_FLAGS device count is left alone
+    code = ("import bayeslik as bl; n = bl.use_cpu_cores(); import jax; "
+            "print(n, len(jax.devices('cpu')))")
+    cores = min(len(os.sched_getaffinity(0)), 8)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", code], env=dict(env, JAX_PLATFORMS="cpu"),
+                         capture_output=True, text=True, timeout=120, check=True).stdout.split()
+    assert out == ([str(cores), str(cores)] if cores >= 2 else ["0", "1"])
+    flags = "--xla_force_host_platform_device_count=3"
+    out = subprocess.run([sys.executable, "-c", code],
+                         env=dict(env, JAX_PLATFORMS="cpu", XLA_FLAGS=flags),
+                         capture_output=True, text=True, timeout=120, check=True).stdout.split()
+    assert out == ["0", "3"]
+    # in-process, once JAX is running, it changes nothing
+    jax.numpy.ones(1).block_until_ready()
+    before = len(jax.devices("cpu"))
+    assert bl.use_cpu_cores() == 0
+    assert len(jax.devices("cpu")) == before
