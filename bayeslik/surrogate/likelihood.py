@@ -12,7 +12,8 @@ The rules (all thresholds in :class:`SurrogateOptions`):
 1. **Learning.** Until the surrogate is switched in, every point goes to the true likelihood and
    is stored. Once ``num_initial`` points are stored, and again every ``retrain_every`` new true
    points (doubling the interval, up to 32x, while the network keeps failing), an ensemble is
-   trained on the most recent ``train_size`` of them. Inputs are the physical (constrained)
+   trained on ``train_size`` of them: the ``top_fraction`` share with the highest values of the
+   whole run (the live points and all else above the contour) and the most recent others. Inputs are the physical (constrained)
    parameter values by default, outputs the log-likelihood, both standardised. Targets below
    the ``clip_quantile`` of the window are clipped up to it: nested sampling needs values only
    above its contour, and everything far below only has to stay below. The first training runs
@@ -86,7 +87,9 @@ class SurrogateOptions:
     inputs : what the networks see: "physical", the constrained parameter values (flattened; a
         likelihood is usually smoothest there, e.g. quadratic for a Gaussian), or "cube", the
         unit-cube coordinates the sampler works in.
-    train_size : the most recent true points trained on (the arrays' fixed capacity).
+    train_size : the true points trained on (the arrays' fixed capacity).
+    top_fraction : the share of the window given to the highest log-likelihoods of the whole
+        run; the rest are the most recent points.
     val_fraction : share of the window held out for the accuracy check.
     contour_quantile : the held-out check uses held-out points above this quantile of the window.
     clip_quantile : training targets below this quantile of the window are clipped up to it.
@@ -117,6 +120,7 @@ class SurrogateOptions:
     num_initial: int | None = None
     inputs: str = "physical"
     train_size: int = 1000
+    top_fraction: float = 0.5
     val_fraction: float = 0.2
     contour_quantile: float = 0.5
     clip_quantile: float = 0.1
@@ -151,6 +155,8 @@ class SurrogateOptions:
             bad("inputs", '"physical" or "cube"')
         if int(self.train_size) < 50:
             bad("train_size", "an int >= 50")
+        if not 0 <= self.top_fraction < 1:
+            bad("top_fraction", "in [0, 1)")
         if not 0.05 <= self.val_fraction <= 0.5:
             bad("val_fraction", "in [0.05, 0.5]")
         if not 0 <= self.contour_quantile < 1:
@@ -343,15 +349,39 @@ class SurrogateLikelihood:
         self._next_train = len(self._y) + int(self.options.retrain_every)
         self.history.append((self.counters["num_true_calls"], "fallback", rmse))
 
+    def _window_rows(self) -> np.ndarray:
+        """Indices of the stored true points in the training window: the ``top_fraction *
+        train_size`` highest log-likelihoods of the whole run, then the most recent others.
+
+        The highest points are where the surrogate must be accurate (the live points and
+        everything above the current contour, however long ago they were evaluated); the
+        most recent ones are mostly rejected proposals below the contour, which teach the
+        networks where the likelihood falls away. A window of recent points only holds a small,
+        shrinking share of points above the contour as the run goes on.
+        """
+        o = self.options
+        total, cap = len(self._y), int(o.train_size)
+        if total <= cap:
+            return np.arange(total)
+        y = np.asarray(self._y, np.float64)
+        y = np.where(np.isfinite(y), y, -np.inf)
+        n_top = int(o.top_fraction * cap)
+        top = np.argpartition(-y, n_top)[:n_top] if n_top else np.zeros(0, int)
+        taken = np.zeros(total, bool)
+        taken[top] = True
+        recent = np.nonzero(~taken)[0][-(cap - n_top):]
+        return np.sort(np.concatenate([top, recent]))
+
     def _window(self):
         """The training window: inputs, clipped targets, train/validation/contour-check weights."""
         o = self.options
-        n = min(len(self._y), int(o.train_size))
+        rows = self._window_rows()
+        n = len(rows)
         cap = int(o.train_size)
         x = np.full((cap, len(self._x[0])), 0.5, np.float32)
         y_raw = np.full(cap, -np.inf)
-        x[:n] = np.asarray(self._x[-n:], np.float32)
-        y_raw[:n] = np.asarray(self._y[-n:], np.float64)
+        x[:n] = np.asarray([self._x[i] for i in rows], np.float32)
+        y_raw[:n] = np.asarray(self._y, np.float64)[rows]
         finite = np.isfinite(y_raw[:n])
         vals = y_raw[:n][finite]
         floor = float(np.quantile(vals, o.clip_quantile)) if vals.size else 0.0

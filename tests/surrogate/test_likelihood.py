@@ -125,6 +125,31 @@ def test_finalize_guard_corrects_a_biased_surrogate_and_flags(seed):
     assert extra["guard_correction"] == pytest.approx(-0.5, abs=1e-9)
 
 
+def test_window_keeps_the_highest_points_of_the_whole_run(no_jit):
+    # a run whose contour rises: the best points came early, the recent ones are rejected
+    # proposals far below; a window of recent points only would have lost every high point
+    wrapper = SurrogateLikelihood(SurrogateOptions(**{**FAST, "train_size": 100}), num_live=50)
+    wrapper(smooth, None, jax.random.key(0))
+    y = np.concatenate([np.linspace(-1.0, 0.0, 60), np.full(500, -50.0), [np.nan, -np.inf]])
+    wrapper._x = list(np.arange(len(y), dtype=float)[:, None])
+    wrapper._y = list(y)
+    rows = wrapper._window_rows()
+    assert len(rows) == 100 and len(set(rows)) == 100
+    top = int(wrapper.options.top_fraction * 100)
+    # the top_fraction share: the highest values anywhere in the run ...
+    np.testing.assert_array_equal(np.sort(rows[rows < 60])[-top:], np.arange(60 - top, 60))
+    # ... and the rest the most recent points (the non-finite ones included: they teach "low")
+    np.testing.assert_array_equal(rows[-(100 - top):], np.arange(len(y) - (100 - top), len(y)))
+    wrapper._y_ref, wrapper._full_acc = 0.0, 5.0
+    x, yw, *_ , n = wrapper._window()
+    assert n == 100 and yw.max() == 0.0
+    # a short run: every point is in the window
+    wrapper._x, wrapper._y = wrapper._x[:30], wrapper._y[:30]
+    np.testing.assert_array_equal(wrapper._window_rows(), np.arange(30))
+    with pytest.raises(EngineError, match="top_fraction"):
+        SurrogateOptions(top_fraction=1.0)
+
+
 def test_options_are_validated_before_anything_runs(no_jit):
     with pytest.raises(EngineError, match="rmse_max"):
         SurrogateOptions(rmse_max=-0.1)
