@@ -422,6 +422,39 @@ def test_nuts_recovers_hawkes_parameters(hawkes_fit):
     assert time.perf_counter() - t0 < 30
 
 
+def _agree(nuts, fit, names, shapes, ess_other):
+    """Posterior means of ``fit`` within 4.5 Monte Carlo errors of NUTS's (errors from the
+    posterior sd, NUTS's ESS of >= 150 and ``ess_other`` for the other engine)."""
+    for name in names:
+        a = nuts.draws(name).reshape((-1,) + shapes[name])
+        b = fit.draws(name).reshape((-1,) + shapes[name])
+        err = a.std(0) * np.sqrt(1 / 150 + 1 / ess_other)
+        assert np.all(np.abs(a.mean(0) - b.mean(0)) < 4.5 * err), \
+            f"{fit.engine} {name}: {b.mean(0)} vs NUTS {a.mean(0)} (sd {a.std(0)})"
+
+
+def test_smc_agrees_with_nuts_on_hawkes(hawkes_fit):
+    # the TPP programs are plain NumPyro programs: the particle engine runs them as they are,
+    # and the unit-cube transform the nested engines need exists (Gamma / LogNormal priors)
+    truth, d, post, nuts = hawkes_fit
+    smc = bl.fit(post, "smc", seed=SEED, num_particles=400, kernel="rwm", progress_bar=False)
+    # 400 resampled-and-moved particles: count them as 100 independent draws
+    _agree(nuts, smc, tpp.HAWKES_SITES, {k: v.shape for k, v in truth.items()}, ess_other=100)
+    assert np.isfinite(smc.log_evidence)
+    u = np.random.default_rng(SEED).uniform(size=(3, post.ndim))
+    assert np.all(np.isfinite([float(post.logdensity(post.prior_transform(x))) for x in u]))
+
+
+@pytest.mark.slow
+def test_nested_sampling_agrees_with_nuts_and_smc_on_hawkes(hawkes_fit):
+    truth, d, post, nuts = hawkes_fit
+    nss = bl.fit(post, "nss", seed=SEED, num_live=200, progress_bar=False)
+    smc = bl.fit(post, "smc", seed=SEED, num_particles=400, num_runs=2, progress_bar=False)
+    _agree(nuts, nss, tpp.HAWKES_SITES, {k: v.shape for k, v in truth.items()}, ess_other=150)
+    assert abs(smc.log_evidence - nss.log_evidence) < 4 * np.hypot(smc.log_evidence_err,
+                                                                     nss.log_evidence_err)
+
+
 @pytest.mark.slow
 def test_nuts_recovers_the_mark_dependent_mixture_predictive(seed):
     """Mixture components switch labels, so the check is on label-free quantities: p(m | h = 0)
