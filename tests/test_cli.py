@@ -133,3 +133,9 @@ def test_command_line_runs_use_one_cpu_device_per_core(capsys):
     before = len(jax.devices("cpu"))
     assert bl.use_cpu_cores() == 0
     assert len(jax.devices("cpu")) == before
+
+
+def test_demo_rejects_an_unknown_cmapss_engine(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--cmapss-engines", "nuts", "hmc"])
+    assert e.value.code == 2 and "invalid choice: 'hmc'" in capsys.readouterr().err
