@@ -262,9 +262,12 @@ def _cmd_demo(args) -> int:
             preds[f"AR-HMM ({e})"] = cmapss.predict_rul(cmp2[e], te, K,
                                                         num_draws=50 if args.quick else 200)
     rows = []
+    num_train = int(d["train"]["unit"].nunique())
     for name, p in preds.items():
         s = cmapss.rul_score(d["rul"], p["rul"].to_numpy())
-        rows.append({"method": name, "rmse": round(s["rmse"], 2), "phm08": round(s["phm08"], 1),
+        used = num_train if name == "linear baseline" else units
+        rows.append({"method": name, "train_units": used,
+                     "rmse": round(s["rmse"], 2), "phm08": round(s["phm08"], 1),
                      "coverage_90": float(np.mean((truth >= p["lower"]) & (truth <= p["upper"]))),
                      "mean_interval_width": round(float(np.mean(p["upper"] - p["lower"])), 1)})
     table = pd.DataFrame(rows)
@@ -284,6 +287,14 @@ def _cmd_demo(args) -> int:
     fig.savefig(os.path.join(out, "cmapss", "rul.png"), dpi=110)
     plt.close(fig)
     print("\n" + table.to_string(index=False))
+    print(f"(the AR-HMM learns from {units} run-to-failure engines here, the baseline from all "
+          f"{num_train}; benchmarks/cmapss_rul.py fits 20)")
+    for _, r in cmp2.table.iterrows():
+        if r["status"] == "ok" and r["rhat_max"] > 1.05:
+            print(f"bayeslik demo: note: the C-MAPSS {r['engine']} chains disagree (max R-hat "
+                  f"{r['rhat_max']:.2f}): a chain can get stuck in a poorer mode (seen: one where "
+                  "a stage is never used); try another --seed, see cmapss/marginals.png",
+                  file=sys.stderr)
     print(f"\nwritten: {out}/reference/ (table.csv, figures, fits) and {out}/cmapss/ "
           "(table.csv, rul.csv, rul.png, figures, fits)")
     failed = pd.concat([cmp.table, cmp2.table])
