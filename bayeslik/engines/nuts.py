@@ -431,8 +431,11 @@ def _run(posteriors, rng_keys, config: NUTSConfig) -> list[Fit]:
                 f"JAX processes (jax.distributed); use a multiple of {num_procs}.")
         own = np.arange(proc * C // num_procs, (proc + 1) * C // num_procs)
     mesh = None
-    if not sequential and len(devices) > 1 and len(own) % len(devices) == 0:
-        mesh = jax.sharding.Mesh(np.array(devices), ("chain",))
+    if not sequential and len(devices) > 1:
+        # the most devices that take equal shares of the chains (4 chains on 8 CPU cores: 4)
+        k = max(d for d in range(1, min(len(devices), len(own)) + 1) if len(own) % d == 0)
+        if k > 1:
+            mesh = jax.sharding.Mesh(np.array(devices[:k]), ("chain",))
     groups = [[int(c)] for c in own] if sequential else [[int(c) for c in own]]
     progs = _programs(posterior, config, mesh, batched)
     compile_before = progs.compile_s

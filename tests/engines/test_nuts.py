@@ -180,3 +180,10 @@ def test_chains_spread_over_devices():
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ok 4" in out.stdout
+    # more devices than chains divide: 4 chains on 3 devices use 2 of them (before: none)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=3"
+    code = code.replace("len(jax.devices()) == 2", "len(jax.devices()) == 3")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ok 4" in out.stdout
