@@ -23,7 +23,7 @@ Run: ``python benchmarks/tpp_events.py`` (``--quick`` for a smoke run; ``--datas
 x.csv`` for part of it and ``--merge x.csv y.csv`` to combine parts). Writes
 benchmarks/results/tpp_events.csv after every fit. NUTS 2 chains x (200 warmup + 200 draws),
 max_tree_depth 7, 2 mixture components, length buckets at 48/128 events; the two chains run
-side by side on two JAX CPU devices (unless XLA_FLAGS says otherwise). ``--models`` fits only
+side by side on JAX CPU devices (``bl.use_cpu_cores()``). ``--models`` fits only
 some of the models (e.g. to complete a table). Wall times (docs/tpp.md) were measured next to
 other jobs: 70-555 s per fit, 2000 s for a mixture on ``hawkes1`` at load average 10-17.
 """
@@ -35,10 +35,6 @@ import os
 import sys
 import time
 
-# two CPU devices by default, so that NUTS runs its two chains side by side (a chain never
-# waits for the other's tree); set XLA_FLAGS yourself to choose otherwise
-if "XLA_FLAGS" not in os.environ:
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 
 import jax
 import numpy as np
@@ -160,6 +156,9 @@ def main(argv=None):
     ap.add_argument("--out", default=RESULTS)
     ap.add_argument("--merge", nargs="+", help="only merge these CSVs into --out")
     args = ap.parse_args(argv)
+    # one CPU device per core, so NUTS runs its chains side by side (no chain waits for the
+    # other's tree); before JAX computes anything
+    bl.use_cpu_cores()
     if args.merge:
         return merge(args.merge, args.out)
     opts = dict(num_warmup=args.num_warmup, num_samples=args.num_samples, num_chains=args.num_chains,
