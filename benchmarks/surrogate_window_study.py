@@ -50,8 +50,7 @@ def score(U, Y, n, mode, top_fraction, num_live=300, arch=net.Architecture(64, 3
                             top_fraction=top_fraction if mode == "top" else 0.0)
     w = SurrogateLikelihood(opts, num_live=num_live)
     w(lambda u: None, None, jax.random.key(0))
-    d = U.shape[1]
-    w._full_acc = d / 2 + 3 * np.sqrt(d / 2) + 3
+    w._full_acc = opts.full_accuracy(U.shape[1])
     w._x, w._y, w._y_ref = list(U[:n]), list(Y[:n]), float(Y[:n].max())
     x, y, w_train, w_check, check, _, _ = w._window()
     ens, _ = net.train_ensemble(jax.random.key(1), x, y, w_train, w_check, arch, num_members=4,

@@ -13,8 +13,9 @@ The rules (all thresholds in :class:`SurrogateOptions`):
    is stored. Once ``num_initial`` points are stored, and again every ``retrain_every`` new true
    points (doubling the interval, up to 32x, while the network keeps failing), an ensemble is
    trained on ``train_size`` of them: the ``top_fraction`` share with the highest values of the
-   whole run (the live points and all else above the contour) and the most recent others. Inputs are the physical (constrained)
-   parameter values by default, outputs the log-likelihood, both standardised. Targets below
+   whole run (the live points and all else above the contour) and the most recent others.
+   Inputs are the physical (constrained) parameter values by default, outputs the
+   log-likelihood, both standardised. Targets below
    the ``clip_quantile`` of the window are clipped up to it: nested sampling needs values only
    above its contour, and everything far below only has to stay below. The first training runs
    a successive-halving search over architectures (``widths`` x ``depths`` x
@@ -189,6 +190,13 @@ class SurrogateOptions:
         if any(not lr > 0 for lr in self.learning_rates):
             bad("learning_rates", "positive floats")
 
+    def full_accuracy(self, ndim: int) -> float:
+        """``full_accuracy_nats``, or its default for ``ndim`` parameters: ``ndim / 2 + 3
+        sqrt(ndim / 2) + 3``, the bulk of a Gaussian posterior's log-likelihood values."""
+        if self.full_accuracy_nats is not None:
+            return float(self.full_accuracy_nats)
+        return float(ndim / 2 + 3 * np.sqrt(ndim / 2) + 3)
+
     def candidates(self) -> list[_net.Architecture]:
         return [_net.Architecture(int(w), int(d), float(lr))
                 for w in self.widths for d in self.depths for lr in self.learning_rates]
@@ -304,9 +312,7 @@ class SurrogateLikelihood:
             u = u[None]
         self.counters["num_points"] += len(u)
         if self._full_acc is None:
-            d = u.shape[1]
-            fa = self.options.full_accuracy_nats
-            self._full_acc = float(d / 2 + 3 * np.sqrt(d / 2) + 3 if fa is None else fa)
+            self._full_acc = self.options.full_accuracy(u.shape[1])
         o = self.options
         x = self._inputs(u)
         if not self._active:
@@ -349,7 +355,7 @@ class SurrogateLikelihood:
         self._next_train = len(self._y) + int(self.options.retrain_every)
         self.history.append((self.counters["num_true_calls"], "fallback", rmse))
 
-    def _window_rows(self) -> np.ndarray:
+    def _window_rows(self, y: np.ndarray) -> np.ndarray:
         """Indices of the stored true points in the training window: the ``top_fraction *
         train_size`` highest log-likelihoods of the whole run, then the most recent others.
 
@@ -357,13 +363,13 @@ class SurrogateLikelihood:
         everything above the current contour, however long ago they were evaluated); the
         most recent ones are mostly rejected proposals below the contour, which teach the
         networks where the likelihood falls away. A window of recent points only holds a small,
-        shrinking share of points above the contour as the run goes on.
+        shrinking share of points above the contour as the run goes on. ``y``: every stored
+        true value, in order.
         """
         o = self.options
-        total, cap = len(self._y), int(o.train_size)
+        total, cap = len(y), int(o.train_size)
         if total <= cap:
             return np.arange(total)
-        y = np.asarray(self._y, np.float64)
         y = np.where(np.isfinite(y), y, -np.inf)
         n_top = int(o.top_fraction * cap)
         top = np.argpartition(-y, n_top)[:n_top] if n_top else np.zeros(0, int)
@@ -375,13 +381,14 @@ class SurrogateLikelihood:
     def _window(self):
         """The training window: inputs, clipped targets, train/validation/contour-check weights."""
         o = self.options
-        rows = self._window_rows()
+        y_all = np.asarray(self._y, np.float64)
+        rows = self._window_rows(y_all)
         n = len(rows)
         cap = int(o.train_size)
         x = np.full((cap, len(self._x[0])), 0.5, np.float32)
         y_raw = np.full(cap, -np.inf)
         x[:n] = np.asarray([self._x[i] for i in rows], np.float32)
-        y_raw[:n] = np.asarray(self._y, np.float64)[rows]
+        y_raw[:n] = y_all[rows]
         finite = np.isfinite(y_raw[:n])
         vals = y_raw[:n][finite]
         floor = float(np.quantile(vals, o.clip_quantile)) if vals.size else 0.0

@@ -133,7 +133,7 @@ def test_window_keeps_the_highest_points_of_the_whole_run(no_jit):
     y = np.concatenate([np.linspace(-1.0, 0.0, 60), np.full(500, -50.0), [np.nan, -np.inf]])
     wrapper._x = list(np.arange(len(y), dtype=float)[:, None])
     wrapper._y = list(y)
-    rows = wrapper._window_rows()
+    rows = wrapper._window_rows(y)
     assert len(rows) == 100 and len(set(rows)) == 100
     top = int(wrapper.options.top_fraction * 100)
     # the top_fraction share: the highest values anywhere in the run ...
@@ -145,7 +145,7 @@ def test_window_keeps_the_highest_points_of_the_whole_run(no_jit):
     assert n == 100 and yw.max() == 0.0
     # a short run: every point is in the window
     wrapper._x, wrapper._y = wrapper._x[:30], wrapper._y[:30]
-    np.testing.assert_array_equal(wrapper._window_rows(), np.arange(30))
+    np.testing.assert_array_equal(wrapper._window_rows(y[:30]), np.arange(30))
     with pytest.raises(EngineError, match="top_fraction"):
         SurrogateOptions(top_fraction=1.0)
 
@@ -160,6 +160,8 @@ def test_options_are_validated_before_anything_runs(no_jit):
     with pytest.raises(EngineError, match="inputs"):
         SurrogateOptions(inputs="latent")
     hash(SurrogateOptions())  # hashable
+    assert SurrogateOptions().full_accuracy(2) == pytest.approx(7.0)  # 1 + 3 * 1 + 3
+    assert SurrogateOptions(full_accuracy_nats=4.0).full_accuracy(10) == 4.0
     w = SurrogateLikelihood(SurrogateOptions(**FAST))
     w(lambda u: smooth(u), None, jax.random.key(0))
     with pytest.raises(EngineError, match="one run"):
