@@ -309,13 +309,17 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def _check_args(y, num_components, covariance, likelihood, ordered, df, concentration,
-                loc, scale) -> tuple[int, int, int, bool]:
-    """(N, D, K, univariate); ValueError naming the argument, before anything is compiled."""
+def _check_choices(covariance, likelihood) -> None:
     if covariance not in COVARIANCES:
         raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
     if likelihood not in LIKELIHOODS:
         raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+
+
+def _check_args(y, num_components, covariance, likelihood, ordered, df, concentration,
+                loc, scale) -> tuple[int, int, int, bool]:
+    """(N, D, K, univariate); ValueError naming the argument, before anything is compiled."""
+    _check_choices(covariance, likelihood)
     if (not isinstance(num_components, (int, np.integer)) or isinstance(num_components, bool)
             or num_components < 1):
         raise ValueError(f"num_components must be a positive int (K >= 1), got {num_components!r}")
@@ -462,10 +466,7 @@ def simulate(rng_key, num_points: int, num_components: int = 3, dim: int = 2,
     >>> out["y"].shape, out["labels"].shape
     ((100, 2), (100,))
     """
-    if covariance not in COVARIANCES:
-        raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
-    if likelihood not in LIKELIHOODS:
-        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+    _check_choices(covariance, likelihood)
     rng = _np_rng(rng_key)
     K, D, N = int(num_components), int(dim), int(num_points)
     w = np.full(K, 1.0 / K) if weights is None else np.asarray(weights, float)

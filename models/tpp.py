@@ -625,8 +625,10 @@ def _lnm_sample_one(key, params, t_start, t_end, num_slots: int):
     return jnp.where(n > num_slots, jnp.nan, tb), mb, mask
 
 
-def _lnm_priors(num_marks: int, num_components: int, mark_dependent: bool, time_scale: float):
-    M, K = num_marks, num_components
+def _lnm_priors(num_marks: int, num_components, mark_dependent: bool, time_scale: float):
+    if not isinstance(num_components, (int, np.integer)) or num_components < 1:
+        raise ValueError(f"num_components must be a positive int, got {num_components!r}")
+    M, K = int(num_marks), int(num_components)
     Md = M if mark_dependent else 1
     r = 1.0 / time_scale
 
@@ -660,9 +662,7 @@ def lognormmix(times, marks, mask, t_start, t_end, *, num_marks: int, num_compon
     31
     """
     _check_args(times, marks, mask, t_start, t_end, num_marks, time_scale)
-    if not isinstance(num_components, (int, np.integer)) or num_components < 1:
-        raise ValueError(f"num_components must be a positive int, got {num_components!r}")
-    params = _lnm_priors(int(num_marks), int(num_components), bool(mark_dependent), float(time_scale))
+    params = _lnm_priors(int(num_marks), num_components, bool(mark_dependent), float(time_scale))
     _lnm_observe("events", params, times, marks, mask, t_start, t_end, time_scale, method)
 
 
@@ -741,9 +741,7 @@ def lognormmix_buckets(*, num_marks: int, num_buckets: int, num_components: int 
     groups = _buckets(arrays, num_buckets)
     for g in groups:
         _check_args(*g, num_marks, time_scale)
-    if not isinstance(num_components, (int, np.integer)) or num_components < 1:
-        raise ValueError(f"num_components must be a positive int, got {num_components!r}")
-    params = _lnm_priors(int(num_marks), int(num_components), bool(mark_dependent), float(time_scale))
+    params = _lnm_priors(int(num_marks), num_components, bool(mark_dependent), float(time_scale))
     for b, g in enumerate(groups):
         _lnm_observe(f"events_{b}", params, *g, time_scale, method)
 

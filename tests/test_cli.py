@@ -113,7 +113,7 @@ def test_demo_quick_writes_both_parts(tmp_path, capsys):
     assert (out / "cmapss" / "rul.png").exists()
 
 
-def test_command_line_runs_use_one_cpu_device_per_core(capsys):
+def test_command_line_runs_use_one_cpu_device_per_core():
     # a fresh process (JAX not started): one CPU device per core, so NUTS chains run side by
     # side; the user's XLA_FLAGS device count is left alone
     code = ("import bayeslik as bl; n = bl.use_cpu_cores(); import jax; "
