@@ -89,7 +89,7 @@ NestedSurrogateConfig.__doc__ = (
     "Settings of the nested+surrogate engine: every option of NestedConfig (num_live, dynamic, "
     "bound, sample, dlogz, batch, checkpoint_file, progress_bar, ...) and every option of "
     "SurrogateOptions (num_initial, train_size, rmse_max, spread_max, recheck_every, "
-    "fallback_rmse, retrain_every, num_members, search, widths, depths, learning_rates, "
+    "fallback_rmse, retrain_every, num_members, search, kinds, widths, depths, learning_rates, "
     "guard_num_points, guard_max_correction, ...), with the same names and defaults. "
     "Frozen and hashable; each half is validated on construction.\n\n"
     "Example: NestedSurrogateConfig(num_live=400, rmse_max=0.05, guard_num_points=300)"

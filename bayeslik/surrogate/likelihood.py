@@ -18,8 +18,9 @@ The rules (all thresholds in :class:`SurrogateOptions`):
    log-likelihood, both standardised. Targets below
    the ``clip_quantile`` of the window are clipped up to it: nested sampling needs values only
    above its contour, and everything far below only has to stay below. The first training runs
-   a successive-halving search over architectures (``widths`` x ``depths`` x
-   ``learning_rates``).
+   a successive-halving search over architectures (``kinds`` x ``widths`` x ``depths`` x
+   ``learning_rates``; the kinds are one MLP on all inputs, or a sum of one MLP per input, which
+   is exact for a likelihood that factorises over the parameters).
 2. **Tolerance.** Accuracy matters where the posterior mass is. A point whose log-likelihood is
    ``g`` nats below the highest one seen is held to ``s(g) * rmse_max`` with
    ``s(g) = 1 + rel_tol / rmse_max * max(0, g - full_accuracy_nats)``: full accuracy in the
@@ -110,9 +111,11 @@ class SurrogateOptions:
     retrain_every : new true points between (re)trainings.
     num_members : networks in the ensemble.
     train_steps : most AdamW steps per training (early stopping on the held-out points).
-    search : run the successive-halving search at the first training (else ``widths[0]``,
-        ``depths[0]``, ``learning_rates[0]``).
-    widths, depths, learning_rates : the search grid.
+    search : run the successive-halving search at the first training (else ``kinds[0]``,
+        ``widths[0]``, ``depths[0]``, ``learning_rates[0]``).
+    kinds, widths, depths, learning_rates : the search grid; kinds are "mlp" (one network on all
+        inputs) and "additive" (one network of that width and depth per input, summed:
+        :class:`bayeslik.surrogate.network.AdditiveMLP`).
     search_min_steps : the budget of the search's first rung.
     guard_num_points : posterior points re-weighted by the guard (0: no guard).
     guard_max_correction, guard_min_ess_fraction : when the guard flags the fit.
@@ -136,6 +139,7 @@ class SurrogateOptions:
     num_members: int = 4
     train_steps: int = 2000
     search: bool = True
+    kinds: tuple[str, ...] = ("mlp", "additive")
     widths: tuple[int, ...] = (64, 32)
     depths: tuple[int, ...] = (3, 2)
     learning_rates: tuple[float, ...] = (1e-2, 3e-3)
@@ -181,10 +185,12 @@ class SurrogateOptions:
             bad("guard_num_points", "0 (no guard) or an int >= 2")
         if not 0 <= self.guard_min_ess_fraction <= 1:
             bad("guard_min_ess_fraction", "in [0, 1]")
-        for name in ("widths", "depths", "learning_rates"):
+        for name in ("kinds", "widths", "depths", "learning_rates"):
             v = getattr(self, name)
             if not isinstance(v, tuple) or not v:
                 bad(name, "a non-empty tuple (tuples keep the config hashable)")
+        if any(k not in _net.KINDS for k in self.kinds):
+            bad("kinds", f"a tuple of {_net.KINDS}")
         if any(int(w) < 1 for w in self.widths) or any(int(d) < 1 for d in self.depths):
             bad("widths", "positive ints (and depths too)")
         if any(not lr > 0 for lr in self.learning_rates):
@@ -198,7 +204,7 @@ class SurrogateOptions:
         return float(ndim / 2 + 3 * np.sqrt(ndim / 2) + 3)
 
     def candidates(self) -> list[_net.Architecture]:
-        return [_net.Architecture(int(w), int(d), float(lr))
+        return [_net.Architecture(int(w), int(d), float(lr), k) for k in self.kinds
                 for w in self.widths for d in self.depths for lr in self.learning_rates]
 
 
@@ -420,7 +426,8 @@ class SurrogateLikelihood:
                 self._arch = res.best
                 self.counters["search_s"] += time.perf_counter() - ts
                 self.counters["search_table"] = [
-                    (r, a.width, a.depth, a.learning_rate, s, e) for r, a, s, e in res.table]
+                    (r, a.kind, a.width, a.depth, a.learning_rate, s, e)
+                    for r, a, s, e in res.table]
             else:
                 self._arch = o.candidates()[0]
             self.counters["architecture"] = dataclasses.asdict(self._arch)

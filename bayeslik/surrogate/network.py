@@ -2,15 +2,19 @@
 
 The building blocks of the likelihood surrogate, usable on their own:
 
-* :class:`Architecture` — width, depth and learning rate of one network.
+* :class:`Architecture` — kind, width, depth and learning rate of one network. Two kinds:
+  ``"mlp"``, a multilayer perceptron on all inputs, and ``"additive"``, a sum of one small MLP per
+  input, ``f(x) = sum_j f_j(x_j) + b`` (a neural additive model, Agarwal et al. 2021): exact for
+  likelihoods that factorise over the parameters (independent data blocks, products of
+  marginals), where it needs far fewer points than an MLP to reach the same accuracy.
 * :func:`fit_scaler` — standardisation of inputs and outputs from the training points.
 * :func:`train_ensemble` — trains ``num_members`` networks of one architecture at once (they are
   stacked on a leading axis and trained in one vmapped, jitted loop), full-batch Adam(W) with
   early stopping on a held-out set; returns an :class:`Ensemble`.
 * :func:`predict` — ensemble mean and spread (standard deviation over members) in the original
   units (nats).
-* :func:`search_architecture` — successive halving over a grid of architectures and learning
-  rates (Jamieson & Talwalkar 2016): every candidate is trained for a small budget, the best
+* :func:`search_architecture` — successive halving over a grid of kinds, architectures and
+  learning rates (Jamieson & Talwalkar 2016): every candidate is trained for a small budget, the best
   third (by held-out RMSE) get three times the budget, and so on until one remains.
 
 All training arrays have a fixed capacity, rows not in use having weight 0, so one architecture
@@ -48,19 +52,60 @@ __all__ = [
 ]
 
 
+KINDS = ("mlp", "additive")
+
+
 @dataclass(frozen=True)
 class Architecture:
-    """One network design: hidden ``width``, number of hidden layers ``depth``, Adam's step size."""
+    """One network design: hidden ``width``, number of hidden layers ``depth``, Adam's step size,
+    and the ``kind``: ``"mlp"`` (one MLP on all inputs) or ``"additive"`` (one MLP of this width
+    and depth per input, summed)."""
 
     width: int
     depth: int
     learning_rate: float
+    kind: str = "mlp"
 
     def __post_init__(self) -> None:
         if int(self.width) < 1 or int(self.depth) < 1 or not self.learning_rate > 0:
             raise ValueError(
                 f"Architecture needs width >= 1, depth >= 1 and learning_rate > 0, got {self}."
             )
+        if self.kind not in KINDS:
+            raise ValueError(f"Architecture kind must be one of {KINDS}, got {self.kind!r}.")
+
+
+class AdditiveMLP(eqx.Module):
+    """``f(x) = sum_j f_j(x_j) + b``: one scalar-to-scalar MLP per input, stored as stacked
+    weights so the ``d`` small networks run as batched matrix products.
+
+    ``depth`` hidden layers of ``width`` units (SiLU), as :class:`equinox.nn.MLP` counts them;
+    weights initialised like :class:`equinox.nn.Linear` (uniform, bound ``1 / sqrt(fan_in)``).
+    """
+
+    w_in: jax.Array  # (d, width)
+    b_in: jax.Array  # (d, width)
+    w_hidden: tuple  # (d, width, width) each
+    b_hidden: tuple  # (d, width) each
+    w_out: jax.Array  # (d, width)
+    b_out: jax.Array  # ()
+
+    def __init__(self, in_size: int, width: int, depth: int, *, key: jax.Array) -> None:
+        d, h = int(in_size), int(width)
+        keys = jax.random.split(key, 2 * depth + 2)
+        u = lambda k, shape, fan_in: jax.random.uniform(  # noqa: E731
+            k, shape, minval=-1.0, maxval=1.0) / math.sqrt(fan_in)
+        self.w_in, self.b_in = u(keys[0], (d, h), 1), u(keys[1], (d, h), 1)
+        self.w_hidden = tuple(u(keys[2 + 2 * i], (d, h, h), h) for i in range(depth - 1))
+        self.b_hidden = tuple(u(keys[3 + 2 * i], (d, h), h) for i in range(depth - 1))
+        self.w_out = u(keys[-2], (d, h), h)
+        self.b_out = u(keys[-1], (), h)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        z = jax.nn.silu(x[:, None] * self.w_in + self.b_in)
+        for w, b in zip(self.w_hidden, self.b_hidden):
+            z = jax.nn.silu(jnp.einsum("dh,dhk->dk", z, w) + b)
+        return jnp.sum(z * self.w_out) + self.b_out
 
 
 class Scaler(NamedTuple):
@@ -73,9 +118,9 @@ class Scaler(NamedTuple):
 
 
 class Ensemble(NamedTuple):
-    """``num_members`` MLPs stacked on a leading axis, with the scaler they were trained under."""
+    """``num_members`` networks stacked on a leading axis, with the scaler they were trained under."""
 
-    models: eqx.nn.MLP
+    models: eqx.Module
     scaler: Scaler
     architecture: Architecture
     num_members: int
@@ -118,10 +163,13 @@ def fit_scaler(x: np.ndarray, y: np.ndarray, weights: np.ndarray) -> Scaler:
     )
 
 
-def _make_stack(rng_key: jax.Array, in_size: int, arch: Architecture, num: int) -> eqx.nn.MLP:
+def _make_stack(rng_key: jax.Array, in_size: int, arch: Architecture, num: int) -> eqx.Module:
     keys = jax.random.split(rng_key, num)
-    make = lambda k: eqx.nn.MLP(in_size, "scalar", int(arch.width), int(arch.depth),
-                                activation=jax.nn.silu, key=k)
+    if arch.kind == "additive":
+        make = lambda k: AdditiveMLP(in_size, int(arch.width), int(arch.depth), key=k)  # noqa: E731
+    else:
+        make = lambda k: eqx.nn.MLP(in_size, "scalar", int(arch.width), int(arch.depth),  # noqa: E731
+                                    activation=jax.nn.silu, key=k)
     return eqx.filter_vmap(make)(keys)
 
 
@@ -291,9 +339,9 @@ def search_architecture(rng_key: jax.Array, x: np.ndarray, y: np.ndarray, w_trai
     """Successive halving over ``candidates``, ranked by held-out RMSE of one network each.
 
     Rung r trains the surviving candidates for ``min_steps * eta**r`` steps (with early
-    stopping inside the budget), keeps the best ``ceil(n / eta)`` and repeats until one is left.
-    Candidates of one (width, depth) are trained together (stacked, each with its own learning
-    rate), so the search compiles once per (width, depth). Survivors continue from the
+    stopping inside the budget), keeps the best ``ceil(n / eta)`` and repeats until one is left
+    (which is not trained further). Candidates of one (kind, width, depth) are trained together (stacked, each with its own learning
+    rate), so the search compiles once per (kind, width, depth). Survivors continue from the
     parameters they reached (no restart), as in Hyperband's successive halving.
     """
     if not candidates:
@@ -303,9 +351,9 @@ def search_architecture(rng_key: jax.Array, x: np.ndarray, y: np.ndarray, w_trai
     if scaler is None:
         scaler = fit_scaler(x, y, w_train)
     xs, ys = _standardise(x, y, scaler)
-    groups: dict[tuple[int, int], list[Architecture]] = {}
+    groups: dict[tuple[str, int, int], list[Architecture]] = {}
     for c in candidates:
-        groups.setdefault((int(c.width), int(c.depth)), []).append(c)
+        groups.setdefault((c.kind, int(c.width), int(c.depth)), []).append(c)
     # state per group: models, opt states, candidates in stack order
     state = {}
     keys = jax.random.split(rng_key, len(groups))
@@ -339,5 +387,7 @@ def search_architecture(rng_key: jax.Array, x: np.ndarray, y: np.ndarray, w_trai
             break
         alive.sort(key=lambda a: score[a])
         alive = alive[: max(1, math.ceil(len(alive) / eta))]
+        if len(alive) == 1:  # the caller trains the chosen design's ensemble from scratch
+            break
         rung += 1
     return SearchResult(alive[0], table, trainings)

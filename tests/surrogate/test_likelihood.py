@@ -159,6 +159,9 @@ def test_options_are_validated_before_anything_runs(no_jit):
         SurrogateOptions(widths=[32, 64])
     with pytest.raises(EngineError, match="inputs"):
         SurrogateOptions(inputs="latent")
+    with pytest.raises(EngineError, match="kinds"):
+        SurrogateOptions(kinds=("mlp", "transformer"))
+    assert {a.kind for a in SurrogateOptions().candidates()} == {"mlp", "additive"}
     hash(SurrogateOptions())  # hashable
     assert SurrogateOptions().full_accuracy(2) == pytest.approx(7.0)  # 1 + 3 * 1 + 3
     assert SurrogateOptions(full_accuracy_nats=4.0).full_accuracy(10) == 4.0
