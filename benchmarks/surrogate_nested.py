@@ -57,7 +57,7 @@ PROBLEMS = {
 
 FIELDS = ["problem", "engine", "seed", "num_live", "true_calls", "surrogate_calls",
           "true_call_fraction", "wall_s", "train_s", "log_evidence", "log_evidence_err",
-          "truth", "abs_logz_error", "guard_correction", "flags"]
+          "truth", "abs_logz_error", "guard_correction", "network", "flags"]
 
 
 def main() -> None:
@@ -100,6 +100,7 @@ def main() -> None:
                     abs_logz_error="" if ref is None else round(abs(fit.log_evidence - ref), 4),
                     guard_correction=round(e["guard_correction"], 4) if "guard_correction" in e
                     else "",
+                    network=_network(e.get("architecture")),
                     flags=" | ".join(fit.flags),
                 )
                 emit(rows, row, args.out)
@@ -121,8 +122,15 @@ def main() -> None:
                             train_s="", log_evidence=round(logz, 4), log_evidence_err="",
                             truth="" if truth is None else round(truth, 4),
                             abs_logz_error="" if ref is None else round(abs(logz - ref), 4),
-                            guard_correction="",
+                            guard_correction="", network="",
                             flags=note), args.out)
+
+
+def _network(arch) -> str:
+    """The surrogate's chosen design, e.g. 'additive 32x3 lr 0.01' ('' for plain runs)."""
+    if not arch:
+        return ""
+    return f"{arch['kind']} {arch['width']}x{arch['depth']} lr {arch['learning_rate']:g}"
 
 
 def emit(rows, row, out) -> None:

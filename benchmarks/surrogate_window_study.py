@@ -13,7 +13,8 @@ Each is scored twice: by the surrogate's own held-out check (RMS of error / s on
 points above the window's median) and on the points the run evaluated *afterwards* (the next
 1,500) that lie above the contour of the time (approximated by the 300th-highest value so
 far): the points the surrogate must get right. Run: ``python benchmarks/surrogate_window_study.py
-[--top-fraction 0.7]``; figures in docs/surrogates.md.
+[--top-fraction 0.7] [--kind additive --width 32 --depth 2 --lr 0.003] [--windows top]``;
+figures in docs/surrogates.md.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def record_run(num_live: int = 300, seed: int = 0):
     return np.concatenate([r[0] for r in rec]), np.concatenate([r[1] for r in rec])
 
 
-def score(U, Y, n, mode, top_fraction, num_live=300, arch=net.Architecture(64, 3, 1e-2)):
+def score(U, Y, n, mode, top_fraction, arch, num_live=300):
     opts = SurrogateOptions(inputs="cube", train_size=1000,
                             top_fraction=top_fraction if mode == "top" else 0.0)
     w = SurrogateLikelihood(opts, num_live=num_live)
@@ -68,13 +69,20 @@ def score(U, Y, n, mode, top_fraction, num_live=300, arch=net.Architecture(64, 3
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--top-fraction", type=float, default=0.7)
+    ap.add_argument("--kind", default="mlp", choices=net.KINDS)
+    ap.add_argument("--width", type=int, default=64)
+    ap.add_argument("--depth", type=int, default=3)
+    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--windows", default="recent,top")
     args = ap.parse_args()
+    arch = net.Architecture(args.width, args.depth, args.lr, args.kind)
     U, Y = record_run()
     print(f"plain run: {len(Y)} true calls")
+    print(f"network {arch}")
     print("calls  window  held-out check  error on later points above the contour (n)")
     for n in (1214, 2419, 4829, 9631):
-        for mode in ("recent", "top"):
-            h, f, k = score(U, Y, n, mode, args.top_fraction)
+        for mode in args.windows.split(","):
+            h, f, k = score(U, Y, n, mode, args.top_fraction, arch)
             print(f"{n:5d}  {mode:6s}  {h:14.3f}  {f:8.3f} ({k})", flush=True)
 
 
