@@ -41,8 +41,8 @@ def record_run(num_live: int = 300, seed: int = 0):
             return v
         return fn
 
-    nested.run(post, jax.random.key(seed), nested.NestedConfig(num_live=num_live, progress_bar=False),
-               loglik_wrapper=wrapper)
+    config = nested.NestedConfig(num_live=num_live, progress_bar=False)
+    nested.run(post, jax.random.key(seed), config, loglik_wrapper=wrapper)
     return np.concatenate([r[0] for r in rec]), np.concatenate([r[1] for r in rec])
 
 

@@ -1,7 +1,8 @@
 """Neural likelihood surrogates for nested sampling.
 
-* :mod:`~bayeslik.surrogate.network`: ensembles of small MLPs (equinox + optax), training with
-  early stopping, successive-halving architecture search;
+* :mod:`~bayeslik.surrogate.network`: ensembles of small networks (equinox + optax), MLPs or
+  additive networks (one MLP per input, summed), training with early stopping,
+  successive-halving search over kinds and architectures;
 * :mod:`~bayeslik.surrogate.likelihood`: :class:`SurrogateLikelihood`, the ``loglik_wrapper``
   that decides point by point between the network and the true likelihood;
 * :mod:`~bayeslik.surrogate.guard`: the importance correction of the evidence after the run.
@@ -11,10 +12,10 @@ Use it through the engine: ``bl.fit(post, "nested+surrogate", ...)`` (see docs/s
 
 from bayeslik.surrogate.guard import GuardResult, importance_correction
 from bayeslik.surrogate.likelihood import SurrogateLikelihood, SurrogateOptions
-from bayeslik.surrogate.network import (Architecture, Ensemble, predict, search_architecture,
-                                        train_ensemble)
+from bayeslik.surrogate.network import (AdditiveMLP, Architecture, Ensemble, predict,
+                                        search_architecture, train_ensemble)
 
 __all__ = [
-    "Architecture", "Ensemble", "GuardResult", "SurrogateLikelihood", "SurrogateOptions",
-    "importance_correction", "predict", "search_architecture", "train_ensemble",
+    "AdditiveMLP", "Architecture", "Ensemble", "GuardResult", "SurrogateLikelihood",
+    "SurrogateOptions", "importance_correction", "predict", "search_architecture", "train_ensemble",
 ]

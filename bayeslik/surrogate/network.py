@@ -14,8 +14,8 @@ The building blocks of the likelihood surrogate, usable on their own:
 * :func:`predict` — ensemble mean and spread (standard deviation over members) in the original
   units (nats).
 * :func:`search_architecture` — successive halving over a grid of kinds, architectures and
-  learning rates (Jamieson & Talwalkar 2016): every candidate is trained for a small budget, the best
-  third (by held-out RMSE) get three times the budget, and so on until one remains.
+  learning rates (Jamieson & Talwalkar 2016): every candidate is trained for a small budget, the
+  best third (by held-out RMSE) get three times the budget, and so on until one remains.
 
 All training arrays have a fixed capacity, rows not in use having weight 0, so one architecture
 compiles once per run however many points have been evaluated.
@@ -47,8 +47,8 @@ import numpy as np
 import optax
 
 __all__ = [
-    "Architecture", "Scaler", "Ensemble", "TrainInfo", "SearchResult", "fit_scaler",
-    "train_ensemble", "predict", "search_architecture",
+    "Architecture", "AdditiveMLP", "KINDS", "Scaler", "Ensemble", "TrainInfo", "SearchResult",
+    "fit_scaler", "train_ensemble", "predict", "search_architecture",
 ]
 
 
@@ -118,7 +118,8 @@ class Scaler(NamedTuple):
 
 
 class Ensemble(NamedTuple):
-    """``num_members`` networks stacked on a leading axis, with the scaler they were trained under."""
+    """``num_members`` networks stacked on a leading axis, with the scaler they were trained
+    under."""
 
     models: eqx.Module
     scaler: Scaler
@@ -165,11 +166,13 @@ def fit_scaler(x: np.ndarray, y: np.ndarray, weights: np.ndarray) -> Scaler:
 
 def _make_stack(rng_key: jax.Array, in_size: int, arch: Architecture, num: int) -> eqx.Module:
     keys = jax.random.split(rng_key, num)
-    if arch.kind == "additive":
-        make = lambda k: AdditiveMLP(in_size, int(arch.width), int(arch.depth), key=k)  # noqa: E731
-    else:
-        make = lambda k: eqx.nn.MLP(in_size, "scalar", int(arch.width), int(arch.depth),  # noqa: E731
-                                    activation=jax.nn.silu, key=k)
+    w, d = int(arch.width), int(arch.depth)
+
+    def make(k):
+        if arch.kind == "additive":
+            return AdditiveMLP(in_size, w, d, key=k)
+        return eqx.nn.MLP(in_size, "scalar", w, d, activation=jax.nn.silu, key=k)
+
     return eqx.filter_vmap(make)(keys)
 
 
@@ -340,9 +343,10 @@ def search_architecture(rng_key: jax.Array, x: np.ndarray, y: np.ndarray, w_trai
 
     Rung r trains the surviving candidates for ``min_steps * eta**r`` steps (with early
     stopping inside the budget), keeps the best ``ceil(n / eta)`` and repeats until one is left
-    (which is not trained further). Candidates of one (kind, width, depth) are trained together (stacked, each with its own learning
-    rate), so the search compiles once per (kind, width, depth). Survivors continue from the
-    parameters they reached (no restart), as in Hyperband's successive halving.
+    (which is not trained further: the caller trains its ensemble). Candidates of one (kind,
+    width, depth) are trained together (stacked, each with its own learning rate), so the search
+    compiles once per (kind, width, depth). Survivors continue from the parameters they reached
+    (no restart), as in Hyperband's successive halving.
     """
     if not candidates:
         raise ValueError("search_architecture needs at least one candidate architecture.")
