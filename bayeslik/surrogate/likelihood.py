@@ -20,7 +20,8 @@ The rules (all thresholds in :class:`SurrogateOptions`):
    above its contour, and everything far below only has to stay below. The first training runs
    a successive-halving search over architectures (``kinds`` x ``widths`` x ``depths`` x
    ``learning_rates``; the kinds are one MLP on all inputs, or a sum of one MLP per input, which
-   is exact for a likelihood that factorises over the parameters).
+   is exact for a likelihood that factorises over the parameters). After a refused training the
+   search's best design of the other kind is trained too and the better one kept.
 2. **Tolerance.** Accuracy matters where the posterior mass is. A point whose log-likelihood is
    ``g`` nats below the highest one seen is held to ``s(g) * rmse_max`` with
    ``s(g) = 1 + rel_tol / rmse_max * max(0, g - full_accuracy_nats)``: full accuracy in the
@@ -236,6 +237,19 @@ def _features_fn(posterior) -> Callable[[np.ndarray], np.ndarray] | None:
     return features
 
 
+def _best_per_kind(table, exclude) -> list:
+    """From a search table [(rung, Architecture, steps, score)]: for each kind other than
+    ``exclude``'s, the design that got furthest in the search (highest rung), best score first."""
+    best: dict[str, tuple] = {}
+    for rung, arch, _, score in table:
+        if arch.kind == exclude.kind:
+            continue
+        key = (-rung, score)
+        if arch.kind not in best or key < best[arch.kind][0]:
+            best[arch.kind] = (key, arch)
+    return [a for _, a in sorted(best.values(), key=lambda t: t[0])]
+
+
 class SurrogateLikelihood:
     """A single-use ``loglik_wrapper`` for nested sampling (see the module docstring).
 
@@ -256,7 +270,7 @@ class SurrogateLikelihood:
             num_above_range=0, num_high_spread=0, num_trainings=0, num_retrains=0,
             num_fallbacks=0, num_switch_ins=0, num_guard_calls=0, train_s=0.0, search_s=0.0,
             first_switch_in_at=None, last_heldout_score=None, last_heldout_rmse=None,
-            last_heldout_spread=None, architecture=None,
+            last_heldout_spread=None, architecture=None, num_design_changes=0,
         )
         self.history: list[tuple[int, str, float]] = []  # (true calls so far, event, score)
 
@@ -277,6 +291,7 @@ class SurrogateLikelihood:
         self._known: dict[bytes, float] = {}
         self._ensemble: _net.Ensemble | None = None
         self._arch: _net.Architecture | None = None
+        self._runner_ups: list[_net.Architecture] = []  # the search's best of each other kind
         self._active = False
         self._next_train = self.num_initial
         self._y_hi = np.inf
@@ -424,6 +439,7 @@ class SurrogateLikelihood:
                 res = _net.search_architecture(k_search, x, y, w_train, w_check, o.candidates(),
                                                min_steps=int(o.search_min_steps))
                 self._arch = res.best
+                self._runner_ups = _best_per_kind(res.table, exclude=res.best)
                 self.counters["search_s"] += time.perf_counter() - ts
                 self.counters["search_table"] = [
                     (r, a.kind, a.width, a.depth, a.learning_rate, s, e)
@@ -433,10 +449,6 @@ class SurrogateLikelihood:
             self.counters["architecture"] = dataclasses.asdict(self._arch)
         warm = self._ensemble if self._active else None
         steps = int(o.train_steps) if warm is None else max(1, int(o.train_steps) // 2)
-        ens, _ = _net.train_ensemble(
-            k_train, x, y, w_train, w_check, self._arch, num_members=int(o.num_members),
-            max_steps=steps, chunk=200, patience=2, init=warm,
-            scaler=None if warm is None else warm.scaler)
 
         def scores(e):
             if not check.any():
@@ -447,7 +459,27 @@ class SurrogateLikelihood:
                     float(np.mean(spread / sc)),
                     float(np.sqrt(np.mean(np.square(mean - y[check])))))
 
-        score, spread_score, rmse_top = scores(ens)
+        # The search ran once, on the first window (mostly prior draws), so its choice of kind can
+        # be wrong for the region the run reaches later. After a refusal, the best design of the
+        # other kind is trained too and the better of the two on this window's check is kept.
+        designs = [self._arch]
+        if not self._active and self._refusals > 0:
+            designs += [a for a in self._runner_ups if a != self._arch]
+        best = None
+        for arch in designs:
+            ens, _ = _net.train_ensemble(
+                k_train, x, y, w_train, w_check, arch, num_members=int(o.num_members),
+                max_steps=steps, chunk=200, patience=2, init=warm,
+                scaler=None if warm is None else warm.scaler)
+            sc = scores(ens)
+            if best is None or sc[0] < best[1][0]:
+                best = (ens, sc, arch)
+        ens, (score, spread_score, rmse_top), arch = best
+        if arch != self._arch:
+            self._runner_ups = [a for a in self._runner_ups if a != arch] + [self._arch]
+            self._arch = arch
+            self.counters["architecture"] = dataclasses.asdict(arch)
+            self.counters["num_design_changes"] += 1
         kept = False
         if self._active:
             # While serving, the window's recent true points are the ones the surrogate sent back

@@ -195,3 +195,20 @@ def test_physical_inputs_are_the_constrained_parameters():
     x = _features_fn(post)(u)
     np.testing.assert_allclose(x[:, 0], stats.norm(0, 10).ppf(u[:, 0]), rtol=1e-5, atol=1e-5)
     assert _features_fn(None) is None
+
+
+def test_the_other_kinds_best_design_is_kept_as_a_runner_up(no_jit):
+    """After a refusal the surrogate also trains the search's best design of the other kind
+    (the search saw only the first window): the runner-up is the one that got furthest."""
+    from bayeslik.surrogate import network as nw
+    from bayeslik.surrogate.likelihood import _best_per_kind
+
+    add = nw.Architecture(32, 3, 1e-2, "additive")
+    m1, m2, m3 = (nw.Architecture(64, 2, 1e-2), nw.Architecture(32, 2, 1e-2),
+                  nw.Architecture(64, 3, 3e-3))
+    table = [(0, m1, 300, 5.0), (0, m2, 300, 1.0), (0, m3, 300, 9.0), (0, add, 300, 2.0),
+             (1, m1, 900, 3.0), (1, add, 900, 2.5), (2, add, 2700, 2.4)]
+    # m2 scored best at rung 0 but m1 got further: m1 is the MLP runner-up
+    assert _best_per_kind(table, exclude=add) == [m1]
+    assert _best_per_kind(table, exclude=m1) == [add]
+    assert _best_per_kind([(0, m1, 300, 1.0)], exclude=m1) == []
