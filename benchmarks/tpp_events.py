@@ -35,7 +35,6 @@ import os
 import sys
 import time
 
-
 import jax
 import numpy as np
 import pandas as pd

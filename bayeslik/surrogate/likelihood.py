@@ -464,7 +464,7 @@ class SurrogateLikelihood:
         # other kind is trained too and the better of the two on this window's check is kept.
         designs = [self._arch]
         if not self._active and self._refusals > 0:
-            designs += [a for a in self._runner_ups if a != self._arch]
+            designs += self._runner_ups  # never holds self._arch (swapped below)
         best = None
         for arch in designs:
             ens, _ = _net.train_ensemble(
