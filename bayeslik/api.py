@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import jax
 
+from bayeslik.convergence import warn_flags
 from bayeslik.errors import EngineError
 from bayeslik.fit import Fit
 from bayeslik.posterior import Posterior
@@ -99,5 +100,6 @@ def fit(posterior: Posterior, engine: Any = "nuts", *, seed: int | None = 0, **o
         seed = int(os.environ.get("BAYESLIK_SEED", "0"))
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise EngineError(f"seed must be an int, got {seed!r}.")
-    result = spec.run(posterior, jax.random.key(seed), config)
-    return dataclasses.replace(result, seed=seed)
+    result = dataclasses.replace(spec.run(posterior, jax.random.key(seed), config), seed=seed)
+    warn_flags(result)  # every flag is also a FitWarning, so trouble is seen outside the Fit too
+    return result

@@ -69,6 +69,7 @@ from numpyro.distributions import constraints
 __all__ = [
     "DATA_DIR",
     "arK",
+    "arma11",
     "eight_schools_noncentered",
     "garch11",
     "hmm_example",
@@ -425,6 +426,51 @@ def low_dim_gauss_mix(N, y=None):
         numpyro.sample("y", dist.MixtureSameFamily(weights, dist.Normal(mu, sigma)), obs=y)
 
 
+def arma11(T, y):
+    r"""ARMA(1, 1) model (``arma11.stan``).
+
+    .. math::
+        \mu \sim N(0, 10), \quad \phi \sim N(0, 2), \quad \theta \sim N(0, 2), \quad
+        \sigma \sim \mathrm{Cauchy}^+(0, 2.5), \\
+        \nu_1 = \mu + \phi\mu, \quad \nu_t = \mu + \phi\, y_{t-1} + \theta\, \epsilon_{t-1}, \quad
+        \epsilon_t = y_t - \nu_t, \quad \epsilon_t \sim N(0, \sigma), \qquad t = 1, \dots, T.
+
+    ``phi`` and ``theta`` are unbounded, as in the Stan code: with :math:`|\theta| > 1` the error
+    recursion grows like :math:`\theta^T` (200 steps), so the log density is astronomically low
+    there (or overflows in float32). A chain started out there must find its way back; this is the
+    posterior on which a warmup that does not re-find its step size after each metric update gets
+    stuck. Sample sites ``mu``, ``phi``, ``theta``, ``sigma`` (> 0, ``HalfCauchy(2.5)``: Stan's
+    ``cauchy(0, 2.5)`` normalised on the half line, log density higher by ``log 2``). The observed
+    site ``err`` is the vector of one-step errors (a deterministic function of ``y`` and the
+    parameters), as in the Stan program, so the likelihood is Stan's exactly.
+
+    Args:
+        T: length of the series.
+        y: the series (T,), required.
+
+    Example:
+        >>> post = load("arma-arma11")
+        >>> post["data"]["T"]
+        200
+    """
+    y = jnp.asarray(y)
+    _check_length(y, T, "y")
+    mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
+    phi = numpyro.sample("phi", dist.Normal(0.0, 2.0))
+    theta = numpyro.sample("theta", dist.Normal(0.0, 2.0))
+    sigma = numpyro.sample("sigma", dist.HalfCauchy(2.5))
+
+    def step(err_prev, t):
+        err = y[t] - (mu + phi * y[t - 1] + theta * err_prev)
+        return err, err
+
+    err_first = y[0] - (mu + phi * mu)
+    _, err_rest = lax.scan(step, err_first, jnp.arange(1, T))
+    err = jnp.concatenate([err_first[None], err_rest])
+    with numpyro.plate("time", T):
+        numpyro.sample("err", dist.Normal(0.0, sigma), obs=err)
+
+
 # --------------------------------------------------------------------------------------------------
 # loading
 # --------------------------------------------------------------------------------------------------
@@ -434,6 +480,7 @@ _MODELS = {
     "garch-garch11": (garch11, 0.0),
     "hmm_example-hmm_example": (hmm_example, 0.0),
     "low_dim_gauss_mix-low_dim_gauss_mix": (low_dim_gauss_mix, 2.0 * _LOG2),
+    "arma-arma11": (arma11, _LOG2),
 }
 
 _DRAW_NAME = re.compile(r"^([A-Za-z_]\w*)(?:\[(\d+(?:,\d+)*)\])?$")
@@ -450,6 +497,9 @@ def _resolve(name: str) -> str:
     matches = [p for p in _MODELS if name in p.split("-")]  # model or data name alone
     if len(matches) == 1:
         return matches[0]
+    if matches:
+        raise KeyError(f"{name!r} names {len(matches)} posteriors ({matches}); give the full "
+                       "posterior name")
     raise KeyError(f"unknown posterior {name!r}; choose one of {names()}")
 
 
@@ -560,3 +610,15 @@ def reference_params(name: str, reference: dict | None = None) -> dict:
         theta = ref.pop("theta")
         ref["theta_trans"] = (theta - ref["mu"][..., None]) / ref["tau"][..., None]
     return ref
+
+
+# the rest of the corpus lives in sibling modules (each exposes MODELS = {name: (fn, offset)});
+# imported last so that they can use the helper distributions above
+def _register_corpus() -> None:
+    from bayeslik.models import posteriordb_extra, posteriordb_ode, posteriordb_regression
+
+    for module in (posteriordb_regression, posteriordb_extra, posteriordb_ode):
+        _MODELS.update(module.MODELS)
+
+
+_register_corpus()

@@ -24,9 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bayeslik.convergence import convergence_flags
 from bayeslik.engines._programs import ProgramCache, Programs, draws_fn
 from bayeslik.errors import EngineError, InitializationError
 from bayeslik.fit import Cost, Fit, build_datatree
+from bayeslik.inits import default_init
 
 __all__ = ["NUTSConfig", "NUTS", "run", "init", "build_step", "end_warmup"]
 
@@ -40,7 +42,9 @@ class NUTSConfig:
     target_accept : the dual-averaging target of the mean acceptance rate (0.8 as in Stan).
     max_tree_depth : at most 2**max_tree_depth - 1 leapfrog steps per iteration.
     dense_mass : adapt a dense inverse mass matrix instead of a diagonal one.
-    init : "uniform" (uniform in [-init_radius, init_radius] in unconstrained space, as Stan),
+    init : "auto" (the default: the model's own starting point where it provides one, see
+        :mod:`bayeslik.inits`, as the AR-HMM and mixture families do; otherwise "uniform"),
+        "uniform" (uniform in [-init_radius, init_radius] in unconstrained space, as Stan),
         "prior" (draws from the prior), or a dict {latent site: constrained value} such as a
         cheap point estimate: each chain starts near it, jittered uniformly by
         +-init_radius/20 on the unconstrained scale.
@@ -56,7 +60,7 @@ class NUTSConfig:
     target_accept: float = 0.8
     max_tree_depth: int = 10
     dense_mass: bool = False
-    init: Any = "uniform"
+    init: Any = "auto"
     init_radius: float = 2.0
     chain_method: str = "vectorized"
     thinning: int = 1
@@ -75,8 +79,8 @@ class NUTSConfig:
             raise bad("num_warmup", "must be a non-negative integer.")
         if not 0.0 < float(self.target_accept) < 1.0:
             raise bad("target_accept", "must lie strictly between 0 and 1 (0.8 is Stan's default).")
-        if not (isinstance(self.init, Mapping) or self.init in ("uniform", "prior")):
-            raise bad("init", "must be 'uniform', 'prior' or a dict {site: value}.")
+        if not (isinstance(self.init, Mapping) or self.init in ("auto", "uniform", "prior")):
+            raise bad("init", "must be 'auto', 'uniform', 'prior' or a dict {site: value}.")
         if not float(self.init_radius) > 0:
             raise bad("init_radius", "must be positive.")
         if self.chain_method not in ("vectorized", "sequential"):
@@ -87,10 +91,110 @@ NUTS = NUTSConfig  # bl.engines.NUTS(num_samples=...) reads better in user code
 
 
 # ---------------------------------------------------------------------------- pure building blocks
+class DualAveragingState(NamedTuple):
+    """Stan's step-size adaptation (``stan::mcmc::stepsize_adaptation``), one chain.
+
+    ``counter`` iterations since the last restart, ``s_bar`` the averaged gap to the target
+    acceptance, ``x_bar`` the averaged log step size, ``mu`` the shrinkage point
+    (``log(10 * step size)`` at the restart), ``log_step_size`` the current log step size.
+    """
+
+    counter: jax.Array
+    s_bar: jax.Array
+    x_bar: jax.Array
+    mu: jax.Array
+    log_step_size: jax.Array
+
+
+def dual_averaging(target_accept: float, gamma: float = 0.05, t0: float = 10.0,
+                   kappa: float = 0.75):
+    r"""Stan's dual averaging of the step size as ``(init, update, final)``.
+
+    ``init(step_size)`` restarts with ``mu = log(10 * step_size)``;
+    ``update(state, accept_stat)`` is Stan's ``learn_stepsize``:
+
+    .. math::
+        \eta = 1 / (n + t_0), \quad \bar s \leftarrow (1 - \eta)\bar s + \eta(\delta - a), \quad
+        x = \mu - \bar s \sqrt{n} / \gamma, \quad
+        \bar x \leftarrow (1 - n^{-\kappa}) \bar x + n^{-\kappa} x, \quad \epsilon = e^x,
+
+    with the acceptance statistic ``a`` capped at 1 (a NaN one counts as 0);
+    ``final(state)`` is the step size to sample with, ``exp(x_bar)``.
+    """
+
+    def init(step_size) -> DualAveragingState:
+        step_size = jnp.asarray(step_size)
+        zero = jnp.zeros_like(step_size)
+        return DualAveragingState(zero, zero, zero, jnp.log(10.0 * step_size), jnp.log(step_size))
+
+    def update(state: DualAveragingState, accept_stat) -> DualAveragingState:
+        a = jnp.where(jnp.isnan(accept_stat), 0.0, jnp.minimum(accept_stat, 1.0))
+        n = state.counter + 1
+        eta = 1.0 / (n + t0)
+        s_bar = (1.0 - eta) * state.s_bar + eta * (target_accept - a)
+        x = state.mu - s_bar * jnp.sqrt(n) / gamma
+        x_eta = n ** (-kappa)
+        x_bar = (1.0 - x_eta) * state.x_bar + x_eta * x
+        return DualAveragingState(n, s_bar, x_bar, state.mu, x)
+
+    def final(state: DualAveragingState) -> jax.Array:
+        return jnp.exp(state.x_bar)
+
+    return init, update, final
+
+
+def find_reasonable_step_size(rng_key, logdensity_fn, position, logdensity, logdensity_grad,
+                              inverse_mass_matrix, step_size, max_iterations: int = 100):
+    """Stan's ``init_stepsize`` heuristic: the step size at which one leapfrog step from
+    ``position`` has an acceptance probability of about 0.8, under the given metric.
+
+    One leapfrog step with a fresh momentum at ``step_size`` sets the direction (up if its
+    energy change ``H0 - H1`` exceeds ``log 0.8``, else down); then, each time with a fresh
+    momentum, the step size is doubled (halved) until the energy change falls below (rises
+    above) ``log 0.8``. As in Stan, the first trial of the loop repeats the starting step size,
+    a NaN energy counts as infinite, and a step size of 0, above 1e7 or NaN is returned as it is
+    (Stan raises there; a chain that cannot move then shows as stuck in the diagnostics).
+    ``max_iterations`` bounds the loop (2**100 covers every float).
+    """
+    from blackjax.mcmc.integrators import IntegratorState, velocity_verlet
+    from blackjax.mcmc.metrics import default_metric
+
+    metric = default_metric(inverse_mass_matrix)
+    integrator = velocity_verlet(logdensity_fn, metric.kinetic_energy)
+    log_08 = jnp.log(jnp.asarray(0.8, logdensity.dtype))
+
+    def delta_h(key, eps):
+        p = metric.sample_momentum(key, position)
+        h0 = -logdensity + metric.kinetic_energy(p)
+        new = integrator(IntegratorState(position, p, logdensity, logdensity_grad), eps)
+        h = -new.logdensity + metric.kinetic_energy(new.momentum)
+        h = jnp.where(jnp.isnan(h), jnp.inf, h)
+        return h0 - h
+
+    step_size = jnp.asarray(step_size, logdensity.dtype)
+    key_first, key_loop = jax.random.split(rng_key)
+    usable = (step_size > 0) & (step_size <= 1e7) & ~jnp.isnan(step_size)
+    up = delta_h(key_first, step_size) > log_08
+
+    def cond(carry):
+        i, eps, done = carry
+        return ~done & (i < max_iterations) & (eps > 0) & (eps <= 1e7)
+
+    def body(carry):
+        i, eps, _ = carry
+        d = delta_h(jax.random.fold_in(key_loop, i), eps)
+        stop = jnp.where(up, ~(d > log_08), ~(d < log_08))
+        eps = jnp.where(stop, eps, jnp.where(up, 2.0 * eps, 0.5 * eps))
+        return i + 1, eps, stop
+
+    _, found, _ = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), step_size, ~usable))
+    return found
+
+
 class WarmupState(NamedTuple):
     """Stan's windowed adaptation: dual averaging of the step size, Welford mass matrix."""
 
-    ss_state: Any
+    ss_state: DualAveragingState
     imm_state: Any
     step_size: jax.Array
     inverse_mass_matrix: jax.Array
@@ -115,83 +219,131 @@ class DrawInfo(NamedTuple):
     n_steps: jax.Array
 
 
-def _adaptation(target_accept: float, dense_mass: bool):
-    from blackjax.adaptation.mass_matrix import mass_matrix_adaptation
-    from blackjax.adaptation.step_size import dual_averaging_adaptation
+class MetricState(NamedTuple):
+    """The inverse metric and the Welford estimate of the current slow window."""
 
-    mm = mass_matrix_adaptation(not dense_mass)
-    da = dual_averaging_adaptation(target_accept)
-    return mm, da
+    inverse_mass_matrix: jax.Array
+    welford: Any
+
+
+def _mass_matrix(dense_mass: bool):
+    """Stan's ``var_adaptation`` / ``covar_adaptation`` as ``(init, update, final)``: Welford
+    (blackjax's estimator) over a window, then ``n/(n+5) * cov + 1e-3 * 5/(n+5) * I``. As Stan's
+    ``sample_variance``, a window of one draw keeps the previous metric as its estimate."""
+    from blackjax.adaptation.mass_matrix import welford_algorithm
+
+    w_init, w_update, w_final = welford_algorithm(not dense_mass)
+
+    def init(ndim: int, dtype=None) -> MetricState:
+        eye = jnp.ones(ndim, dtype) if not dense_mass else jnp.eye(ndim, dtype=dtype)
+        return MetricState(eye, w_init(ndim))
+
+    def update(state: MetricState, position) -> MetricState:
+        return state._replace(welford=w_update(state.welford, position))
+
+    def final(state: MetricState) -> MetricState:
+        cov, n, _ = w_final(state.welford)
+        prev = state.inverse_mass_matrix
+        cov = jnp.where(n > 1, jnp.nan_to_num(cov), prev).astype(prev.dtype)
+        n = jnp.asarray(n, prev.dtype)
+        ident = 1e-3 * (jnp.eye(prev.shape[0], dtype=prev.dtype) if dense_mass else 1.0)
+        imm = (n / (n + 5.0)) * cov + (5.0 / (n + 5.0)) * ident
+        return MetricState(imm, w_init(prev.shape[0]))
+
+    return init, update, final
+
+
+#: Stan's default initial step size; the first dual-averaging restart shrinks towards 10x it
+INITIAL_STEP_SIZE = 1.0
 
 
 def init(position: jax.Array, logdensity_fn, rng_key: jax.Array, config: NUTSConfig) -> ChainState:
-    """Initial state of one chain: NUTS state, a reasonable first step size, identity metric."""
+    """Initial state of one chain, as Stan starts its adaptive sampler: identity metric, dual
+    averaging with ``mu = log(10 * 1)``, and the step size found by Stan's heuristic from 1."""
     import blackjax
-    from blackjax.adaptation.step_size import find_reasonable_step_size
 
-    (mm_init, _, _), (da_init, _, _) = _adaptation(config.target_accept, config.dense_mass)
+    mm_init, _, _ = _mass_matrix(config.dense_mass)
+    da_init, _, _ = dual_averaging(config.target_accept)
     state = blackjax.nuts.init(position, logdensity_fn)
-    imm_state = mm_init(position.shape[0])
-    hmc_kernel = blackjax.hmc.build_kernel()
-
-    def kernel_generator(step_size):
-        return lambda key, st: hmc_kernel(
-            key, st, logdensity_fn, step_size, imm_state.inverse_mass_matrix, 1
-        )
-
+    imm_state = mm_init(position.shape[0], position.dtype)
+    first = jnp.asarray(INITIAL_STEP_SIZE, position.dtype)
     step_size = find_reasonable_step_size(
-        rng_key, kernel_generator, state, jnp.asarray(1.0, position.dtype), config.target_accept
-    )
-    ws = WarmupState(da_init(step_size), imm_state, step_size, imm_state.inverse_mass_matrix)
-    return ChainState(state, ws)
+        rng_key, logdensity_fn, state.position, state.logdensity, state.logdensity_grad,
+        imm_state.inverse_mass_matrix, first)
+    ss = da_init(first)._replace(log_step_size=jnp.log(step_size))
+    return ChainState(state, WarmupState(ss, imm_state, step_size, imm_state.inverse_mass_matrix))
 
 
 SAMPLING = 2  # the stage of kept iterations: no adaptation
 
 
-def build_step(logdensity_fn, config: NUTSConfig):
-    """``step(chain_state, (key, stage, window_end, active)) -> (chain_state, DrawInfo)``.
+def build_adapt(logdensity_fn, config: NUTSConfig, find_step_size=find_reasonable_step_size):
+    """Stan's warmup update after one transition, step for step (``adapt_diag_e_nuts`` /
+    ``adapt_dense_e_nuts``::transition):
 
-    One NUTS transition, then adaptation by stage: 0 adapts the step size only ("fast"),
-    1 also accumulates the mass matrix ("slow"; at a slow window's end the metric is recomputed
-    and dual averaging restarts from the averaged step size), 2 (``SAMPLING``) adapts nothing.
-    ``active`` False makes the step a no-op (used to pad the last chunk of a phase).
+    1. ``learn_stepsize``: dual averaging with the transition's acceptance statistic sets the
+       next step size ``exp(x)``;
+    2. ``learn_variance``: in a slow window (stage 1) the position joins the Welford estimate;
+    3. at a slow window's end the regularised (co)variance becomes the inverse metric, the
+       step size is found again by ``init_stepsize`` from the current one under the new metric
+       at the current position, and dual averaging restarts with ``mu = log(10 * found)``.
+
+    Returns ``adapt(rng_key, warmup_state, stage, window_end, hmc_state, accept_stat)``.
+    ``find_step_size`` is a parameter so tests can follow the logic with a stand-in.
     """
-    import blackjax
+    _, mm_update, mm_final = _mass_matrix(config.dense_mass)
+    da_init, da_update, _ = dual_averaging(config.target_accept)
 
-    (_, mm_update, mm_final), (da_init, da_update, da_final) = _adaptation(
-        config.target_accept, config.dense_mass
-    )
-    kernel = blackjax.nuts.build_kernel()
-
-    def adapt(ws: WarmupState, stage, window_end, position, acceptance_rate) -> WarmupState:
-        ss = da_update(ws.ss_state, acceptance_rate)
-        imm = jax.lax.cond(
-            stage == 1, lambda s: mm_update(s, position), lambda s: s, ws.imm_state
-        )
+    def adapt(rng_key, ws: WarmupState, stage, window_end, hmc, accept_stat) -> WarmupState:
+        ss = da_update(ws.ss_state, accept_stat)
+        imm = jax.lax.cond(stage == 1, lambda s: mm_update(s, hmc.position), lambda s: s,
+                           ws.imm_state)
 
         def end_window(args):
             ss, imm = args
             imm = mm_final(imm)
-            return da_init(da_final(ss)), imm, imm.inverse_mass_matrix
+            inv_mass = imm.inverse_mass_matrix
+            eps = find_step_size(rng_key, logdensity_fn, hmc.position, hmc.logdensity,
+                                 hmc.logdensity_grad, inv_mass, jnp.exp(ss.log_step_size))
+            eps = jnp.asarray(eps, ws.step_size.dtype)
+            ss = da_init(eps)
+            return ss, imm, inv_mass, eps
 
-        ss, imm, inv_mass = jax.lax.cond(
-            window_end, end_window, lambda a: (a[0], a[1], ws.inverse_mass_matrix), (ss, imm)
-        )
-        return WarmupState(ss, imm, jnp.exp(ss.log_step_size), inv_mass)
+        def keep(args):
+            ss, imm = args
+            return ss, imm, ws.inverse_mass_matrix, jnp.exp(ss.log_step_size)
+
+        ss, imm, inv_mass, eps = jax.lax.cond(window_end, end_window, keep, (ss, imm))
+        return WarmupState(ss, imm, eps, inv_mass)
+
+    return adapt
+
+
+def build_step(logdensity_fn, config: NUTSConfig):
+    """``step(chain_state, (key, stage, window_end, active)) -> (chain_state, DrawInfo)``.
+
+    One NUTS transition, then Stan's adaptation by stage (see :func:`build_adapt`): 0 adapts
+    the step size only ("fast"), 1 also the metric ("slow"), 2 (``SAMPLING``) nothing.
+    ``active`` False makes the step a no-op (used to pad the last chunk of a phase).
+    """
+    import blackjax
+
+    adapt = build_adapt(logdensity_fn, config)
+    kernel = blackjax.nuts.build_kernel()
 
     def step(cs: ChainState, x):
         key, stage, window_end, active = x
 
         def do(cs):
+            k_move, k_adapt = jax.random.split(key)
             hmc, info = kernel(
-                key, cs.hmc, logdensity_fn, cs.warmup.step_size, cs.warmup.inverse_mass_matrix,
+                k_move, cs.hmc, logdensity_fn, cs.warmup.step_size, cs.warmup.inverse_mass_matrix,
                 max_num_doublings=config.max_tree_depth,
             )
             ws = jax.lax.cond(
                 stage == SAMPLING,
                 lambda w: w,
-                lambda w: adapt(w, stage, window_end, hmc.position, info.acceptance_rate),
+                lambda w: adapt(k_adapt, w, stage, window_end, hmc, info.acceptance_rate),
                 cs.warmup,
             )
             return ChainState(hmc, ws), DrawInfo(
@@ -200,12 +352,10 @@ def build_step(logdensity_fn, config: NUTSConfig):
             )
 
         def skip(cs):
-            h = cs.hmc
-            zero = jnp.zeros_like(h.logdensity)
-            return cs, DrawInfo(
-                h.position, h.logdensity, jnp.zeros((), bool), jnp.zeros((), jnp.int32), zero,
-                zero, jnp.zeros((), jnp.int32),
-            )
+            # zeros of the same shapes and dtypes as a real step's (int64 under jax_enable_x64)
+            shapes = jax.eval_shape(do, cs)[1]
+            zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+            return cs, zeros._replace(position=cs.hmc.position, lp=cs.hmc.logdensity)
 
         return jax.lax.cond(active, do, skip, cs)
 
@@ -213,19 +363,22 @@ def build_step(logdensity_fn, config: NUTSConfig):
 
 
 def end_warmup(cs: ChainState) -> ChainState:
-    """After the warmup, sample with the dual-averaged step size (Stan's choice)."""
+    """After the warmup, sample with the dual-averaged step size ``exp(x_bar)`` (Stan's
+    ``complete_adaptation``)."""
     ws = cs.warmup
-    return cs._replace(warmup=ws._replace(step_size=jnp.exp(ws.ss_state.log_step_size_avg)))
+    _, _, da_final = dual_averaging(0.8)
+    return cs._replace(warmup=ws._replace(step_size=da_final(ws.ss_state)))
 
 
 def _schedule(num_warmup: int, initial_buffer: int = 75, first_window: int = 25,
               final_buffer: int = 50) -> tuple[np.ndarray, np.ndarray]:
     """Stan's warmup schedule as (stage, window_end) arrays of length num_warmup.
 
-    A fast window (stage 0) of ``initial_buffer`` steps, slow windows (stage 1) starting at
-    ``first_window`` steps and doubling (a window that could not be followed by one twice its
-    size takes the rest), a final fast window of ``final_buffer`` steps. Fewer than 20 steps:
-    step size only. Too few for the default windows: 15% / 75% / 10%, as Stan does.
+    Stan's ``windowed_adaptation``, counter for counter: a fast window (stage 0) of
+    ``initial_buffer`` iterations, slow windows (stage 1) of ``first_window`` iterations and then
+    doubling, where a window is stretched to the end of the slow phase when the window after it
+    would not fit (``compute_next_window``), a final fast window of ``final_buffer`` iterations.
+    Fewer than 20 iterations: step size only. Too few for the default windows: 15% / 75% / 10%.
     """
     stage = np.zeros(num_warmup, np.int32)
     end = np.zeros(num_warmup, bool)
@@ -234,15 +387,21 @@ def _schedule(num_warmup: int, initial_buffer: int = 75, first_window: int = 25,
     if initial_buffer + first_window + final_buffer > num_warmup:
         initial_buffer = int(0.15 * num_warmup)
         final_buffer = int(0.1 * num_warmup)
-        first_window = num_warmup - initial_buffer - final_buffer
-    slow_end = num_warmup - final_buffer
-    start, size = initial_buffer, first_window
-    while start < slow_end:
-        if 3 * size > slow_end - start:  # no room for a window twice this size after it
-            size = slow_end - start
-        stage[start:start + size] = 1
-        end[start + size - 1] = True
-        start, size = start + size, 2 * size
+        first_window = num_warmup - (initial_buffer + final_buffer)
+    last = num_warmup - final_buffer - 1  # the last iteration of the slow phase
+    size, next_end = first_window, initial_buffer + first_window - 1
+    for counter in range(num_warmup):
+        # adaptation_window(): the counter lies in the slow phase
+        if initial_buffer <= counter < num_warmup - final_buffer:
+            stage[counter] = 1
+        # end_adaptation_window(), then compute_next_window()
+        if counter == next_end:
+            end[counter] = True
+            if next_end != last:
+                size *= 2
+                next_end = counter + size
+                if next_end != last and next_end + 2 * size >= num_warmup - final_buffer:
+                    next_end = last
     return stage, end
 
 
@@ -450,9 +609,14 @@ def _run(posteriors, rng_keys, config: NUTSConfig) -> list[Fit]:
 
     W, S, T = config.num_warmup, config.num_samples, config.thinning
     cands, init_keys, warm_keys, samp_keys = [], [], [], []
+    init_used = []
     for p, key in zip(posteriors, rng_keys):
         k_init, k_step, k_warm, k_samp = jax.random.split(key, 4)
-        cands.append(_candidates(p, k_init, C, config.init, config.init_radius, num_tries=100))
+        start = config.init
+        if start == "auto":
+            start = default_init(p) or "uniform"
+        init_used.append(start)
+        cands.append(_candidates(p, k_init, C, start, config.init_radius, num_tries=100))
         for out, k in ((init_keys, k_step), (warm_keys, k_warm), (samp_keys, k_samp)):
             out.append(np.asarray(jax.random.key_data(jax.random.split(k, C))))
     candidates = np.concatenate(cands)
@@ -477,7 +641,8 @@ def _run(posteriors, rng_keys, config: NUTSConfig) -> list[Fit]:
             cs, _, num_ok = progs("init", candidates[idx], init_keys[idx], d)
             if np.any(np.asarray(num_ok) == 0):
                 bad = posteriors[int(idx[np.argmin(np.asarray(num_ok))]) // C]
-                raise _no_start_error(bad, np.asarray(candidates[idx]), num_ok, config.init,
+                b = int(idx[np.argmin(np.asarray(num_ok))]) // C
+                raise _no_start_error(bad, np.asarray(candidates[idx]), num_ok, init_used[b],
                                       config.init_radius)
             for sl, st, en, act in _phase(W, wlen, wn, w_stage, w_end):
                 cs, info = progs("chunk", cs, warm_keys[idx], np.int32(sl.start), st, en, act, d)
@@ -543,6 +708,7 @@ def _run(posteriors, rng_keys, config: NUTSConfig) -> list[Fit]:
             "diverging": inf.diverging, "lp": inf.lp, "tree_depth": inf.tree_depth,
             "acceptance_rate": inf.acceptance_rate, "energy": inf.energy, "n_steps": inf.n_steps,
             "step_size": np.broadcast_to(step_size[r][:, None], (chains_kept, n_kept)).copy(),
+            "reached_max_tree_depth": inf.tree_depth >= config.max_tree_depth,
         }
         flags = []
         ndiv = int(inf.diverging.sum())
@@ -555,6 +721,8 @@ def _run(posteriors, rng_keys, config: NUTSConfig) -> list[Fit]:
         if interrupted:
             flags.append(f"interrupted: kept {n_kept} of {S} draws per chain"
                          + (f" in {chains_kept} of {C} chains" if chains_kept < C else ""))
+        flags.extend(convergence_flags({k: v[b] for k, v in values.items()
+                                        if k in post.sites and post.sites[k].kind == "latent"}))
         idata = build_datatree(
             post, {k: v[b] for k, v in values.items()}, sample_stats=sample_stats,
             log_likelihood={k: v[b] for k, v in pointwise.items()},

@@ -24,7 +24,10 @@ def _mcse(fit, var, kind):
 @pytest.mark.parametrize("name", ["normal_mean", "normal_inverse_gamma", "correlated_gaussian"])
 def test_exact_posterior_within_mcse(name, seed):
     prob = reference.get(name)
-    fit = bl.fit(prob.posterior(), "nuts", seed=seed, num_warmup=500, num_samples=1000,
+    # 2,000 draws a chain: with 1,000, the 6-D correlated Gaussian's bulk ESS is 500-800 and the
+    # largest of its six split R-hats, a noisy statistic at that ESS (sd about 0.003), exceeded
+    # 1.01 in 4 of 8 healthy runs (seeds 0-3, old and new warmup alike)
+    fit = bl.fit(prob.posterior(), "nuts", seed=seed, num_warmup=500, num_samples=2000,
                  num_chains=4, progress_bar=False)
     assert not fit.flags, fit.flags
     for var, mean in prob.posterior_mean.items():
@@ -47,18 +50,20 @@ def test_mcse_check_can_fail(seed):
 
 
 @pytest.mark.parametrize("num_warmup", [0, 10, 19, 20, 100, 149, 150, 151, 500, 1000, 1234])
-def test_warmup_schedule_is_stans(num_warmup):
-    """Our schedule equals blackjax's build_schedule (Stan's windows) at every length."""
-    from blackjax.adaptation.window_adaptation import build_schedule
-
+def test_warmup_schedule_shape(num_warmup):
+    """Stan's defaults: 75 fast, windows 25, 50, ..., 50 fast at the end. The schedule is checked
+    counter for counter against a port of Stan's windowed_adaptation in test_nuts_warmup.py
+    (blackjax's build_schedule, the reference here before, departs from Stan where the window
+    after next would not fit: at 151 Stan's second window is one iteration long)."""
     from bayeslik.engines.nuts import _schedule
 
     stage, end = _schedule(num_warmup)
-    ref = np.asarray(build_schedule(num_warmup)).reshape(-1, 2)
-    np.testing.assert_array_equal(stage, ref[:, 0])
-    np.testing.assert_array_equal(end, ref[:, 1].astype(bool))
-    if num_warmup >= 500:  # Stan's defaults: 75 fast, windows 25, 50, ..., 50 fast at the end
+    assert stage.shape == end.shape == (num_warmup,)
+    if num_warmup < 20:
+        assert not stage.any() and not end.any()
+    if num_warmup >= 150:
         assert stage[:75].sum() == 0 and stage[-50:].sum() == 0 and end[75 + 25 - 1]
+        assert end[num_warmup - 50 - 1] and stage[75:num_warmup - 50].all()
 
 
 def test_compiled_once_and_reproducible():
