@@ -96,6 +96,8 @@ from numpyro.distributions import constraints
 from numpyro.distributions.transforms import AffineTransform
 from numpyro.distributions.util import signed_stick_breaking_tril
 
+from bayeslik.inits import set_default_init
+
 from .arhmm import _OrderedNormal
 
 __all__ = [
@@ -814,3 +816,13 @@ def _loo(fit) -> dict:
     return ({"elpd_loo": float(res.elpd), "elpd_loo_se": float(res.se), "p_loo": float(res.p),
              "pareto_k_max": float(np.max(np.asarray(res.pareto_k)))},
             np.asarray(res.elpd_i, float).reshape(-1))
+
+
+def _default_init(y, num_components: int, covariance: str = "full", likelihood: str = "normal", *,
+                  ordered: bool = False, df: float | None = None, **_priors) -> dict:
+    """The model's default starting point (``init="auto"``): :func:`init_params` (EM) on its
+    data, so every chain starts in the main mode and in one labelling."""
+    return init_params(y, num_components, covariance, likelihood, ordered=ordered, df=df)
+
+
+set_default_init(model, _default_init)
