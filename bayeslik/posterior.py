@@ -1,8 +1,9 @@
 """Posterior: a NumPyro program with its data bound, as pure functions on flat vectors.
 
-Every engine talks to a model only through a :class:`Posterior`. It runs the program once at
-construction (eagerly, nothing is compiled) to learn its sites and to check the data, then
-exposes pure, jittable functions of a flat *unconstrained* vector ``z`` of length ``ndim``:
+Every engine talks to a model only through a :class:`Posterior`. At construction it runs the
+program at fixed, deterministic parameter points (abstractly for the shapes, then eagerly for the
+data checks; nothing is compiled) to learn its sites and to check the data, then exposes pure,
+jittable functions of a flat *unconstrained* vector ``z`` of length ``ndim``:
 
 * ``logdensity(z) = logprior(z) + loglikelihood(z)``
 * ``logprior(z)   = sum_latent log p(x_s | x_<s) + log|det J(z)|``  with ``x = constrain(z)``
@@ -21,6 +22,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro
 from jax.flatten_util import ravel_pytree
 from numpyro import handlers
 from numpyro.distributions import constraints
@@ -164,23 +166,179 @@ def _same_support(a: Any, b: Any) -> bool:
     return True
 
 
-def _improper_stand_in(site: dict) -> Any:
-    """A value for an improper site (which cannot be sampled): a point in its support."""
-    if site["type"] != "sample" or site["is_observed"] or not _is_improper(site["fn"]):
+# The inspection points. At point c every latent site takes the value
+# ``biject_to(support)(c * ones)``: the image of a constant unconstrained vector, well inside the
+# support whatever the prior's location and scale (a real site at c, a positive one at exp(c), a
+# simplex near uniform, an interval near its middle). The first point that runs is the one the
+# site facts and data checks come from, the next one tells parameter-dependent supports apart;
+# the others are only retries for models that give invalid numbers at some parameter values.
+_INSPECTION_POINTS = (0.0, 0.5, -0.5, 1.0, -1.0, 2.0, -2.0)
+
+# Errors that running the program at a concrete point can raise because of the numbers alone
+# (numpyro's argument validation raises ValueError for a NaN loc, a non-positive scale, ...).
+_RUN_ERRORS = (ValueError, TypeError, IndexError, ArithmeticError)
+
+# Errors of abstract tracing that only say the program needs concrete parameter values (Python
+# control flow on them): no verdict on the data, the eager runs decide.
+_CONCRETIZATION_ERRORS = (
+    jax.errors.ConcretizationTypeError,
+    jax.errors.TracerArrayConversionError,
+    jax.errors.TracerIntegerConversionError,
+    jax.errors.TracerBoolConversionError,
+    jax.errors.UnexpectedTracerError,
+)
+
+
+def _point_value(site: dict, c: Any) -> Any:
+    """The value of a latent sample site at inspection point ``c`` (None: leave the site alone)."""
+    if site["type"] != "sample" or site["is_observed"]:
         return None
     fn = site["fn"]
-    transform = biject_to(fn.support)
-    return transform(jnp.full(transform.inverse_shape(fn.shape()), 0.1))
+    if fn.is_discrete or (site.get("infer") or {}).get("enumerate"):
+        return None  # rejected by _inspect with a message of its own
+    try:
+        transform = biject_to(fn.support)
+    except NotImplementedError:
+        return None  # rejected by _inspect with a message of its own
+    return transform(jnp.full(transform.inverse_shape(fn.shape()), c))
+
+
+def _site_shape(site: dict) -> tuple[int, ...]:
+    """A site's shape as SiteInfo records it (latent: the distribution's; else the value's)."""
+    if site["type"] == "sample" and not site["is_observed"]:
+        return tuple(site["fn"].shape())
+    return tuple(jnp.shape(site["value"]))
+
+
+def _brief(value: Any) -> str:
+    """A short rendering of a parameter value for an error message."""
+    try:
+        a = np.asarray(value, dtype=float)
+    except Exception:
+        return "?"
+    if a.size == 1:
+        return f"{a.item():.3g}"
+    if a.size <= 4:
+        return "[" + ", ".join(f"{x:.3g}" for x in a.ravel()) + "]"
+    return f"<shape {a.shape}, {a.min():.3g}..{a.max():.3g}>"
+
+
+def _brief_point(c: float, values: dict) -> str:
+    items = [f"{n}={_brief(v)}" for n, v in values.items()]
+    if len(items) > 6:
+        items = items[:6] + [f"... ({len(values) - 6} more)"]
+    return f"z={c:g}: " + (", ".join(items) if items else "(failed before the first latent site)")
+
+
+def _dist_args(fn: Any) -> list[tuple[int, Any, str, Any]]:
+    """(depth, distribution, argument name, value) for the checkable arguments of ``fn`` and of
+    the distributions it wraps (depth 0 is ``fn`` itself)."""
+    out = []
+    d = fn
+    for depth in range(8):
+        try:
+            args = d.get_args()
+        except Exception:
+            args = {}
+        for param, value in args.items():
+            constraint = d.arg_constraints.get(param)
+            if constraint is None or constraints.is_dependent(constraint):
+                continue
+            if isinstance(value, (jax.Array, np.ndarray, float, int)):
+                out.append((depth, d, param, value))
+        if not hasattr(d, "base_dist"):
+            break
+        d = d.base_dist
+    return out
+
+
+def _invalid_args(trace: dict) -> list[tuple[str, int, Any, str, Any]]:
+    """(site, depth, distribution, argument, value) for every distribution argument in a
+    concrete trace that violates its constraint, as numpyro's argument validation finds them."""
+    bad = []
+    for name, site in trace.items():
+        if site["type"] != "sample":
+            continue
+        for depth, d, param, value in _dist_args(site["fn"]):
+            try:
+                with jax.ensure_compile_time_eval():
+                    ok = bool(np.all(np.asarray(d.arg_constraints[param](value))))
+            except Exception:
+                continue
+            if not ok:
+                bad.append((name, depth, d, param, value))
+    return bad
+
+
+def _equal_values(a: Any, b: Any) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape:
+        return False
+    try:
+        return bool(np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"))
+    except TypeError:
+        return bool(np.array_equal(a, b))
+
+
+def _dependent_outputs(closed_jaxpr: Any) -> list[bool]:
+    """For each output of a jaxpr, whether it may depend on the inputs (a forward reachability
+    over the equations; an equation with any dependent input makes all its outputs dependent,
+    so sub-jaxprs are handled conservatively). Constants (the data) are not inputs."""
+    jaxpr = closed_jaxpr.jaxpr
+
+    def is_var(v):
+        return type(v).__name__ != "Literal"
+
+    dep = set(jaxpr.invars)
+    for eqn in jaxpr.eqns:
+        if any(is_var(v) and v in dep for v in eqn.invars):
+            dep.update(eqn.outvars)
+    return [is_var(v) and v in dep for v in jaxpr.outvars]
+
+
+class _validation_off:
+    """numpyro's argument validation off for a block; both switches restored exactly after
+    (``numpyro.validation_enabled`` restores only the module flag)."""
+
+    def __enter__(self):
+        from numpyro.distributions import distribution as _d
+
+        self._saved = (_d._VALIDATION_ENABLED, _d.Distribution._validate_args)
+        numpyro.enable_validation(False)
+
+    def __exit__(self, *exc):
+        from numpyro.distributions import distribution as _d
+
+        _d._VALIDATION_ENABLED, _d.Distribution._validate_args = self._saved
+        return False
+
+
+class _Abstract(NamedTuple):
+    """What the abstract run of a program tells (see ``Posterior._abstract_run``)."""
+
+    shapes: dict  # site -> shape, as SiteInfo records it
+    args: dict | None  # (site, wrapper depth, argument) -> may it depend on the parameters?
+    computed_obs: frozenset  # observed sites whose value may depend on the parameters
+
+
+def _all_finite(value: Any) -> bool:
+    arr = np.asarray(value)
+    return arr.dtype.kind not in "fc" or bool(np.isfinite(arr).all())
 
 
 class Posterior:
     """A NumPyro program with its data bound, as pure functions on flat unconstrained vectors.
 
-    Construction runs the program once, eagerly, and checks it: non-finite data, observed values
-    whose shape or support does not fit their distribution, discrete latent sites, subsampled
-    plates. Every problem raises a :class:`~bayeslik.errors.DataError` or
-    :class:`~bayeslik.errors.ModelError` that names the argument or site, before anything is
-    compiled.
+    Construction runs the program at fixed parameter points, never at random prior draws: once
+    abstractly (``jax.make_jaxpr``: shapes, and which arguments depend on the parameters),
+    then eagerly with every latent site at
+    ``biject_to(support)(c)`` for a constant unconstrained ``c`` (0, then 0.5, ...), and checks it:
+    non-finite data, observed values whose shape or support does not fit their distribution,
+    discrete latent sites, subsampled plates. Every problem raises a
+    :class:`~bayeslik.errors.DataError` or :class:`~bayeslik.errors.ModelError` that names the
+    argument or site, before anything is compiled. A model whose numbers are invalid at some
+    parameter values (an overflowing recursion, a NaN Cholesky) is run at the next point; one
+    that raises at every point gets a ModelError listing the points, not a DataError.
 
     All function attributes (``logdensity``, ``logprior``, ``loglikelihood``,
     ``pointwise_loglikelihood``, ``constrain``, ``unconstrain``, ``prior_transform``,
@@ -222,8 +380,8 @@ class Posterior:
             **{k: v for k, v in self._kwargs.items() if isinstance(v, jax.Array)},
         }
 
-        trace = self._trace_once()
-        self._sites = self._inspect(trace, self._trace_once(rng_seed=1))
+        trace, twin, abstract = self._inspection_traces()
+        self._sites = self._inspect(trace, twin, abstract)
         latent = [s for s in self._sites.values() if s.kind == "latent"]
         if not latent:
             raise ModelError(
@@ -259,24 +417,189 @@ class Posterior:
         self.evaluate = self._make_evaluate()
 
     # ------------------------------------------------------------------ inspection
-    def _trace_once(self, rng_seed: int = 0) -> dict:
-        try:
-            seeded = handlers.seed(
-                handlers.substitute(self._model, substitute_fn=_improper_stand_in), rng_seed=rng_seed
-            )
-            return handlers.trace(seeded).get_trace(*self._args, **self._kwargs)
-        except (ValueError, TypeError, IndexError) as e:
-            shapes = ", ".join(
-                f"{k}: {np.shape(v)}" for k, v in self._kwargs.items() if _is_numeric_array(v)
-            )
-            raise DataError(
-                f"running model '{self.name}' on the given data failed with "
-                f"{type(e).__name__}: {e}\nThe array arguments have shapes {{{shapes}}}; check that "
-                "they agree with each other and with what the model expects."
-            ) from e
+    def _trace_at(self, c: Any, values: dict | None = None) -> tuple[dict, dict]:
+        """Trace the program with every latent site at inspection point ``c`` (a float or an
+        abstract scalar); return (trace, {latent site: the value it was given}). ``values``, if
+        given, is filled as the program runs (what it holds tells where a failing run got to)."""
+        values = {} if values is None else values
 
-    def _inspect(self, trace: dict, other: dict) -> dict[str, SiteInfo]:
-        """Site facts from one trace; ``other`` (another seed) tells static supports apart."""
+        def substitute_fn(site):
+            value = _point_value(site, c)
+            if value is not None:
+                values[site["name"]] = value
+            return value
+
+        model = handlers.substitute(self._model, substitute_fn=substitute_fn)
+        seeded = handlers.seed(model, rng_seed=0)
+        return handlers.trace(seeded).get_trace(*self._args, **self._kwargs), values
+
+    def _shape_error(self, e: Exception) -> DataError:
+        shapes = ", ".join(
+            f"{k}: {np.shape(v)}" for k, v in self._kwargs.items() if _is_numeric_array(v)
+        )
+        return DataError(
+            f"running model '{self.name}' on the given data failed with "
+            f"{type(e).__name__}: {e}\nThe array arguments have shapes {{{shapes}}}; check that "
+            "they agree with each other and with what the model expects."
+        )
+
+    def _abstract_run(self) -> _Abstract | None:
+        """Site shapes and parameter dependence from one abstract run of the program: the
+        inspection point is a symbolic scalar (``jax.make_jaxpr``; nothing is evaluated or
+        compiled), so no parameter value can give NaN or overflow here. None when the program
+        needs concrete parameter values (Python control flow on them). A shape or type error
+        here does not depend on parameter values: it is confirmed by one eager run and raised as
+        a DataError naming the shapes."""
+        shapes: dict[str, tuple[int, ...]] = {}
+
+        def run(c):
+            trace, _ = self._trace_at(c)
+            args, obs = {}, {}
+            for name, site in trace.items():
+                if site["type"] in ("sample", "deterministic"):
+                    shapes[name] = _site_shape(site)
+                if site["type"] == "sample":
+                    for depth, _d, param, value in _dist_args(site["fn"]):
+                        args[f"{name}\0{depth}\0{param}"] = jnp.asarray(value)
+                    if site["is_observed"]:
+                        obs[name] = jnp.asarray(site["value"])
+            return {"args": args, "obs": obs}
+
+        try:
+            with _validation_off():
+                closed, out = jax.make_jaxpr(run, return_shape=True)(
+                    jnp.zeros((), jnp.zeros(()).dtype)
+                )
+        except _CONCRETIZATION_ERRORS:
+            return None
+        except (ValueError, TypeError, IndexError) as e:
+            try:  # a quirk of tracing rather than of the data if an eager run goes through
+                self._trace_at(_INSPECTION_POINTS[0])
+            except _RUN_ERRORS:
+                raise self._shape_error(e) from e
+            return None
+        leaves = jax.tree_util.tree_leaves_with_path(out)
+        paths = [tuple(k.key for k in path) for path, _ in leaves]
+        flags = _dependent_outputs(closed)
+        if len(paths) != len(flags):
+            return _Abstract(shapes, None, frozenset())
+        args, obs = {}, set()
+        for (group, key), flag in zip(paths, flags):
+            if group == "args":
+                name, depth, param = key.split("\0")
+                args[(name, int(depth), param)] = flag
+            elif flag:
+                obs.add(key)
+        return _Abstract(shapes, args, frozenset(obs))
+
+    def _inspection_traces(self) -> tuple[dict, dict | None, _Abstract | None]:
+        """(trace, twin, abstract run): the program traced at the first inspection point where it
+        runs, and at the next one (None if none), to tell parameter-dependent supports apart.
+
+        A point fails if the program raises there, or if an observed value that is computed from
+        the parameters (``obs=`` of a function of them) is not finite there: both are the numbers
+        at that point, not the data."""
+        abstract = self._abstract_run()
+        computed = abstract.computed_obs if abstract is not None else frozenset()
+        runs: list[tuple[float, dict]] = []
+        failures: list[tuple[float, dict, Exception]] = []
+        for c in _INSPECTION_POINTS:
+            values: dict = {}
+            try:
+                trace, _ = self._trace_at(c, values)
+            except _RUN_ERRORS as e:
+                failures.append((c, values, e))
+                continue
+            bad = [n for n in computed if n in trace and not _all_finite(trace[n]["value"])]
+            if bad:
+                failures.append((c, values, FloatingPointError(
+                    f"observed site(s) {sorted(bad)}, computed from the parameters, are not finite"
+                )))
+                continue
+            runs.append((c, trace))
+            if len(runs) == 2:
+                break
+        if not runs:
+            raise self._every_point_failed(failures, abstract)
+        self._inspection_point = runs[0][0]
+        return runs[0][1], (runs[1][1] if len(runs) > 1 else None), abstract
+
+    def _every_point_failed(self, failures: list, abstract: _Abstract | None) -> Exception:
+        """The error for a program that raised at every inspection point.
+
+        The program is run again at the first two points with numpyro's argument validation off,
+        to find the distribution arguments that are invalid. One that does not depend on the
+        parameters (by the abstract run's dependence; without it, by being equal at both points)
+        comes from the data or the model's constants: a DataError naming the site. If the shapes
+        could not be cleared (no abstract run, and the program does not run through even without
+        validation) it is a DataError naming the shapes, as for a shape error. Otherwise the
+        parameter values give invalid numbers: a ModelError listing the points tried."""
+        first = failures[0][2]
+        shapes_ok = abstract is not None
+        dependence = abstract.args if abstract is not None else None
+        plain = []
+        for c in _INSPECTION_POINTS[:2]:
+            try:
+                with _validation_off():
+                    plain.append(self._trace_at(c)[0])
+            except _RUN_ERRORS:
+                break
+        how = "it runs through with symbolic parameters" if shapes_ok else ""
+        if plain and not shapes_ok:
+            how = "it runs through with numpyro's argument validation off"
+            shapes_ok = True
+        invalid = _invalid_args(plain[0]) if plain else []
+        for name, depth, d, param, value in invalid:
+            if dependence is not None:
+                fixed = dependence.get((name, depth, param)) is False
+            elif len(plain) == 2 and name in plain[1]:
+                twin = [v for n, k, _d, p, v in _invalid_args(plain[1])
+                        if (n, k, p) == (name, depth, param)]
+                fixed = bool(twin) and _equal_values(value, twin[0])
+            else:
+                fixed = False
+            if fixed:
+                err = DataError(
+                    f"site '{name}': the '{param}' argument of its {type(d).__name__} "
+                    f"distribution is invalid (not {d.arg_constraints[param]}), and it does not "
+                    "depend on the parameters, so it comes from the data or the model's "
+                    "constants; check the arguments that feed it. The model raised "
+                    f"{type(first).__name__}: {first}"
+                )
+                err.__cause__ = first
+                return err
+        if not shapes_ok:
+            err = self._shape_error(first)
+            err.__cause__ = first
+            return err
+        points = "\n".join(f"  {_brief_point(c, values)}" for c, values, _ in failures)
+        where = ""
+        if invalid:
+            where = " (at z={:g}, invalid: {})".format(failures[0][0], ", ".join(
+                f"{type(d).__name__} '{p}' of site '{n}'" for n, _k, d, p, _v in invalid[:4]
+            ))
+        err = ModelError(
+            f"model '{self.name}' raised at every parameter value tried; each latent site was set "
+            "to biject_to(support)(z) for a constant unconstrained z:\n"
+            f"{points}\nThe error at z={failures[0][0]:g}: {type(first).__name__}: {first}"
+            f"{where}\nThis is not a problem of the data or of their shapes ({how}): at these "
+            "parameter values the model computes invalid numbers (NaN or inf, a non-positive "
+            "scale, a matrix that is not positive definite). Make its numerics robust there "
+            "(log-space computations, a larger jitter, clipping or a stable recursion) or "
+            "reparametrise it."
+        )
+        err.__cause__ = first
+        return err
+
+    def _inspect(
+        self, trace: dict, other: dict | None, abstract: _Abstract | None = None
+    ) -> dict[str, SiteInfo]:
+        """Site facts from one trace; ``other`` (the trace at another inspection point) tells
+        static supports apart; ``abstract`` (the abstract run) gives the site shapes and the
+        observed values that are computed from the parameters."""
+        other = other or {}
+        shapes = abstract.shapes if abstract is not None else {}
+        computed = abstract.computed_obs if abstract is not None else frozenset()
         sites: dict[str, SiteInfo] = {}
         for name, site in trace.items():
             if site["type"] == "plate":
@@ -287,7 +610,7 @@ class Posterior:
                     )
                 continue
             if site["type"] == "deterministic":
-                shape = tuple(np.shape(site["value"]))
+                shape = shapes.get(name, _site_shape(site))
                 sites[name] = SiteInfo(
                     name, "deterministic", shape, shape, "Deterministic", _site_dims(site, shape, 0)
                 )
@@ -296,9 +619,9 @@ class Posterior:
                 continue
             fn = site["fn"]
             if site["is_observed"]:
-                self._check_observed(site, other.get(name))
+                self._check_observed(site, other.get(name), name in computed)
                 kind = "factor" if _dist_name(fn) == "Unit" else "observed"
-                shape = tuple(np.shape(site["value"]))
+                shape = shapes.get(name, _site_shape(site))
                 sites[name] = SiteInfo(
                     name, kind, shape, shape, _dist_name(fn),
                     _site_dims(site, shape, len(fn.event_shape)),
@@ -317,7 +640,7 @@ class Posterior:
                     "(sum over its values with jax.nn.logsumexp and numpyro.factor; for hidden state "
                     "sequences, the forward algorithm), or observe it with `obs=`."
                 )
-            shape = tuple(fn.shape())
+            shape = shapes.get(name, _site_shape(site))
             try:
                 transform = biject_to(fn.support)
             except NotImplementedError as e:
@@ -332,7 +655,11 @@ class Posterior:
             )
         return sites
 
-    def _check_observed(self, site: dict, twin: dict | None) -> None:
+    def _check_observed(self, site: dict, twin: dict | None, computed: bool = False) -> None:
+        """Check an observed site's data: finite, of a shape that fits its distribution, inside
+        its support (when that does not depend on the parameters). ``computed``: the observed
+        value is a function of the parameters (a "data" check against a support then means
+        nothing; its finiteness was a condition on the inspection point)."""
         name, fn, value = site["name"], site["fn"], site["value"]
         if _dist_name(fn) == "Unit":  # numpyro.factor
             _check_finite(name, value, "factor")
@@ -357,6 +684,8 @@ class Posterior:
             )
         if not fn.is_discrete and not np.issubdtype(np.asarray(value).dtype, np.number):
             raise DataError(f"observed site '{name}' holds non-numeric data ({np.asarray(value).dtype}).")
+        if computed:
+            return
         if not _same_support(fn.support, None if twin is None else twin["fn"].support):
             return  # the support depends on parameters (e.g. Uniform(0, theta)): no fixed check
         try:
@@ -531,7 +860,7 @@ class Posterior:
         from bayeslik import icdf as _icdf
 
         self.require_proper_prior("a unit-cube prior transform")
-        trace = self._trace_once()
+        trace, _ = self._trace_at(self._inspection_point)
         for name in self._latent_names:
             _icdf.check_icdf(trace[name]["fn"], name)
         latent = self._latent_names

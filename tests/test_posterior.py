@@ -194,3 +194,203 @@ def test_functions_are_jittable_and_differentiable():
     eps = 1e-3
     fd = [(post.logdensity(z + eps * e) - post.logdensity(z - eps * e)) / (2 * eps) for e in jnp.eye(2)]
     np.testing.assert_allclose(g, fd, rtol=2e-2)
+
+
+# ---------------------------------------------------------------- construction at fixed points
+# Posterior() inspects the program at deterministic points (every latent site at
+# biject_to(support)(c) for a constant unconstrained c), never at prior draws: a prior draw that is
+# valid but extreme (an overflowing recursion, a NaN Cholesky in float32) must not make a valid
+# model fail, and a model that gives invalid numbers everywhere is a ModelError, not a DataError.
+
+ARMA_Y = np.random.default_rng(0).normal(size=200).astype(np.float32)
+
+
+def arma11(y, theta_loc=0.0, theta_scale=2.0, observe_err=False):
+    """ARMA(1,1): err_t = y_t - mu - phi y_{t-1} - theta err_{t-1}, a 200-step lax.scan."""
+    mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
+    phi = numpyro.sample("phi", dist.Normal(0.0, 2.0))
+    theta = numpyro.sample("theta", dist.Normal(theta_loc, theta_scale))
+    sigma = numpyro.sample("sigma", dist.HalfCauchy(2.5))
+
+    def step(err_prev, t):
+        nu = mu + phi * y[t - 1] + theta * err_prev
+        return y[t] - nu, nu
+
+    nu0 = mu + phi * mu
+    err, nus = jax.lax.scan(step, y[0] - nu0, jnp.arange(1, y.shape[0]))
+    if observe_err:  # posteriordb's form: the residuals are the "observation"
+        errs = jnp.concatenate([jnp.reshape(y[0] - nu0, (1,)), y[1:] - nus])
+        numpyro.sample("err", dist.Normal(0.0, sigma), obs=errs)
+    else:
+        nu = jnp.concatenate([jnp.reshape(nu0, (1,)), nus])
+        numpyro.sample("y", dist.Normal(nu, sigma), obs=y)
+
+
+def _maybe_x64(request, use_x64):
+    if use_x64:
+        request.getfixturevalue("x64")
+
+
+@pytest.mark.parametrize("use_x64", [False, True], ids=["f32", "f64"])
+@pytest.mark.parametrize(
+    "theta_loc, theta_scale, observe_err",
+    [(0.0, 2.0, False), (-3.0, 0.1, False), (-50.0, 0.1, False), (-3.0, 0.1, True)],
+)
+def test_arma_constructs_whatever_the_prior_draw(
+    request, use_x64, theta_loc, theta_scale, observe_err
+):
+    """theta ~ Normal(-3, 0.1) (f32) or Normal(-50, 0.1) (f64 too): every prior draw overflows the
+    200-step recursion; Normal(0, 2) is the issue's prior, whose draws at seeds 0 and 1 did."""
+    _maybe_x64(request, use_x64)
+    kw = dict(y=ARMA_Y, theta_loc=theta_loc, theta_scale=theta_scale, observe_err=observe_err)
+    post = bl.Posterior(arma11, **kw)
+    assert post.latent_names == ("mu", "phi", "theta", "sigma")
+    obs = "err" if observe_err else "y"
+    assert post.sites[obs].kind == "observed" and post.sites[obs].shape == (200,)
+    z = post.unconstrain({"mu": 0.0, "phi": 0.1, "theta": -0.2, "sigma": 1.0})
+    assert np.isfinite(float(post.logdensity(z)))
+    assert np.isfinite(float(jax.jit(post.logdensity)(z)))
+    # the same facts under any global numpy / numpyro seed state
+    for k in range(3):
+        np.random.seed(k)
+        with numpyro.handlers.seed(rng_seed=k):
+            again = bl.Posterior(arma11, **kw)
+        assert again.sites == post.sites
+
+
+GP_X = np.linspace(0.0, 10.0, 20).astype(np.float32)
+
+
+def gp_model(x, y, jitter=1e-10):
+    """A latent GP with a Cholesky factor and a tiny jitter: with the lengthscale prior's draws
+    (about 20 on a grid of spacing 0.5) the kernel is numerically singular and float32's Cholesky
+    is NaN."""
+    ls = numpyro.sample("ls", dist.LogNormal(3.0, 0.1))
+    amp = numpyro.sample("amp", dist.LogNormal(0.0, 0.1))
+    noise = numpyro.sample("noise", dist.HalfNormal(0.1))
+    d2 = (x[:, None] - x[None, :]) ** 2
+    K = amp**2 * jnp.exp(-0.5 * d2 / ls**2) + jitter * jnp.eye(x.shape[0])
+    L = jnp.linalg.cholesky(K)
+    eta = numpyro.sample("eta", dist.Normal(0.0, 1.0).expand([x.shape[0]]).to_event(1))
+    numpyro.sample("y", dist.Normal(L @ eta, noise), obs=y)
+
+
+@pytest.mark.parametrize("use_x64", [False, True], ids=["f32", "f64"])
+def test_gp_with_tiny_jitter_constructs(request, use_x64):
+    _maybe_x64(request, use_x64)
+    # the prior's draws give a NaN Cholesky in float32 (the reason construction used to fail)
+    if not use_x64:
+        draws = jnp.exp(3.0 + 0.1 * jax.random.normal(jax.random.key(0), (2,)))
+        d2 = (GP_X[:, None] - GP_X[None, :]) ** 2
+        eye = 1e-10 * jnp.eye(20)
+        chols = [jnp.linalg.cholesky(jnp.exp(-0.5 * d2 / ls**2) + eye) for ls in draws]
+        assert any(bool(jnp.isnan(c).any()) for c in chols)
+    post = bl.Posterior(gp_model, x=GP_X, y=np.sin(GP_X))
+    assert post.ndim == 23 and post.site_shapes["eta"] == (20,)
+    z = post.unconstrain({"ls": 1.0, "amp": 1.0, "noise": 0.1, "eta": np.zeros(20)})
+    assert np.isfinite(float(post.logdensity(z)))
+
+
+def test_model_failing_at_the_first_point_is_retried():
+    def model(y):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        numpyro.sample("y", dist.Normal(1.0 / mu, 1.0), obs=y)  # inf loc at mu = 0 only
+
+    post = bl.Posterior(model, y=np.zeros(3))
+    assert post.latent_names == ("mu",) and post.sites["y"].shape == (3,)
+
+
+def negative_scale_model(y):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+    s = numpyro.sample("s", dist.HalfNormal(1.0))
+    with numpyro.plate("obs", y.shape[0]):
+        numpyro.sample("y", dist.Normal(mu, -s), obs=y)
+
+
+def overflow_model(y):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+    s = numpyro.sample("s", dist.HalfNormal(1.0))
+    big = jnp.exp(1e3 * (1.0 + mu**2))  # inf at every parameter value, f32 and f64
+    numpyro.sample("y", dist.Normal(big - big, s), obs=y)
+
+
+@pytest.mark.parametrize("use_x64", [False, True], ids=["f32", "f64"])
+@pytest.mark.parametrize("model, arg", [(negative_scale_model, "scale"), (overflow_model, "loc")])
+def test_invalid_numbers_at_every_point_is_a_model_error(request, use_x64, model, arg):
+    _maybe_x64(request, use_x64)
+    from numpyro.distributions import distribution as _d
+
+    before = (_d._VALIDATION_ENABLED, _d.Distribution._validate_args)
+    with pytest.raises(bl.ModelError) as info:
+        bl.Posterior(model, y=np.zeros(3))
+    assert not isinstance(info.value, bl.DataError)
+    msg = str(info.value)
+    assert "raised at every parameter value tried" in msg
+    assert "z=0: mu=0, s=1" in msg and "z=0.5: mu=0.5, s=1.65" in msg  # the points, site=value
+    assert f"invalid {arg} parameter" in msg  # the original exception, quoted
+    assert f"Normal '{arg}' of site 'y'" in msg
+    assert "not a problem of the data" in msg
+    assert "shapes {" not in msg and "agree with each other" not in msg  # no blame on shapes
+    assert isinstance(info.value.__cause__, ValueError)
+    assert (_d._VALIDATION_ENABLED, _d.Distribution._validate_args) == before
+
+
+@pytest.mark.parametrize("use_x64", [False, True], ids=["f32", "f64"])
+def test_invalid_argument_from_the_data_is_a_data_error(request, use_x64):
+    """An argument that is invalid at every point but does not depend on the parameters comes
+    from the data: a DataError naming the site and the argument."""
+    _maybe_x64(request, use_x64)
+
+    def model(y, log_s):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        numpyro.sample("y", dist.Normal(mu, jnp.exp(log_s) - 2.0), obs=y)
+
+    match = r"site 'y': the 'scale' argument of its Normal.*does not depend on the parameters"
+    with pytest.raises(bl.DataError, match=match):
+        bl.Posterior(model, y=np.zeros(3), log_s=np.zeros(3))
+
+
+@pytest.mark.parametrize("use_x64", [False, True], ids=["f32", "f64"])
+def test_shape_mismatch_is_still_a_data_error_naming_the_shapes(request, use_x64):
+    """A broadcast failure is a DataError naming the shapes, even in a model whose numbers would
+    also be invalid at every parameter point (the abstract run sees the shapes first)."""
+    _maybe_x64(request, use_x64)
+
+    def model(y, x):
+        b = numpyro.sample("b", dist.Normal(0.0, 1.0))
+        big = jnp.exp(1e3 * (1.0 + b**2))
+        with numpyro.plate("n", 5):
+            numpyro.sample("y", dist.Normal(b * x + (big - big), 1.0), obs=y)
+
+    with pytest.raises(bl.DataError, match=r"y: \(5,\), x: \(4,\)") as info:
+        bl.Posterior(model, y=np.zeros(5), x=np.zeros(4))
+    assert "raised at every parameter value" not in str(info.value)
+    with pytest.raises(bl.DataError, match=r"observed site 'y'.*\(5,\).*\(4,\).*do not broadcast"):
+        bl.Posterior(lambda y, x: numpyro.sample(
+            "y", dist.Normal(numpyro.sample("b", dist.Normal(0, 1)) * x, 1.0), obs=y),
+            y=np.zeros(5), x=np.zeros(4))
+
+
+def test_construction_is_deterministic():
+    """The same model and data give the same sites and observed data whatever the global numpy /
+    numpyro seed state, and whatever the prior's location and scale (nothing is drawn)."""
+
+    def model(y, loc, scale):
+        theta = numpyro.sample("theta", dist.Normal(loc, scale))
+        s = numpyro.sample("s", dist.LogNormal(loc, scale))
+        # a support that depends on the parameters: no data check against it
+        numpyro.sample("u", dist.Uniform(-s, s), obs=y[:1])
+        # MA(1): err_t = y_t - theta err_{t-1}; overflows for |theta| >> 1 (prior locs +-30)
+        _, err_prev = jax.lax.scan(lambda e, yt: (yt - theta * e, e), 0.0, y)
+        numpyro.sample("y", dist.Normal(theta * err_prev, s), obs=y)
+
+    y = jnp.asarray(ARMA_Y[:50])
+    ref = bl.Posterior(model, y=y, loc=0.0, scale=1.0)
+    for k, (loc, scale) in enumerate([(0.0, 1.0), (-30.0, 0.01), (30.0, 0.01), (3.0, 5.0)]):
+        np.random.seed(100 + k)
+        _ = jax.random.normal(jax.random.key(k), (3,))
+        with numpyro.handlers.seed(rng_seed=k):
+            post = bl.Posterior(model, y=y, loc=loc, scale=scale)
+        assert post.sites == ref.sites
+        for n in ("u", "y"):
+            np.testing.assert_array_equal(post.observed_data[n], ref.observed_data[n])
