@@ -1,10 +1,16 @@
 r"""posteriordb reference posteriors as NumPyro programs, with their data and reference draws.
 
-Five posteriors from `posteriordb <https://github.com/stan-dev/posteriordb>`_ (BSD-3-Clause, commit
-``28f8d3d6``). Their Stan code, data, reference draws and info files are bundled under
-``data/posteriordb/`` (see the README there). Each Stan model is translated by hand into a NumPyro
-program with the same parameters (site names equal the Stan names), the same constraints, the same
-priors and the same likelihood. Posteriors, their models and the models' sample sites:
+Thirty-one posteriors from `posteriordb <https://github.com/stan-dev/posteriordb>`_ (BSD-3-Clause,
+commit ``28f8d3d6``), all with reference draws made by rstan. Their Stan code, data, reference draws
+and info files are bundled under ``data/posteriordb/`` (see the README there). Each Stan model is
+translated by hand into a NumPyro program with the same parameters (site names equal the Stan
+names), the same constraints, the same priors and the same likelihood; :func:`names` lists them,
+:func:`load` gives model, data and draws, :func:`check_against_reference` compares draws with the
+reference, and ``NUTS_OPTIONS`` records any setting NUTS needs beyond its defaults. This module holds
+six of them (below) and the loader; ``posteriordb_regression`` (earnings, kidiq, kidiq_with_mom_work,
+mesquite, diamonds), ``posteriordb_extra`` (gp_regr, the two basketball drive HMMs) and
+``posteriordb_ode`` (lotka_volterra, one_comp_mm_elim_abs, solved with diffrax) the rest. The six
+here, their models and the models' sample sites:
 
 * ``eight_schools-eight_schools_noncentered``: :func:`eight_schools_noncentered`: ``theta_trans[J]``,
   ``mu``, ``tau``, plus the deterministic ``theta[J]``;
@@ -13,9 +19,10 @@ priors and the same likelihood. Posteriors, their models and the models' sample 
 * ``hmm_example-hmm_example``: :func:`hmm_example`: ``theta1[K]``, ``theta2[K]``, ``mu[K]``, plus the
   deterministic ``theta[K, K]``;
 * ``low_dim_gauss_mix-low_dim_gauss_mix``: :func:`low_dim_gauss_mix`: ``mu[2]``, ``sigma[2]``,
-  ``theta``.
+  ``theta``;
+* ``arma-arma11``: :func:`arma11`: ``mu``, ``phi``, ``theta``, ``sigma`` (observed site ``err``).
 
-Each model's observed site is ``y``.
+The first five models' observed site is ``y``.
 
 **How the log density compares with Stan's.** Where a Stan parameter with a one-sided bound has a
 prior ``x ~ cauchy(0, s)`` or ``x ~ normal(0, s)``, the NumPyro program uses the *normalised*
@@ -76,6 +83,8 @@ __all__ = [
     "load",
     "low_dim_gauss_mix",
     "names",
+    "NUTS_OPTIONS",
+    "check_against_reference",
     "reference_params",
     "stan_code",
 ]
@@ -610,6 +619,46 @@ def reference_params(name: str, reference: dict | None = None) -> dict:
         theta = ref.pop("theta")
         ref["theta_trans"] = (theta - ref["mu"][..., None]) / ref["tau"][..., None]
     return ref
+
+
+
+#: NUTS settings a posterior needs beyond the defaults (4 chains x 1000 warmup + 1000 draws,
+#: target_accept 0.8, diagonal metric), with the reason. Empty entries pass at defaults.
+NUTS_OPTIONS: dict[str, dict] = {}
+
+
+def check_against_reference(name: str, draws: dict, reference: dict | None = None) -> dict:
+    """Compare draws ``{site: (chain, draw, ...)}`` with the posterior's reference draws.
+
+    For every scalar element of every reference parameter: ``z`` = (our mean - reference mean)
+    / sqrt(our MCSE^2 + reference MCSE^2), both MCSEs from ArviZ (``arviz_stats.mcse``, method
+    "mean"), and the ratio of the standard deviations. Returns ``{"worst_z", "worst_z_param",
+    "worst_sd_ratio", "worst_sd_param", "z": {param: array}, "sd_ratio": {param: array}}``;
+    ``worst_sd_ratio`` is the ratio farthest from 1. The corpus test passes a fit when
+    ``worst_z < 4`` and ``|worst_sd_ratio - 1| < 0.1``.
+    """
+    import arviz_base as azb
+    import arviz_stats as azs
+
+    ref = load(name)["reference"] if reference is None else reference
+    ours = {k: np.asarray(draws[k], dtype=np.float64) for k in ref}
+
+    def mcse(d):
+        out = azs.mcse(azb.from_dict({"posterior": d}), group="posterior", method="mean")
+        return {k: np.asarray(out[k]) for k in d}
+
+    m_ref, m_ours = mcse(ref), mcse(ours)
+    z, ratio = {}, {}
+    for k, r in ref.items():
+        rf = r.reshape((-1,) + r.shape[2:])
+        of = ours[k].reshape((-1,) + r.shape[2:])
+        z[k] = np.atleast_1d(np.abs(of.mean(0) - rf.mean(0)) / np.sqrt(m_ours[k] ** 2 + m_ref[k] ** 2))
+        ratio[k] = np.atleast_1d(of.std(0) / rf.std(0))
+    wz = max(z, key=lambda k: np.nanmax(z[k]))
+    wr = max(ratio, key=lambda k: np.nanmax(np.abs(ratio[k] - 1)))
+    worst_ratio = ratio[wr].flat[int(np.nanargmax(np.abs(ratio[wr] - 1)))]
+    return {"worst_z": float(np.nanmax(z[wz])), "worst_z_param": wz,
+            "worst_sd_ratio": float(worst_ratio), "worst_sd_param": wr, "z": z, "sd_ratio": ratio}
 
 
 # the rest of the corpus lives in sibling modules (each exposes MODELS = {name: (fn, offset)});

@@ -58,6 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bayeslik.convergence import convergence_flags
 from bayeslik.engines._programs import ProgramCache, Programs
 from bayeslik.errors import EngineError, InitializationError, ModelError
 from bayeslik.filtering import particle as _pf
@@ -538,6 +539,8 @@ def run(posterior: StateSpacePosterior, rng_key: jax.Array, config: PMMHConfig) 
                      " raise num_particles")
     if interrupted:
         flags.append(f"interrupted: kept {n_kept} of {S} draws per chain")
+    flags.extend(convergence_flags({k: v for k, v in values.items()
+                                    if k in posterior.sites and posterior.sites[k].kind == "latent"}))
     warm_rate = float(np.concatenate([o[0].accepted for o in warm_acc], axis=1).mean()) \
         if warm_acc else None
     done_iters = C * (sum(o[1].shape[1] for o in warm_acc) + n_kept)
