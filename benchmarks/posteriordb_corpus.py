@@ -3,6 +3,7 @@
 Run:  python benchmarks/posteriordb_corpus.py [--engines nuts smc] [--dtypes 32 64]
                                               [--names NAME ...] [--seed 0]
                                               [--out benchmarks/results/posteriordb_corpus.csv]
+                                              [--update]
 
 Every posterior of ``bayeslik.models.posteriordb`` (31, each with 10 x 1,000 reference draws
 made by the posteriordb maintainers with rstan) is fitted at the engine's defaults plus the
@@ -16,7 +17,8 @@ to draw from the prior.
 
 Each dtype runs in its own process (float64 is switched on before JAX starts). The CSV has a
 row per (posterior, engine, dtype) with the time, the figures, the flags and pass/fail; the
-markdown table printed at the end is the one in docs/engines/nuts.md. This is a benchmark: it
+markdown table printed at the end is the one in docs/engines/nuts.md. ``--update`` reruns only
+the given posteriors/engines/dtypes and keeps the other rows of ``--out``. This is a benchmark: it
 writes a table and never fails.
 """
 
@@ -88,6 +90,12 @@ def _one_dtype(args) -> list[dict]:
     return rows
 
 
+def _names() -> list[str]:
+    from bayeslik.models import posteriordb
+
+    return posteriordb.names()
+
+
 def _table(rows: list[dict]) -> str:
     by = {}
     for r in rows:
@@ -118,6 +126,8 @@ def main() -> None:
     ap.add_argument("--names", nargs="*", default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/posteriordb_corpus.csv"))
+    ap.add_argument("--update", action="store_true",
+                    help="keep the rows of --out for the (posterior, engine, dtype) not rerun")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -143,6 +153,12 @@ def main() -> None:
                       f"{r.get('wall_s', '')} s", flush=True)
         proc.wait()
     out = Path(args.out)
+    if args.update and out.exists():
+        done = {(r["name"], r["engine"], r["dtype"]) for r in rows}
+        with out.open() as f:
+            old = [r for r in csv.DictReader(f) if (r["name"], r["engine"], r["dtype"]) not in done]
+        order = {n: i for i, n in enumerate(_names())}
+        rows = sorted(old + rows, key=lambda r: (order.get(r["name"], 99), r["engine"], r["dtype"]))
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as f:
         w = csv.DictWriter(f, FIELDS)

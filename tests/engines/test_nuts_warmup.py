@@ -154,7 +154,13 @@ class FakeHMC(NamedTuple):
 
 @pytest.mark.parametrize("num_warmup", [1000, 160, 151, 100, 19])
 @pytest.mark.parametrize("dense", [False, True])
-def test_adaptation_follows_stan_step_for_step(num_warmup, dense, x64):
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_adaptation_follows_stan_step_for_step(num_warmup, dense, dtype, request):
+    """float64 agrees with the port to 1e-9; float32 to what its rounding allows (1e-4 relative
+    after 1,000 updates of the running averages)."""
+    if dtype == "float64":
+        request.getfixturevalue("x64")
+    rtol = 1e-9 if dtype == "float64" else 1e-4
     rng = np.random.default_rng(0)
     d, delta = 3, 0.8
     accept = rng.uniform(0.3, 1.2, num_warmup)  # > 1 is capped, as Stan does
@@ -179,11 +185,11 @@ def test_adaptation_follows_stan_step_for_step(num_warmup, dense, x64):
     for t in range(num_warmup):
         hmc = FakeHMC(jnp.asarray(positions[t]), jnp.zeros(()), jnp.zeros(d))
         ws = adapt(key, ws, jnp.int32(stage[t]), jnp.bool_(end[t]), hmc, jnp.asarray(accept[t]))
-        np.testing.assert_allclose(float(ws.step_size), ref_steps[t], rtol=1e-9, err_msg=f"t={t}")
-        np.testing.assert_allclose(np.asarray(ws.inverse_mass_matrix), ref_metrics[t], rtol=1e-9,
-                                   err_msg=f"t={t}")
+        np.testing.assert_allclose(float(ws.step_size), ref_steps[t], rtol=rtol, err_msg=f"t={t}")
+        np.testing.assert_allclose(np.asarray(ws.inverse_mass_matrix), ref_metrics[t], rtol=rtol,
+                                   atol=1e-7 if dtype == "float32" else 0, err_msg=f"t={t}")
     final = nuts.end_warmup(nuts.ChainState(None, ws)).warmup.step_size
-    np.testing.assert_allclose(float(final), ref_final, rtol=1e-9)
+    np.testing.assert_allclose(float(final), ref_final, rtol=rtol)
 
 
 @pytest.mark.parametrize("num_warmup", list(range(15, 400, 7)) + [1000, 2000, 150, 149, 151])
