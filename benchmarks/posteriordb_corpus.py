@@ -11,8 +11,9 @@ settings recorded in ``posteriordb.NUTS_OPTIONS`` (NUTS: 4 chains x 1,000 warmup
 target_accept 0.8, diagonal metric; SMC: its defaults), and compared with the reference by
 ``posteriordb.check_against_reference``: worst |z| of the means over all parameters (z in
 combined Monte Carlo standard errors, ours and the reference's) and the worst ratio of standard
-deviations. A fit passes when worst |z| < 4 and every sd ratio lies within 10% of 1, and, for
-NUTS, when it raised no flag. SMC skips posteriors with an improper (flat) prior: it needs
+deviations. A fit passes when worst |z| < 4 and every sd ratio lies within 10% of 1 (or, for a
+heavy-tailed parameter, the sds agree within 4 combined MCSEs of the sd), and, for NUTS, when it
+raised no flag. SMC skips posteriors with an improper (flat) prior: it needs
 to draw from the prior.
 
 Each dtype runs in its own process (float64 is switched on before JAX starts). The CSV has a
@@ -76,7 +77,7 @@ def _one_dtype(args) -> list[dict]:
             wall = time.perf_counter() - t0
             draws = {k: fit.draws(k) for k in p["reference"]}
             res = posteriordb.check_against_reference(name, draws, p["reference"])
-            ok = res["worst_z"] < 4 and abs(res["worst_sd_ratio"] - 1) < 0.1
+            ok = res["passed"]
             div = int(fit.idata["sample_stats"]["diverging"].sum()) \
                 if "diverging" in fit.idata["sample_stats"] else ""
             # NUTS must also be clean; SMC's flags (if any) are reported but its draws decide

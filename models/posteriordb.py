@@ -632,44 +632,66 @@ NUTS_OPTIONS: dict[str, dict] = {
     # brms's diamonds regression (24 correlated coefficients), the standard example for dense
     # metric adaptation: diagonal 211 s with tree-depth hits, dense 30 s and clean
     "diamonds-diamonds": {"dense_mass": True},
+    # mom_iq uncentred (about 100) with an interaction: diagonal step sizes 0.03, trees of depth
+    # 6-8, and R-hat 1.02 in float64 at seed 0; dense: step 0.7, depth 2-3, clean in both dtypes
+    "kidiq-kidscore_interaction": {"dense_mass": True},
     # the funnel of the non-centred eight schools still gives an occasional divergence at
     # target_accept 0.8 (1 in 4000 in float32, seed 0); 0.9 is the usual setting for it
     "eight_schools-eight_schools_noncentered": {"target_accept": 0.9},
+    # K_m and V_m have very heavy right tails (K_m: sd 7.3, maximum 296 in the reference) along a
+    # ridge; at defaults 5 divergences and tail ESS 265 (float64, seed 0). The reference needed
+    # adapt_delta 0.99 and max treedepth 20 in Stan; here 0.99, depth 12 and 4000 draws a chain
+    # (60 s float64, 42 s float32, clean)
+    "one_comp_mm_elim_abs-one_comp_mm_elim_abs": {"target_accept": 0.99, "max_tree_depth": 12,
+                                                  "num_samples": 4000},
 }
 
 
-def check_against_reference(name: str, draws: dict, reference: dict | None = None) -> dict:
+def check_against_reference(name: str, draws: dict, reference: dict | None = None, *,
+                            k: float = 4.0, sd_tol: float = 0.10) -> dict:
     """Compare draws ``{site: (chain, draw, ...)}`` with the posterior's reference draws.
 
-    For every scalar element of every reference parameter: ``z`` = (our mean - reference mean)
+    For every scalar element of every reference parameter: ``z`` = |our mean - reference mean|
     / sqrt(our MCSE^2 + reference MCSE^2), both MCSEs from ArviZ (``arviz_stats.mcse``, method
-    "mean"), and the ratio of the standard deviations. Returns ``{"worst_z", "worst_z_param",
-    "worst_sd_ratio", "worst_sd_param", "z": {param: array}, "sd_ratio": {param: array}}``;
-    ``worst_sd_ratio`` is the ratio farthest from 1. The corpus test passes a fit when
-    ``worst_z < 4`` and ``|worst_sd_ratio - 1| < 0.1``.
+    "mean"), and the ratio of the standard deviations. An element passes when ``z < k`` and its
+    sd ratio lies within ``sd_tol`` of 1, or, where the sd itself is too noisy for that, when the
+    sds differ by less than ``k`` combined MCSEs of the sd (method "sd"). The second clause only
+    matters for heavy tails: one_comp_mm_elim_abs's K_m has a reference sd of 7.3 with an MCSE
+    of 0.84 (11%), and the two halves of the reference's own chains give 5.7 and 8.6.
+
+    Returns ``{"passed", "worst_z", "worst_z_param", "worst_sd_ratio", "worst_sd_param", "z",
+    "sd_ratio", "sd_z"}``; ``worst_sd_ratio`` is the ratio farthest from 1 among the elements
+    that fail the 10% rule (or among all when none fails it).
     """
     import arviz_base as azb
     import arviz_stats as azs
 
     ref = load(name)["reference"] if reference is None else reference
-    ours = {k: np.asarray(draws[k], dtype=np.float64) for k in ref}
+    ours = {key: np.asarray(draws[key], dtype=np.float64) for key in ref}
 
-    def mcse(d):
-        out = azs.mcse(azb.from_dict({"posterior": d}), group="posterior", method="mean")
-        return {k: np.asarray(out[k]) for k in d}
+    def mcse(d, method):
+        out = azs.mcse(azb.from_dict({"posterior": d}), group="posterior", method=method)
+        return {key: np.asarray(out[key]) for key in d}
 
-    m_ref, m_ours = mcse(ref), mcse(ours)
-    z, ratio = {}, {}
-    for k, r in ref.items():
+    m_ref, m_ours = mcse(ref, "mean"), mcse(ours, "mean")
+    s_ref, s_ours = mcse(ref, "sd"), mcse(ours, "sd")
+    z, ratio, sd_z, ok = {}, {}, {}, True
+    for key, r in ref.items():
         rf = r.reshape((-1,) + r.shape[2:])
-        of = ours[k].reshape((-1,) + r.shape[2:])
-        z[k] = np.atleast_1d(np.abs(of.mean(0) - rf.mean(0)) / np.sqrt(m_ours[k] ** 2 + m_ref[k] ** 2))
-        ratio[k] = np.atleast_1d(of.std(0) / rf.std(0))
-    wz = max(z, key=lambda k: np.nanmax(z[k]))
-    wr = max(ratio, key=lambda k: np.nanmax(np.abs(ratio[k] - 1)))
+        of = ours[key].reshape((-1,) + r.shape[2:])
+        z[key] = np.atleast_1d(np.abs(of.mean(0) - rf.mean(0))
+                               / np.sqrt(m_ours[key] ** 2 + m_ref[key] ** 2))
+        ratio[key] = np.atleast_1d(of.std(0) / rf.std(0))
+        sd_z[key] = np.atleast_1d(np.abs(of.std(0) - rf.std(0))
+                                  / np.sqrt(s_ours[key] ** 2 + s_ref[key] ** 2))
+        sd_ok = (np.abs(ratio[key] - 1) < sd_tol) | (sd_z[key] < k)
+        ok = ok and bool(np.all(z[key] < k)) and bool(np.all(sd_ok))
+    wz = max(z, key=lambda key: np.nanmax(z[key]))
+    wr = max(ratio, key=lambda key: np.nanmax(np.abs(ratio[key] - 1)))
     worst_ratio = ratio[wr].flat[int(np.nanargmax(np.abs(ratio[wr] - 1)))]
-    return {"worst_z": float(np.nanmax(z[wz])), "worst_z_param": wz,
-            "worst_sd_ratio": float(worst_ratio), "worst_sd_param": wr, "z": z, "sd_ratio": ratio}
+    return {"passed": ok, "worst_z": float(np.nanmax(z[wz])), "worst_z_param": wz,
+            "worst_sd_ratio": float(worst_ratio), "worst_sd_param": wr, "z": z,
+            "sd_ratio": ratio, "sd_z": sd_z}
 
 
 # the rest of the corpus lives in sibling modules (each exposes MODELS = {name: (fn, offset)});

@@ -2,7 +2,9 @@
 
 31 posteriors written by others (posteriordb, reference draws by rstan), each in float32 and
 float64: every parameter's mean within 4 combined Monte Carlo standard errors (ours and the
-reference's, both from ArviZ), every standard deviation within 10%, no flag on the Fit
+reference's, both from ArviZ), every standard deviation within 10% (or, for a heavy-tailed
+parameter whose sd the reference itself pins down no better, within 4 combined MCSEs of the
+sd: see ``posteriordb.check_against_reference``), no flag on the Fit
 (divergences, tree-depth hits, split R-hat above 1.01, ESS below 100 per chain). The settings
 are the defaults (4 chains x 1,000 warmup + 1,000 draws) plus what ``posteriordb.NUTS_OPTIONS``
 records for a posterior. A fast subset runs in the default suite; the rest is ``slow``
@@ -48,10 +50,9 @@ def _check(name: str, seed: int) -> None:
         fit = bl.fit(post, "nuts", seed=seed, progress_bar=False, **opts)
     assert not fit.flags, fit.flags
     res = posteriordb.check_against_reference(name, {k: fit.draws(k) for k in p["reference"]},
-                                              p["reference"])
-    assert res["worst_z"] < K, (res["worst_z_param"], res["z"][res["worst_z_param"]])
-    assert abs(res["worst_sd_ratio"] - 1) < SD_TOL, (res["worst_sd_param"],
-                                                     res["sd_ratio"][res["worst_sd_param"]])
+                                              p["reference"], k=K, sd_tol=SD_TOL)
+    assert res["passed"], {key: (res["z"][key], res["sd_ratio"][key], res["sd_z"][key])
+                           for key in res["z"]}
 
 
 @pytest.mark.parametrize("name, dtype", CASES)
@@ -67,9 +68,11 @@ def test_check_can_fail():
     ref = p["reference"]
     shifted = {k: v + 0.5 * v.std() for k, v in ref.items()}
     narrow = {k: v.mean() + 0.8 * (v - v.mean()) for k, v in ref.items()}
-    assert posteriordb.check_against_reference("kidiq-kidscore_momhs", shifted)["worst_z"] > K
+    res = posteriordb.check_against_reference("kidiq-kidscore_momhs", shifted)
+    assert res["worst_z"] > K and not res["passed"]
     res = posteriordb.check_against_reference("kidiq-kidscore_momhs", narrow)
-    assert abs(res["worst_sd_ratio"] - 0.8) < 1e-9
+    assert abs(res["worst_sd_ratio"] - 0.8) < 1e-9 and not res["passed"]
+    assert posteriordb.check_against_reference("kidiq-kidscore_momhs", ref)["passed"]
 
 
 def test_every_posterior_is_bundled_with_its_source():
