@@ -67,8 +67,8 @@ def convergence_flags(draws: Mapping[str, np.ndarray], *, rhat_max: float = RHAT
     >>> convergence_flags(ok)
     []
     >>> apart = {"x": rng.normal(size=(4, 1000)) + np.array([[0.0], [0.0], [5.0], [5.0]])}
-    >>> convergence_flags(apart)[0][:48]
-    'chains disagree: split R-hat above 1.01 for 1 of'
+    >>> convergence_flags(apart)[0].startswith("chains disagree: split R-hat above 1.01")
+    True
     """
     from arviz_stats.base import array_stats
 

@@ -209,11 +209,12 @@ def rul_from_state_probs(state_probs, trans, *, final_cycles: int = 15,
     the last state ``s`` cycles later, RUL = ``s + final_cycles - 1``; a unit already in the last
     state gets RUL ``final_cycles // 2``).
 
-    >>> import jax.numpy as jnp
-    >>> trans = jnp.array([[0.9, 0.1], [0.0, 1.0]])
-    >>> pmf = rul_from_state_probs(jnp.array([1.0, 0.0]), trans, final_cycles=2, horizon=3)
-    >>> [round(float(v), 4) for v in pmf]
-    [0.0, 0.0, 0.369, 0.3321, 0.2989]
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> trans = jnp.array([[0.9, 0.1], [0.0, 1.0]])
+        >>> pmf = rul_from_state_probs(jnp.array([1.0, 0.0]), trans, final_cycles=2, horizon=3)
+        >>> [round(float(v), 4) for v in pmf]
+        [0.0, 0.0, 0.369, 0.3321, 0.2989]
     """
     import jax
     import jax.numpy as jnp

@@ -708,8 +708,9 @@ def membership(fit, y=None, *, relabel_method: str | None = "pivot", num_draws: 
     argmax_k probs, "uncertainty": (N,) 1 - max_k probs, "fit": the relabelled Fit}``. ``y``
     defaults to the Fit's observed data; other points (new data) may be given.
 
-    >>> out = membership(fit)                 # doctest: +SKIP
-    >>> out["labels"][:10], out["uncertainty"].max()   # doctest: +SKIP
+    Examples:
+        >>> out = membership(fit)                 # doctest: +SKIP
+        >>> out["labels"][:10], out["uncertainty"].max()   # doctest: +SKIP
     """
     from bayeslik.relabel import relabel
 

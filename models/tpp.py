@@ -980,10 +980,11 @@ def intensity(fit_or_params, sequence: dict, grid, *, num_draws: int | None = 20
     dict with ``times``, ``marks``, ``t_start``. Returns ``{"grid", "mean", "lower", "upper",
     "draws"}`` (draws: (D, G, M)).
 
-    >>> lam = intensity({"mu": [1.0], "alpha": [[0.5]], "beta": [2.0]}, {"times": [0.5], "marks": [0]},
-    ...                 [0.0, 0.5, 1.0])
-    >>> [round(float(x), 3) for x in lam["mean"][:, 0]]
-    [1.0, 1.0, 1.368]
+    Examples:
+        >>> lam = intensity({"mu": [1.0], "alpha": [[0.5]], "beta": [2.0]}, {"times": [0.5], "marks": [0]},
+        ...                 [0.0, 0.5, 1.0])
+        >>> [round(float(x), 3) for x in lam["mean"][:, 0]]
+        [1.0, 1.0, 1.368]
     """
     draws = _as_params(param_draws(fit_or_params, num_draws=num_draws))
     which = _which(draws)
@@ -1041,10 +1042,11 @@ def evaluate(fit_or_params, data: dict, *, num_draws: int | None = 200, time_sca
     Also ``*_pred`` entries: the same metrics of the posterior-predictive (draw-averaged)
     predictions (NLL: -log of the draw-averaged likelihood of each sequence, per event).
 
-    >>> d = pad_sequences([{"times": [0.5, 1.0, 1.2], "marks": [0, 1, 1], "t_end": 2.0}])
-    >>> ev = evaluate(init_params("hawkes", 2), d)
-    >>> sorted(k for k in ev if not k.endswith("_pred"))[:3]
-    ['accuracy', 'nll_mark', 'nll_time']
+    Examples:
+        >>> d = pad_sequences([{"times": [0.5, 1.0, 1.2], "marks": [0, 1, 1], "t_end": 2.0}])
+        >>> ev = evaluate(init_params("hawkes", 2), d)
+        >>> sorted(k for k in ev if not k.endswith("_pred"))[:3]
+        ['accuracy', 'nll_mark', 'nll_time']
     """
     draws = _as_params(param_draws(fit_or_params, num_draws=num_draws))
     which = _which(draws)

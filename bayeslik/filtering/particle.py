@@ -831,9 +831,10 @@ def arhmm_observations(y, num_lags: int = 1, labels=None) -> dict:
     ``lags[t, l] = y[t-1-l]`` (zero before the start) and ``active[t] = t >= L`` (the first ``L``
     observations only condition the autoregression, as in :mod:`bayeslik.models.arhmm`).
 
-    >>> obs = arhmm_observations(np.arange(4.0)[:, None])
-    >>> obs["lags"][:, 0, 0].tolist(), obs["active"].tolist()
-    ([0.0, 0.0, 1.0, 2.0], [False, True, True, True])
+    Examples:
+        >>> obs = arhmm_observations(np.arange(4.0)[:, None])
+        >>> obs["lags"][:, 0, 0].tolist(), obs["active"].tolist()
+        ([0.0, 0.0, 1.0, 2.0], [False, True, True, True])
     """
     y = np.asarray(y, np.float32)
     if y.ndim != 2:
