@@ -98,6 +98,7 @@ import numpyro.distributions as dist
 from numpyro.distributions import constraints
 
 __all__ = [
+    "HalfStudentT",
     "MODELS",
     "diamonds",
     "earn_height",
@@ -485,6 +486,31 @@ def mesquite(
 # --------------------------------------------------------------------------------------------------
 # diamonds (brms)
 # --------------------------------------------------------------------------------------------------
+class HalfStudentT(dist.Distribution):
+    r"""Student-t with ``df`` degrees of freedom and scale ``scale``, folded onto :math:`(0, \infty)`:
+    ``log_prob = log 2 + StudentT(df, 0, scale).log_prob``, brms's ``student_t_lpdf(x | df, 0, s) -
+    student_t_lccdf(0 | df, 0, s)``. The same density as ``TruncatedDistribution(StudentT(df, 0,
+    scale), low=0)``, but sampled as ``|t|``: the truncated one draws through the Student-t
+    quantile function, which numpyro computes only with tensorflow_probability installed, so prior
+    draws (SMC, nested sampling, prior predictive) failed without it.
+    """
+
+    arg_constraints = {"df": constraints.positive, "scale": constraints.positive}
+    support = constraints.positive
+    reparametrized_params = ["scale"]
+
+    def __init__(self, df, scale=1.0, *, validate_args=None):
+        batch_shape = jnp.broadcast_shapes(jnp.shape(df), jnp.shape(scale))
+        self.df, self.scale = jnp.broadcast_to(df, batch_shape), jnp.broadcast_to(scale, batch_shape)
+        super().__init__(batch_shape=batch_shape, validate_args=validate_args)
+
+    def log_prob(self, value):
+        return math.log(2.0) + dist.StudentT(self.df, 0.0, self.scale).log_prob(value)
+
+    def sample(self, key, sample_shape=()):
+        return jnp.abs(dist.StudentT(self.df, 0.0, self.scale).sample(key, sample_shape))
+
+
 def diamonds(N, K, X, Y=None, prior_only=0):
     r"""``diamonds.stan`` (brms 2.10): Gaussian linear model with centred predictors.
 
@@ -494,9 +520,9 @@ def diamonds(N, K, X, Y=None, prior_only=0):
         Y_n \sim N(\mathrm{Intercept} + Xc_n^\top b, \sigma).
 
     Sample sites ``b`` (K - 1,), ``Intercept``, ``sigma`` (> 0); observed site ``Y`` (N,), absent
-    when ``prior_only`` is nonzero (as in the Stan code). The sigma prior is a
-    ``TruncatedDistribution`` of ``StudentT(3, 0, 10)`` at 0, i.e. ``student_t_lpdf -
-    student_t_lccdf(0)`` exactly as in Stan. The first column of ``X`` (the intercept) is dropped,
+    when ``prior_only`` is nonzero (as in the Stan code). The sigma prior is
+    :class:`HalfStudentT` ``(3, 10)``, i.e. ``student_t_lpdf - student_t_lccdf(0)`` exactly as in
+    Stan. The first column of ``X`` (the intercept) is dropped,
     whatever it holds, as in Stan.
 
     Args:
@@ -514,8 +540,7 @@ def diamonds(N, K, X, Y=None, prior_only=0):
     Xc = X[:, 1:] - means_X
     b = numpyro.sample("b", dist.Normal(0.0, 1.0).expand((K - 1,)).to_event(1))
     intercept = numpyro.sample("Intercept", dist.StudentT(3.0, 8.0, 10.0))
-    half_t = dist.TruncatedDistribution(dist.StudentT(3.0, 0.0, 10.0), low=0.0)
-    sigma = numpyro.sample("sigma", half_t)
+    sigma = numpyro.sample("sigma", HalfStudentT(3.0, 10.0))
     if not prior_only:
         with numpyro.plate("data", N):
             numpyro.sample("Y", dist.Normal(intercept + Xc @ b, sigma), obs=Y)

@@ -463,3 +463,24 @@ def test_initialize_model(posteriors, name):
     assert all(np.all(np.isfinite(g)) for g in grads)
     constrained = info.postprocess_fn(info.param_info.z)
     assert float(constrained["sigma"]) > 0
+
+
+def test_half_student_t_is_the_truncated_t_and_samples_without_tfp():
+    """diamonds' sigma prior: the density of TruncatedDistribution(StudentT(3, 0, 10), low=0),
+    drawn as |t| (the truncated one needs tensorflow_probability to draw); its median is the
+    t quantile at 0.75 times the scale."""
+    import jax
+    import numpyro.distributions as dist
+    from scipy import stats
+
+    from bayeslik.models.posteriordb_regression import HalfStudentT
+
+    x = np.array([1e-3, 0.5, 7.0, 80.0])
+    ref = dist.TruncatedDistribution(dist.StudentT(3.0, 0.0, 10.0), low=0.0).log_prob(x)
+    np.testing.assert_allclose(HalfStudentT(3.0, 10.0).log_prob(x), ref, rtol=1e-6)
+    draws = np.asarray(HalfStudentT(3.0, 10.0).sample(jax.random.key(0), (40_000,)))
+    assert draws.min() > 0
+    median = 10.0 * stats.t.ppf(0.75, 3)
+    # the sample median's sd: sqrt(p(1-p)/n) / density at the median
+    se = np.sqrt(0.25 / draws.size) / (2 * stats.t.pdf(median / 10.0, 3) / 10.0)
+    assert abs(np.median(draws) - median) < 4 * se
