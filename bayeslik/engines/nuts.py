@@ -1,5 +1,9 @@
 """The NUTS engine: blackjax's iterative NUTS with Stan's windowed warmup, on a Posterior.
 
+The warmup is Stan's, step for step (``stan::mcmc`` ``stepsize_adaptation``,
+``windowed_adaptation``, ``base_hmc::init_stepsize``): after each metric update the step size is
+found again under the new metric and dual averaging restarts there (see :func:`build_adapt`).
+
 Chains are vectorised with ``vmap`` on one device and split over devices with ``shard_map``
 when there are several. The warmup (Stan's schedule: a fast window for the step size, doubling
 slow windows for the mass matrix, a final fast window) and the sampling run as a few chunks of a
@@ -30,7 +34,9 @@ from bayeslik.errors import EngineError, InitializationError
 from bayeslik.fit import Cost, Fit, build_datatree
 from bayeslik.inits import default_init
 
-__all__ = ["NUTSConfig", "NUTS", "run", "init", "build_step", "end_warmup"]
+__all__ = ["NUTSConfig", "NUTS", "run", "run_many", "init", "build_step", "build_adapt",
+           "end_warmup", "dual_averaging", "find_reasonable_step_size", "ChainState",
+           "WarmupState", "DualAveragingState", "MetricState", "DrawInfo"]
 
 
 @dataclass(frozen=True)
