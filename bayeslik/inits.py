@@ -58,8 +58,7 @@ def default_init(posterior) -> dict | None:
     if not isinstance(point, Mapping):
         raise ModelError(f"the default init of model '{posterior.name}' returned "
                          f"{type(point).__name__}, not a dict {{site: value}}.")
-    latent = set(posterior.latent_names) if hasattr(posterior, "latent_names") else set(
-        posterior._latent_names)
+    latent = set(posterior.latent_names)
     missing, extra = sorted(latent - set(point)), sorted(set(point) - latent)
     if missing or extra:
         raise ModelError(

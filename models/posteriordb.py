@@ -180,6 +180,20 @@ class _FlatInterval(dist.Distribution):
         return self.low + (self.high - self.low) * u
 
 
+def _forward_logsumexp(emission, log_trans):
+    r"""Stan's forward algorithm with no initial distribution: ``emission`` (N, ..., K) the
+    per-step emission log densities, ``log_trans[..., j, k]`` the log transition matrix;
+    returns :math:`\operatorname{logsumexp}_k \gamma_N(k)` with :math:`\gamma_1 =` the first
+    emission row (the hmm_example and basketball drive models share it)."""
+
+    def step(gamma_prev, emission_t):
+        gamma = logsumexp(gamma_prev[..., :, None] + log_trans, axis=-2) + emission_t
+        return gamma, None
+
+    gamma_last, _ = lax.scan(step, emission[0], emission[1:])
+    return logsumexp(gamma_last, axis=-1)
+
+
 class _StanForwardHMM(dist.Distribution):
     r"""Marginal density of ``y[1:N]`` in hmm_example.stan: Gaussian emissions with sd 1, states summed out.
 
@@ -211,13 +225,7 @@ class _StanForwardHMM(dist.Distribution):
         log_trans = jnp.log(self.trans)  # (..., K, K), [j, k]
         # emission log densities, time axis first: (N, ..., K)
         emission = dist.Normal(self.mu, 1.0).log_prob(jnp.moveaxis(value, -1, 0)[..., None])
-
-        def step(gamma_prev, emission_t):
-            gamma = logsumexp(gamma_prev[..., :, None] + log_trans, axis=-2) + emission_t
-            return gamma, None
-
-        gamma_last, _ = lax.scan(step, emission[0], emission[1:])
-        return logsumexp(gamma_last, axis=-1)
+        return _forward_logsumexp(emission, log_trans)
 
     def sample(self, key, sample_shape=()):
         shape = tuple(sample_shape) + self.batch_shape

@@ -45,7 +45,6 @@ import jax.numpy as jnp
 import numpyro
 import numpyro.distributions as dist
 from jax import lax, random
-from jax.scipy.special import logsumexp
 from numpyro.distributions import constraints
 
 __all__ = ["MODELS", "gp_regr", "hmm_drive_0", "hmm_drive_1"]
@@ -93,13 +92,7 @@ class _ForwardHMM(dist.Distribution):
         log_trans = jnp.log(self.trans)  # (..., K, K), [j, k]
         # emission log densities, time axis first: (N, ..., K)
         emission = self.emission.log_prob(jnp.moveaxis(value, -2, 0)[..., None, :])
-
-        def step(gamma_prev, emission_t):
-            gamma = logsumexp(gamma_prev[..., :, None] + log_trans, axis=-2) + emission_t
-            return gamma, None
-
-        gamma_last, _ = lax.scan(step, emission[0], emission[1:])
-        return logsumexp(gamma_last, axis=-1)
+        return _forward_logsumexp(emission, log_trans)
 
     def sample(self, key, sample_shape=()):
         shape = tuple(sample_shape) + self.batch_shape
@@ -297,4 +290,8 @@ MODELS = {
 # import stays here, after MODELS, so that importing this module first also works: posteriordb then
 # runs to its end while this module is half-initialised, and it finds MODELS already defined. The
 # helpers are only looked up when a model runs.
-from bayeslik.models.posteriordb import _RestrictedNormal, _check_length  # noqa: E402
+from bayeslik.models.posteriordb import (  # noqa: E402
+    _check_length,
+    _forward_logsumexp,
+    _RestrictedNormal,
+)

@@ -372,8 +372,7 @@ def end_warmup(cs: ChainState) -> ChainState:
     """After the warmup, sample with the dual-averaged step size ``exp(x_bar)`` (Stan's
     ``complete_adaptation``)."""
     ws = cs.warmup
-    _, _, da_final = dual_averaging(0.8)
-    return cs._replace(warmup=ws._replace(step_size=da_final(ws.ss_state)))
+    return cs._replace(warmup=ws._replace(step_size=jnp.exp(ws.ss_state.x_bar)))
 
 
 def _schedule(num_warmup: int, initial_buffer: int = 75, first_window: int = 25,
