@@ -1,7 +1,9 @@
 """``bayeslik.fit`` and the engine registry.
 
 An engine is a frozen config class plus ``run(posterior, rng_key, config) -> Fit``. It is named
-by its registry name (``"nuts"``) or by an instance of its config class.
+by its registry name (``"nuts"``) or by an instance of its config class. The registry records
+which posterior kinds (``Posterior``, ``StateSpacePosterior``, ...) each engine accepts, and
+:func:`fit` checks the kind before anything runs.
 """
 
 from __future__ import annotations
@@ -18,30 +20,62 @@ from bayeslik.errors import EngineError
 from bayeslik.fit import Fit
 from bayeslik.posterior import Posterior
 
-__all__ = ["fit", "register_engine", "engines", "resolve_engine"]
+__all__ = ["fit", "register_engine", "engines", "resolve_engine", "engine_spec", "posterior_kinds"]
 
 
 @dataclass(frozen=True)
 class EngineSpec:
     """A registered engine. ``run_many(posteriors, rng_keys, config) -> list[Fit]``, where
-    given, fits several Posteriors that share a cache_key at once (vectorised)."""
+    given, fits several Posteriors that share a cache_key at once (vectorised). ``accepts``:
+    the posterior kinds (classes) the engine runs on."""
 
     name: str
     config_cls: type
     run: Callable
     description: str = ""
     run_many: Callable | None = None
+    accepts: tuple[type, ...] = (Posterior,)
+
+    def check_accepts(self, posterior: Any) -> None:
+        """Raise an EngineError naming the kinds unless the engine runs on ``posterior``."""
+        if not isinstance(posterior, self.accepts):
+            kinds = " or ".join(c.__name__ for c in self.accepts)
+            others = sorted(n for n, s in _REGISTRY.items() if isinstance(posterior, s.accepts))
+            raise EngineError(
+                f"engine {self.name!r} runs on a {kinds}, not a {type(posterior).__name__}"
+                + (f"; the engines for a {type(posterior).__name__} are {others}."
+                   if others else "."))
 
 
 _REGISTRY: dict[str, EngineSpec] = {}
 
 
 def register_engine(name: str, config_cls: type, run: Callable, description: str = "",
-                    run_many: Callable | None = None) -> None:
-    """Make an engine available to ``bayeslik.fit`` under ``name``."""
+                    run_many: Callable | None = None,
+                    accepts: type | tuple[type, ...] = Posterior) -> None:
+    """Make an engine available to ``bayeslik.fit`` under ``name``; ``accepts`` is the
+    posterior kind (or a tuple of kinds) it runs on."""
     if not dataclasses.is_dataclass(config_cls):
         raise TypeError(f"engine {name!r}: config_cls must be a dataclass.")
-    _REGISTRY[name] = EngineSpec(name, config_cls, run, description, run_many)
+    accepts = accepts if isinstance(accepts, tuple) else (accepts,)
+    if not accepts or not all(isinstance(c, type) for c in accepts):
+        raise TypeError(f"engine {name!r}: accepts must be a class or a tuple of classes.")
+    _REGISTRY[name] = EngineSpec(name, config_cls, run, description, run_many, accepts)
+
+
+def engine_spec(name: str) -> EngineSpec:
+    """The registered engine ``name`` (its config class, run function, accepted kinds)."""
+    if name not in _REGISTRY:
+        raise EngineError(f"unknown engine {name!r}; the engines are {sorted(_REGISTRY)}.")
+    return _REGISTRY[name]
+
+
+def posterior_kinds() -> tuple[type, ...]:
+    """Every posterior kind some registered engine accepts."""
+    kinds: list[type] = []
+    for s in _REGISTRY.values():
+        kinds.extend(c for c in s.accepts if c not in kinds)
+    return tuple(kinds)
 
 
 def engines() -> dict[str, str]:
@@ -90,12 +124,13 @@ def fit(posterior: Posterior, engine: Any = "nuts", *, seed: int | None = 0, **o
     >>> fit = bl.fit(post, "nuts", seed=0, num_chains=4)              # doctest: +SKIP
     >>> fit = bl.fit(post, bl.engines.NUTS(num_samples=2000), seed=1) # doctest: +SKIP
     """
-    if not isinstance(posterior, Posterior):
+    if not isinstance(posterior, posterior_kinds()):
         raise TypeError(
             f"fit() needs a bayeslik.Posterior, got {type(posterior).__name__}; build one with "
             "bl.Posterior(model, **data)."
         )
     spec, config = resolve_engine(engine, options)
+    spec.check_accepts(posterior)
     if seed is None:
         seed = int(os.environ.get("BAYESLIK_SEED", "0"))
     if not isinstance(seed, int) or isinstance(seed, bool):

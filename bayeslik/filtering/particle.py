@@ -182,103 +182,12 @@ def reparametrised_ssm(init_transform_fn: Callable, transition_transform_fn: Cal
 
 
 # =========================================================================== resampling
-RESAMPLING = ("systematic", "multinomial", "stratified", "residual")
-
-
-def _cumulative(weights: jax.Array) -> jax.Array:
-    """Normalised cumulative weights whose last entry is exactly 1."""
-    c = jnp.cumsum(weights)
-    return c / c[-1]
-
-
-def _indices_from_counts(counts: jax.Array, n: int) -> jax.Array:
-    """``jnp.repeat(arange, counts)`` of total length ``n`` in O(n): index j is the number of
-    particles i whose inclusive cumulative count is <= j."""
-    cum = jnp.clip(jnp.cumsum(counts), 0, n)
-    marks = jnp.zeros(n + 1, jnp.int32).at[cum].add(1)
-    return jnp.clip(jnp.cumsum(marks)[:n], 0, counts.shape[0] - 1).astype(jnp.int32)
-
-
-def _systematic(uniforms, weights, n):
-    # position j = (j + U) / n lies in particle i iff C_{i-1} <= (j+U)/n < C_i, so the cumulative
-    # offspring count of particle i is #{j : j + U < n C_i} = ceil(n C_i - U) (clipped to [0, n])
-    c = _cumulative(weights)
-    cum = jnp.clip(jnp.ceil(n * c - uniforms[0]), 0, n).astype(jnp.int32)
-    counts = jnp.diff(cum, prepend=0)
-    return _indices_from_counts(counts, n)
-
-
-def _searchsorted(c, positions):
-    return jnp.clip(jnp.searchsorted(c, positions, side="right"), 0, c.shape[0] - 1).astype(jnp.int32)
-
-
-def _multinomial(uniforms, weights, n):
-    return _searchsorted(_cumulative(weights), uniforms[:n])
-
-
-def _stratified(uniforms, weights, n):
-    return _searchsorted(_cumulative(weights), (jnp.arange(n) + uniforms[:n]) / n)
-
-
-def _residual(uniforms, weights, n):
-    w = weights / jnp.sum(weights)
-    det = jnp.floor(n * w)
-    num_det = jnp.sum(det).astype(jnp.int32)
-    det_idx = _indices_from_counts(det.astype(jnp.int32), n)
-    rest = n * w - det
-    # when n * w is all integers there is no residual: any index is fine (never used)
-    rest = jnp.where(jnp.sum(rest) > 0, rest, w)
-    rand_idx = _searchsorted(_cumulative(rest), uniforms[:n])
-    return jnp.where(jnp.arange(n) < num_det, det_idx, rand_idx)
-
-
-_RESAMPLERS = {"systematic": _systematic, "multinomial": _multinomial,
-               "stratified": _stratified, "residual": _residual}
-
-
-def _check_resampling(name: str) -> None:
-    if name not in _RESAMPLERS:
-        raise ValueError(f"resampling must be one of {RESAMPLING}, got {name!r}")
-
-
-def resample(rng_key: jax.Array, weights: jax.Array, num_samples: int | None = None, *,
-             method: str = "systematic") -> jax.Array:
-    r"""Ancestor indices ``(num_samples,)`` drawn with probabilities ``weights`` (need not sum
-    to one). Every scheme is unbiased: particle ``i`` gets ``num_samples * w_i`` offspring on
-    average (:func:`offspring_counts`).
-
-    * ``"multinomial"``: iid draws;
-    * ``"systematic"``: positions :math:`(j + U)/N`, one uniform; O(N), the lowest variance
-      in practice; each particle gets :math:`\lfloor N w_i \rfloor` or :math:`\lceil N w_i \rceil`;
-    * ``"stratified"``: positions :math:`(j + U_j)/N`;
-    * ``"residual"``: :math:`\lfloor N w_i \rfloor` copies, the rest multinomial on the residuals.
-
-    >>> import jax, jax.numpy as jnp
-    >>> resample(jax.random.key(0), jnp.array([0.0, 1.0, 0.0]), 4).tolist()
-    [1, 1, 1, 1]
-    """
-    _check_resampling(method)
-    weights = jnp.asarray(weights)
-    n = weights.shape[0] if num_samples is None else int(num_samples)
-    u = jax.random.uniform(rng_key, (max(n, 1),), dtype=weights.dtype)
-    return _RESAMPLERS[method](u, weights, n)
-
-
-multinomial = partial(resample, method="multinomial")
-systematic = partial(resample, method="systematic")
-stratified = partial(resample, method="stratified")
-residual = partial(resample, method="residual")
-
-
-def offspring_counts(indices: jax.Array, num_particles: int) -> jax.Array:
-    """``(num_particles,)`` how many times each particle was chosen as an ancestor."""
-    return jnp.zeros(num_particles, jnp.int32).at[indices].add(1)
-
-
-def ess(log_weights: jax.Array) -> jax.Array:
-    r"""Effective sample size :math:`(\sum w)^2 / \sum w^2` of (unnormalised) log weights."""
-    lw = log_weights - logsumexp(log_weights)
-    return jnp.exp(-logsumexp(2 * lw))
+# one implementation for every engine: bayeslik.weights (re-exported here by name)
+from bayeslik.weights import (  # noqa: E402
+    RESAMPLING, ess, multinomial, offspring_counts, residual, resample, stratified, systematic,
+)
+from bayeslik.weights import RESAMPLERS as _RESAMPLERS  # noqa: E402
+from bayeslik.weights import check_resampling as _check_resampling  # noqa: E402
 
 
 # =========================================================================== the filter

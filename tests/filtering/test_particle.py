@@ -80,7 +80,9 @@ def test_resampling_degenerate_weights():
 
 def test_indices_from_counts_is_repeat():
     counts = jnp.array([2, 0, 1, 3, 0])
-    assert pf._indices_from_counts(counts, 6).tolist() == [0, 0, 2, 3, 3, 3]
+    from bayeslik.weights import _indices_from_counts
+
+    assert _indices_from_counts(counts, 6).tolist() == [0, 0, 2, 3, 3, 3]
 
 
 # ------------------------------------------------------------------------------ linear Gaussian
