@@ -20,7 +20,8 @@ from bayeslik.errors import EngineError
 from bayeslik.fit import Fit
 from bayeslik.posterior import Posterior
 
-__all__ = ["fit", "register_engine", "engines", "resolve_engine", "engine_spec", "posterior_kinds"]
+__all__ = ["fit", "register_engine", "engines", "resolve_engine", "engine_spec",
+           "posterior_kinds", "unregister_engine"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,13 @@ def register_engine(name: str, config_cls: type, run: Callable, description: str
     if not accepts or not all(isinstance(c, type) for c in accepts):
         raise TypeError(f"engine {name!r}: accepts must be a class or a tuple of classes.")
     _REGISTRY[name] = EngineSpec(name, config_cls, run, description, run_many, accepts)
+
+
+def unregister_engine(name: str) -> None:
+    """Remove the engine ``name`` from the registry (a plug-in's or a test's own engine)."""
+    if name not in _REGISTRY:
+        raise EngineError(f"unknown engine {name!r}; the engines are {sorted(_REGISTRY)}.")
+    del _REGISTRY[name]
 
 
 def engine_spec(name: str) -> EngineSpec:

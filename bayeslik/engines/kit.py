@@ -13,6 +13,9 @@ this layer:
 * :func:`weighted_fit` -- the Fit of an engine that makes weighted points (nested sampling,
   SMC): equal-weight draws in ``posterior``, the weighted points and their log weights in an
   extra group, the evidence in the Fit and in the group's attributes;
+* :class:`Programs` / :class:`ProgramCache` / :func:`draws_fn` -- compiled functions compiled
+  once per argument signature and timed, cached per (Posterior ``cache_key``, settings); the
+  constrained values and pointwise log-likelihood of a batch of draws;
 * :class:`Check` -- the validation of an engine's config, one message style for all:
   ``"<Engine> option <name>=<value>: <why>"``, raised as :class:`~bayeslik.errors.EngineError`.
 
@@ -29,10 +32,11 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from bayeslik.convergence import convergence_flags
+from bayeslik.engines._programs import ProgramCache, Programs, draws_fn
 from bayeslik.errors import EngineError
 from bayeslik.fit import Cost, Fit, build_datatree
 
-__all__ = ["Run", "Check", "chains_fit", "weighted_fit"]
+__all__ = ["Run", "Check", "chains_fit", "weighted_fit", "Programs", "ProgramCache", "draws_fn"]
 
 
 # ---------------------------------------------------------------------------- the run context
