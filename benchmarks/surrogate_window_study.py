@@ -42,7 +42,7 @@ def record_run(num_live: int = 300, seed: int = 0):
         return fn
 
     config = nested.NestedConfig(num_live=num_live, progress_bar=False)
-    nested.run(post, jax.random.key(seed), config, loglik_wrapper=wrapper)
+    nested.run(post, jax.random.key(seed), config, loglikelihood_wrapper=wrapper)
     return np.concatenate([r[0] for r in rec]), np.concatenate([r[1] for r in rec])
 
 

@@ -30,16 +30,17 @@ Checkpoint and resume
     file (if it exists) and continues from its last checkpoint: only the work since that
     checkpoint is lost. The checkpointed program must be importable (a module-level function).
 
-The likelihood hook (``loglik_wrapper``), for likelihood surrogates
-    ``run(posterior, rng_key, config, *, loglik_wrapper=None)``. Internally every likelihood call
-    goes through ``batch_fn(u) -> logl`` where ``u`` is a NumPy float64 array (n, ndim) of
-    unit-cube points and ``logl`` a NumPy float64 array (n,). By default ``batch_fn`` is the true
-    vmapped, jitted function. If ``loglik_wrapper`` is given it is called once, before sampling,
-    as ``batch_fn = loglik_wrapper(true_batch_fn, posterior, rng_key)`` and dynesty uses the
+The likelihood hook (``loglikelihood_wrapper``), for likelihood surrogates
+    ``run(posterior, rng_key, config, *, loglikelihood_wrapper=None)``. Internally every
+    likelihood call goes through ``batch_fn(u) -> logl`` where ``u`` is a NumPy float64 array
+    (n, ndim) of unit-cube points and ``logl`` a NumPy float64 array (n,). By default
+    ``batch_fn`` is the true vmapped, jitted function. If ``loglikelihood_wrapper`` is given it is
+    called once, before sampling, as
+    ``batch_fn = loglikelihood_wrapper(true_batch_fn, posterior, rng_key)`` and dynesty uses the
     returned callable (also for the initial live points, which arrive as one batch of
     ``num_live`` points). ``batch_fn`` is never called concurrently (with ``batch=True`` it may be
     called from a worker thread, one batch at a time). After the run the engine calls
-    ``loglik_wrapper.finalize(fit_parts)`` (if the wrapper has a ``finalize``) with
+    ``loglikelihood_wrapper.finalize(fit_parts)`` (if the wrapper has a ``finalize``) with
     ``fit_parts = {"u": (N, ndim) weighted dead points in the unit cube, "logwt": (N,),
     "logl": (N,), "logz": float, "logzerr": float}``; it returns a dict with optional keys
     ``"cost_extra"`` (merged into ``Cost.extra``), ``"num_true_calls"`` (replaces
@@ -68,8 +69,6 @@ Example
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
 import pickle
 import threading
@@ -78,16 +77,18 @@ import warnings
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bayeslik.engines import kit
 from bayeslik.errors import EngineError, ImproperPriorError, InitializationError, PriorTransformError
-from bayeslik.fit import Cost, Fit, build_datatree
+from bayeslik.fit import Fit
+from bayeslik.weights import bucket, equal_weight_indices, kish_ess, pad_rows
 
-__all__ = ["NestedConfig", "Nested", "run", "true_batch_fn", "equal_weight_indices"]
+__all__ = ["NestedConfig", "Nested", "run", "true_batch_fn"]
 
 _BOUNDS = ("none", "single", "multi", "balls", "cubes")
 _SAMPLES = ("auto", "unif", "rwalk", "slice", "rslice")
@@ -111,8 +112,9 @@ class NestedConfig:
         3 + ndim for "rslice").
     dlogz : stop when the live points could add less than this to logZ (None: dynesty's default,
         1e-3 (num_live - 1) + 0.01 for a static run, 0.01 for a dynamic run's initial run).
-    maxiter, maxcall : hard limits on iterations and likelihood calls (None: none). A run that
-        hits them is flagged: its logZ misses the rest of the prior volume.
+    max_iterations, max_calls : hard limits on iterations and likelihood calls (dynesty's
+        ``maxiter`` and ``maxcall``; None: none). A run that hits them is flagged: its logZ
+        misses the rest of the prior volume.
     batch : True (default): a thread pool of 16 tasks feeding a batcher that evaluates their
         points in one vmapped call; an integer >= 2: that many tasks (dynesty's queue_size);
         False: one likelihood call per point (the plain path). Batching was 3-6 times faster
@@ -131,6 +133,11 @@ class NestedConfig:
     num_error_simulations : dynamic runs: logZ's error is the standard deviation over this many
         simulated runs (threads bootstrapped, volumes jittered), since dynesty's own logzerr
         of a dynamic run is far too small (kept as the attribute ``dynesty_logzerr``).
+
+    >>> NestedConfig(max_calls=0)
+    Traceback (most recent call last):
+    ...
+    bayeslik.errors.EngineError: Nested option max_calls=0: must be a positive integer or None.
     """
 
     num_live: int = 500
@@ -140,8 +147,8 @@ class NestedConfig:
     walks: int | None = None
     slices: int | None = None
     dlogz: float | None = None
-    maxiter: int | None = None
-    maxcall: int | None = None
+    max_iterations: int | None = None
+    max_calls: int | None = None
     batch: bool | int = True
     checkpoint_file: str | None = None
     checkpoint_every: float = 60.0
@@ -154,43 +161,27 @@ class NestedConfig:
     num_error_simulations: int = 30
 
     def __post_init__(self) -> None:
-        def bad(name: str, why: str) -> EngineError:
-            return EngineError(f"Nested option {name}={getattr(self, name)!r}: {why}")
-
-        def posint(v) -> bool:
-            return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
-
-        if not posint(self.num_live) or self.num_live < 2:
-            raise bad("num_live", "must be an integer >= 2 (a few hundred is typical; the logZ "
-                      "error shrinks as 1/sqrt(num_live)).")
-        if not isinstance(self.dynamic, bool):
-            raise bad("dynamic", "must be True or False.")
-        if self.bound not in _BOUNDS:
-            raise bad("bound", f"must be one of {list(_BOUNDS)}.")
-        if self.sample not in _SAMPLES:
-            raise bad("sample", f"must be one of {list(_SAMPLES)}.")
-        if not isinstance(self.num_error_simulations, (int, np.integer)) or \
-                isinstance(self.num_error_simulations, bool) or self.num_error_simulations < 2:
-            raise bad("num_error_simulations", "must be an integer >= 2 (30 is typical).")
-        for name in ("walks", "slices", "maxiter", "maxcall", "maxbatch", "nlive_batch",
-                     "num_equal_weight_draws"):
-            v = getattr(self, name)
-            if v is not None and not posint(v):
-                raise bad(name, "must be a positive integer or None.")
-        if self.dlogz is not None and not (isinstance(self.dlogz, (int, float)) and self.dlogz > 0):
-            raise bad("dlogz", "must be a positive number (e.g. 0.1) or None.")
-        if not (isinstance(self.batch, bool) or (posint(self.batch) and self.batch >= 2)):
-            raise bad("batch", "must be False (plain), True (16 tasks) or an integer >= 2 "
-                      "(the number of points evaluated together).")
-        if self.checkpoint_file is not None and not isinstance(self.checkpoint_file, (str, os.PathLike)):
-            raise bad("checkpoint_file", "must be a file path or None.")
-        if not (isinstance(self.checkpoint_every, (int, float)) and self.checkpoint_every > 0):
-            raise bad("checkpoint_every", "must be a positive number of seconds.")
-        if self.resume and self.checkpoint_file is None:
-            raise bad("resume", "needs checkpoint_file: the file to resume from.")
-        if not (isinstance(self.pfrac, (int, float)) and 0.0 <= self.pfrac <= 1.0):
-            raise bad("pfrac", "must lie in [0, 1] (1: all weight on the posterior, 0: on the "
-                      "evidence).")
+        check = kit.Check("Nested", self)
+        check.integer("num_live", minimum=2, hint="a few hundred is typical; the logZ error "
+                      "shrinks as 1/sqrt(num_live)")
+        check.boolean("dynamic").choice("bound", _BOUNDS).choice("sample", _SAMPLES)
+        check.integer("num_error_simulations", minimum=2, hint="30 is typical")
+        check.integer("walks", "slices", "max_iterations", "max_calls", "maxbatch", "nlive_batch",
+                      "num_equal_weight_draws", optional=True)
+        check.number("dlogz", low=0.0, optional=True, hint="e.g. 0.1")
+        batch = self.batch
+        check.require(isinstance(batch, bool) or (isinstance(batch, (int, np.integer))
+                                                  and batch >= 2),
+                      "batch", "must be False (plain), True (16 tasks) or an integer >= 2 (the "
+                      "number of points evaluated together).")
+        check.require(self.checkpoint_file is None
+                      or isinstance(self.checkpoint_file, (str, os.PathLike)),
+                      "checkpoint_file", "must be a file path or None.")
+        check.number("checkpoint_every", low=0.0, hint="seconds")
+        check.require(not (self.resume and self.checkpoint_file is None),
+                      "resume", "needs checkpoint_file: the file to resume from.")
+        check.number("pfrac", low=0.0, high=1.0, low_open=False, high_open=False,
+                     hint="1: all weight on the posterior, 0: on the evidence")
 
     @property
     def queue_size(self) -> int:
@@ -204,11 +195,6 @@ Nested = NestedConfig
 
 
 # ---------------------------------------------------------------------------- compiled programs
-def _bucket(n: int, smallest: int = 1) -> int:
-    """The padded size of a batch of n points: the next power of two (fewer compilations)."""
-    return max(smallest, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
-
-
 _MAX_BUCKET = 64  # likelihood batches: padded to 1, 2, 4, ..., 64 points, chunked beyond
 _MAX_POST = 4096  # post-processing batches (lax.map inside)
 
@@ -281,23 +267,17 @@ def _float_dtype():
     return jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
 
 
-def _pad(u: np.ndarray, size: int) -> np.ndarray:
-    """u padded with the cube's centre (a valid point) to ``size`` rows, as JAX's float type."""
-    out = np.full((size, u.shape[1]), 0.5, dtype=_float_dtype())
-    out[: u.shape[0]] = u
-    return out
-
-
 def _map_padded(progs: _Programs, name: str, u: np.ndarray, data: dict, smallest: int = 1,
                 largest: int = _MAX_BUCKET):
     """Apply a program to any number of points in chunks of at most ``largest``, each padded
-    to a power of two (so few sizes are ever compiled); the results (a pytree of arrays) are
-    concatenated and cut to len(u)."""
+    to a power of two with the cube's centre 0.5 (a valid point), as JAX's float type (so few
+    sizes are ever compiled); the results (a pytree of arrays) are concatenated and cut to
+    len(u)."""
     n = u.shape[0]
     outs = []
     for start in range(0, max(n, 1), largest):
-        chunk = u[start:start + largest]
-        out = progs(name, _pad(chunk, _bucket(chunk.shape[0], smallest)), data)
+        chunk = np.asarray(u[start:start + largest], _float_dtype())
+        out = progs(name, pad_rows(chunk, bucket(chunk.shape[0], smallest), fill=0.5), data)
         outs.append(jax.tree.map(lambda a, k=chunk.shape[0]: np.asarray(a)[:k], out))
     return jax.tree.map(lambda *a: np.concatenate(a, axis=0), *outs)
 
@@ -515,24 +495,8 @@ class _Likelihood:
         self._posterior, self._call, self._counter = None, None, lambda: 0
 
 
+
 # ---------------------------------------------------------------------------- helpers
-def equal_weight_indices(rng: np.random.Generator, log_weights: np.ndarray, num: int) -> np.ndarray:
-    """Systematic resampling: ``num`` indices with probabilities ``softmax(log_weights)``,
-    each index appearing floor or ceil of ``num * w_i`` times, in random order."""
-    w = np.exp(log_weights - np.max(log_weights))
-    cdf = np.cumsum(w / w.sum())
-    cdf[-1] = 1.0
-    positions = (rng.random() + np.arange(num)) / num
-    idx = np.searchsorted(cdf, positions, side="right")
-    return rng.permutation(np.minimum(idx, len(w) - 1))
-
-
-def kish_ess(log_weights: np.ndarray) -> float:
-    """Kish's effective sample size ``(sum w)^2 / sum w^2`` of log weights."""
-    w = np.exp(log_weights - np.max(log_weights))
-    return float(w.sum() ** 2 / np.sum(w ** 2))
-
-
 def _check_posterior(posterior, config: NestedConfig) -> None:
     """Reject what dynesty cannot use, before anything is compiled."""
     try:
@@ -559,206 +523,301 @@ def _np_rng(rng_key) -> np.random.Generator:
 
 # ---------------------------------------------------------------------------- the run
 def run(posterior, rng_key: jax.Array, config: NestedConfig, *,
-        loglik_wrapper: Callable | None = None) -> Fit:
+        loglikelihood_wrapper: Callable | None = None) -> Fit:
     """Run dynesty on ``posterior`` and return a Fit with logZ, its error, weighted dead points
-    and equal-weight draws. See the module docstring for ``loglik_wrapper``.
+    and equal-weight draws. See the module docstring for ``loglikelihood_wrapper``.
 
     >>> fit = run(post, jax.random.key(0), NestedConfig(num_live=400))  # doctest: +SKIP
     """
-    import dynesty
-
     if not isinstance(config, NestedConfig):
         raise EngineError(f"run needs a NestedConfig, got {type(config).__name__}.")
     _check_posterior(posterior, config)
-    ckpt = None if config.checkpoint_file is None else os.fspath(config.checkpoint_file)
-    if ckpt is not None:
-        try:
-            pickle.dumps((posterior.model, posterior.args, {k: np.asarray(v) if isinstance(
-                v, jax.Array) else v for k, v in posterior.data.items()}))
-        except Exception as e:
-            raise EngineError(
-                f"Nested option checkpoint_file: the checkpoint must pickle model "
-                f"'{posterior.name}' and its arguments, which failed ({type(e).__name__}: {e}). "
-                "Define the model as a module-level function (not a lambda or a closure)."
-            ) from e
+    ckpt = _checkpoint_file(posterior, config)
     resuming = bool(config.resume and ckpt is not None and os.path.exists(ckpt))
 
-    t_start = time.perf_counter()
+    run = kit.Run("nested", posterior, config)
     k_dyn, k_wrap, k_draw, k_err = jax.random.split(rng_key, 4)
-    rstate = _np_rng(k_dyn)
-    true_fn = true_batch_fn(posterior)
-    compile_before = true_fn.compile_s
-    batch_fn = true_fn if loglik_wrapper is None else loglik_wrapper(true_fn, posterior, k_wrap)
-    ndim, nlive = posterior.ndim, config.num_live
-
-    queue = config.queue_size
-    pool = batcher = None
-    if queue > 1:
-        batcher = _Batcher(batch_fn)
-        pool = _ThreadPool(queue, batcher)
-        call = batcher
-    else:
-        def call(u):
-            return float(np.asarray(batch_fn(np.asarray(u, np.float64)[None]))[0])
-
-    common = dict(bound=config.bound, sample=config.sample, walks=config.walks,
-                  slices=config.slices, pool=pool, queue_size=queue if pool else None,
-                  use_pool={"update_bound": False, "prior_transform": False})
-    run_kw = dict(maxiter=config.maxiter, maxcall=config.maxcall,
-                  print_progress=config.progress_bar, checkpoint_file=ckpt,
-                  checkpoint_every=config.checkpoint_every)
-    resumed_from = 0
-    calls_before = 0
-    init_calls = 0
-    flags: list[str] = []
-    interrupted = False
+    true_fn = run.track(true_batch_fn(posterior))
+    wrapper = loglikelihood_wrapper
+    batch_fn = true_fn if wrapper is None else wrapper(true_fn, posterior, k_wrap)
+    call, pool, batcher = _likelihood_call(batch_fn, config.queue_size)
+    start = None
     try:
-        if resuming:
-            sampler = dynesty.utils.restore_sampler(ckpt, pool=pool)
-            if bool(config.dynamic) != hasattr(sampler, "batch_sampler"):
-                raise EngineError(
-                    f"resume: {ckpt!r} holds a {'dynamic' if hasattr(sampler, 'batch_sampler') else 'static'} "
-                    f"run but dynamic={config.dynamic}; set dynamic to match or use a new file.")
-            old = _find_adapter(sampler)
-            if getattr(old, "fingerprint", None) != _fingerprint(posterior):
-                raise EngineError(
-                    f"resume: the checkpoint {ckpt!r} was written for model "
-                    f"{getattr(old, 'fingerprint', ('?', '?'))[1]!r} with other latent sites; "
-                    f"this run is for model '{posterior.name}'. Use another checkpoint_file or "
-                    "resume=False.")
-            calls_before = old.calls_before
-            adapter = _Likelihood(posterior, call, _counter(true_fn, loglik_wrapper), calls_before)
-            _attach(sampler, adapter)
-            resumed_from = int(getattr(sampler, "it", 1)) - 1
-            if hasattr(sampler, "batch_sampler"):
-                resumed_from = len(sampler.saved_run["logl"])
-        else:
-            adapter = _Likelihood(posterior, call, _counter(true_fn, loglik_wrapper))
-            live = _initial_live_points(posterior, batch_fn, rstate, nlive, ndim)
-            init_calls = nlive
-            if config.dynamic:
-                sampler = dynesty.DynamicNestedSampler(adapter, _identity, ndim, rstate=rstate, **common)
-            else:
-                sampler = dynesty.NestedSampler(adapter, _identity, ndim, nlive=nlive,
-                                                rstate=rstate, live_points=live, **common)
-        with warnings.catch_warnings(record=True) as caught:
-            # dynesty's own warnings (e.g. a very large bootstrap enlargement factor, which it
-            # can repeat hundreds of times) become one Fit flag each instead of a flood
-            warnings.simplefilter("always")
-            warnings.filterwarnings("ignore", message=".*resuming a finished.*")
-            if config.dynamic:
-                dyn_kw = dict(nlive_init=nlive, wt_kwargs={"pfrac": float(config.pfrac)},
-                              maxbatch=config.maxbatch, nlive_batch=config.nlive_batch,
-                              resume=resuming)
-                if config.dlogz is not None:
-                    dyn_kw["dlogz_init"] = float(config.dlogz)
-                if not resuming:
-                    dyn_kw["live_points"] = live
-                sampler.run_nested(**dyn_kw, **run_kw)
-            else:
-                sampler.run_nested(dlogz=config.dlogz, resume=resuming, save_bounds=False, **run_kw)
-        flags.extend(_dynesty_warning_flags(caught))
-    except KeyboardInterrupt:
-        interrupted = True
-        if "sampler" not in locals() or config.dynamic:
-            raise
-        try:
-            sampler.add_final_live(print_progress=False)
-        except Exception:
-            raise KeyboardInterrupt("nested sampling was interrupted before it could be "
-                                    "finished from its live points") from None
+        with run.interruptible():
+            start = (_restored_sampler(posterior, config, ckpt, call, true_fn, pool) if resuming
+                     else _new_sampler(posterior, config, call, true_fn, batch_fn,
+                                       _np_rng(k_dyn), pool))
+            _run_nested(run, start, config, ckpt, resuming)
+        if run.interrupted:
+            _finish_interrupted(run, start, config)
     finally:
         if pool is not None:
             pool.shutdown()
 
-    res = sampler.results
-    u = np.asarray(res["samples_u"], np.float64)
-    logwt = np.asarray(res["logwt"], np.float64)
-    logl = np.asarray(res["logl"], np.float64)
-    logvol = np.asarray(res["logvol"], np.float64)
-    logz = float(res["logz"][-1])
-    logzerr = float(res["logzerr"][-1])
-    niter = int(res["niter"])
-    num_dynesty_calls = int(np.sum(res["ncall"]))
-    dynesty_logzerr = logzerr
-    if config.dynamic:
-        logzerr = _simulated_logzerr(res, _np_rng(k_err), config.num_error_simulations)
-
-    extra_attrs: dict[str, Any] = {}
-    num_true = None
-    cost_extra: dict[str, Any] = {}
-    log_evidence, log_evidence_err = logz, logzerr
-    if loglik_wrapper is not None and hasattr(loglik_wrapper, "finalize"):
-        parts = {"u": u, "logwt": logwt, "logl": logl, "logz": logz, "logzerr": logzerr}
-        out = loglik_wrapper.finalize(parts) or {}
-        cost_extra.update(out.get("cost_extra", {}))
-        if out.get("num_true_calls") is not None:
-            num_true = int(out["num_true_calls"])
-        if out.get("log_evidence") is not None:
-            log_evidence = float(out["log_evidence"])
-        if out.get("log_evidence_err") is not None:
-            log_evidence_err = float(out["log_evidence_err"])
-        flags.extend(out.get("flags", ()))
-        extra_attrs.update(out.get("attrs", {}))
-
+    res = _read_results(start.sampler, config, k_err)
+    final = _finalize(wrapper, res)
+    num_true = final["num_true_calls"]
     if num_true is None:  # the points given to the true function (initial ones included)
-        num_true = calls_before + true_fn.num_calls
-
-    # equal-weight draws and the constrained values of every dead point
-    log_w = logwt - np.logaddexp.reduce(logwt)
+        num_true = start.calls_before + true_fn.num_calls
+    log_w = res.logwt - np.logaddexp.reduce(res.logwt)
     ess = kish_ess(log_w)
     num_draws = config.num_equal_weight_draws or max(1, int(round(ess)))
     idx = equal_weight_indices(_np_rng(k_draw), log_w, num_draws)
+    dead_values, draw_values, pointwise = _constrained(true_fn, posterior, res.u, idx)
+    for flag in final["flags"] + _flags(config, res, ess, run.interrupted):
+        run.flag(flag)
+    attrs = {"dynesty_logz": res.logz, "dynesty_logzerr": res.dynesty_logzerr,
+             "niter": res.niter, "num_live": config.num_live, "ess": ess,
+             "information": res.information, "dynamic": int(config.dynamic), **final["attrs"]}
+    return kit.weighted_fit(
+        run, _one_chain(draw_values), group="nested_samples",
+        weighted={**_one_chain(dead_values), "loglikelihood": res.logl[None],
+                  "log_volume": res.logvol[None], "u": res.u[None]},
+        log_weight=log_w[None], log_evidence=final["log_evidence"],
+        log_evidence_err=final["log_evidence_err"], log_likelihood=_one_chain(pointwise),
+        sample_stats={"loglikelihood": res.logl[idx][None]}, group_attrs=attrs,
+        num_loglik_evals=num_true, num_grad_evals=0,
+        extra={**_cost_extra(res, start, config, ess, len(res.u) + len(idx), batcher),
+               **final["cost_extra"]})
+
+
+# ---------------------------------------------------------------------------- run helpers
+def _checkpoint_file(posterior, config: NestedConfig) -> str | None:
+    """The checkpoint path (None: no checkpoints), once the program and its arguments are known
+    to pickle (they are what the checkpoint stores; see :class:`_Likelihood`)."""
+    if config.checkpoint_file is None:
+        return None
+    try:
+        pickle.dumps((posterior.model, posterior.args, {k: np.asarray(v) if isinstance(
+            v, jax.Array) else v for k, v in posterior.data.items()}))
+    except Exception as e:
+        raise EngineError(
+            f"Nested option checkpoint_file: the checkpoint must pickle model "
+            f"'{posterior.name}' and its arguments, which failed ({type(e).__name__}: {e}). "
+            "Define the model as a module-level function (not a lambda or a closure)."
+        ) from e
+    return os.fspath(config.checkpoint_file)
+
+
+def _likelihood_call(batch_fn: Callable, queue: int):
+    """``(call, pool, batcher)``: the per-point likelihood dynesty calls and, when ``queue`` > 1,
+    the thread pool whose tasks share the batcher that ``call`` is (both None on the plain
+    path, where each point is one ``batch_fn`` call)."""
+    if queue > 1:
+        batcher = _Batcher(batch_fn)
+        return batcher, _ThreadPool(queue, batcher), batcher
+
+    def call(u):
+        return float(np.asarray(batch_fn(np.asarray(u, np.float64)[None]))[0])
+
+    return call, None, None
+
+
+class _Start(NamedTuple):
+    """A dynesty sampler ready to run: built afresh (``live``: its initial live points
+    ``[u, v, logl]``, ``num_init_calls`` = num_live) or restored from a checkpoint (``live``
+    None; the iteration it continues from and the true likelihood calls made before)."""
+
+    sampler: Any
+    live: list | None
+    num_init_calls: int
+    resumed_from: int
+    calls_before: int
+
+
+def _dynesty_options(config: NestedConfig, pool) -> dict:
+    """The keyword arguments of dynesty's sampler constructors."""
+    return dict(bound=config.bound, sample=config.sample, walks=config.walks,
+                slices=config.slices, pool=pool, queue_size=config.queue_size if pool else None,
+                use_pool={"update_bound": False, "prior_transform": False})
+
+
+def _new_sampler(posterior, config: NestedConfig, call: Callable, true_fn: true_batch_fn,
+                 batch_fn: Callable, rstate: np.random.Generator, pool) -> _Start:
+    """A fresh static or dynamic dynesty sampler on the unit cube (identity prior transform),
+    its ``num_live`` initial live points drawn by ``rstate`` and evaluated in one ``batch_fn``
+    call."""
+    import dynesty
+
+    ndim, nlive = posterior.ndim, config.num_live
+    adapter = _Likelihood(posterior, call, _counter(true_fn))
+    live = _initial_live_points(posterior, batch_fn, rstate, nlive, ndim)
+    options = _dynesty_options(config, pool)
+    if config.dynamic:
+        sampler = dynesty.DynamicNestedSampler(adapter, _identity, ndim, rstate=rstate, **options)
+    else:
+        sampler = dynesty.NestedSampler(adapter, _identity, ndim, nlive=nlive, rstate=rstate,
+                                        live_points=live, **options)
+    return _Start(sampler, live, nlive, 0, 0)
+
+
+def _restored_sampler(posterior, config: NestedConfig, ckpt: str, call: Callable,
+                      true_fn: true_batch_fn, pool) -> _Start:
+    """The sampler pickled in ``ckpt``, with this run's (batched, wrapped) likelihood attached in
+    place of the unpickled one. Refused (EngineError) when the file holds the other kind of run
+    (static / dynamic) or was written for another program or other latent sites."""
+    import dynesty
+
+    sampler = dynesty.utils.restore_sampler(ckpt, pool=pool)
+    is_dynamic = hasattr(sampler, "batch_sampler")
+    if bool(config.dynamic) != is_dynamic:
+        raise EngineError(
+            f"resume: {ckpt!r} holds a {'dynamic' if is_dynamic else 'static'} "
+            f"run but dynamic={config.dynamic}; set dynamic to match or use a new file.")
+    old = _find_adapter(sampler)
+    if getattr(old, "fingerprint", None) != _fingerprint(posterior):
+        raise EngineError(
+            f"resume: the checkpoint {ckpt!r} was written for model "
+            f"{getattr(old, 'fingerprint', ('?', '?'))[1]!r} with other latent sites; "
+            f"this run is for model '{posterior.name}'. Use another checkpoint_file or "
+            "resume=False.")
+    calls_before = old.calls_before
+    _attach(sampler, _Likelihood(posterior, call, _counter(true_fn), calls_before))
+    resumed_from = (len(sampler.saved_run["logl"]) if is_dynamic
+                    else int(getattr(sampler, "it", 1)) - 1)
+    return _Start(sampler, None, 0, resumed_from, calls_before)
+
+
+def _run_nested(run: kit.Run, start: _Start, config: NestedConfig, ckpt: str | None,
+                resuming: bool) -> None:
+    """Run (or continue) dynesty to its stopping rule, checkpointing to ``ckpt``; dynesty keeps
+    its own progress bar (``print_progress``)."""
+    run_kw = dict(maxiter=config.max_iterations, maxcall=config.max_calls,
+                  print_progress=config.progress_bar, checkpoint_file=ckpt,
+                  checkpoint_every=config.checkpoint_every)
+    with warnings.catch_warnings(record=True) as caught:
+        # dynesty's own warnings (e.g. a very large bootstrap enlargement factor, which it
+        # can repeat hundreds of times) become one Fit flag each instead of a flood
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", message=".*resuming a finished.*")
+        if config.dynamic:
+            dyn_kw = dict(nlive_init=config.num_live, wt_kwargs={"pfrac": float(config.pfrac)},
+                          maxbatch=config.maxbatch, nlive_batch=config.nlive_batch,
+                          resume=resuming)
+            if config.dlogz is not None:
+                dyn_kw["dlogz_init"] = float(config.dlogz)
+            if not resuming:
+                dyn_kw["live_points"] = start.live
+            start.sampler.run_nested(**dyn_kw, **run_kw)
+        else:
+            start.sampler.run_nested(dlogz=config.dlogz, resume=resuming, save_bounds=False,
+                                     **run_kw)
+    for flag in _dynesty_warning_flags(caught):
+        run.flag(flag)
+
+
+def _finish_interrupted(run: kit.Run, start: _Start | None, config: NestedConfig) -> None:
+    """After Ctrl-C: a static run adds its live points as they stand (the Fit is that of an
+    unfinished run, and says so); before a sampler exists, or in a dynamic run, the interrupt
+    goes on."""
+    run.require(start is not None and not config.dynamic,
+                "nested sampling was interrupted before it had a sampler to finish"
+                if start is None else "a dynamic nested sampling run cannot be finished from "
+                "its live points")
+    try:
+        start.sampler.add_final_live(print_progress=False)
+    except Exception:
+        raise KeyboardInterrupt("nested sampling was interrupted before it could be "
+                                "finished from its live points") from None
+
+
+class _Results(NamedTuple):
+    """What the engine reads from dynesty's results: the dead points (unit-cube ``u`` (N, ndim),
+    ``logwt``, ``logl``, ``logvol``, each (N,)), logZ and the error the engine reports
+    (``logzerr``: simulated for a dynamic run) beside dynesty's own, and the run's counts."""
+
+    u: np.ndarray
+    logwt: np.ndarray
+    logl: np.ndarray
+    logvol: np.ndarray
+    logz: float
+    logzerr: float
+    dynesty_logzerr: float
+    niter: int
+    num_dynesty_calls: int
+    efficiency: float
+    information: float
+
+
+def _read_results(sampler, config: NestedConfig, k_err: jax.Array) -> _Results:
+    res = sampler.results
+    logzerr = float(res["logzerr"][-1])
+    return _Results(
+        u=np.asarray(res["samples_u"], np.float64), logwt=np.asarray(res["logwt"], np.float64),
+        logl=np.asarray(res["logl"], np.float64), logvol=np.asarray(res["logvol"], np.float64),
+        logz=float(res["logz"][-1]),
+        logzerr=(_simulated_logzerr(res, _np_rng(k_err), config.num_error_simulations)
+                 if config.dynamic else logzerr),
+        dynesty_logzerr=logzerr, niter=int(res["niter"]),
+        num_dynesty_calls=int(np.sum(res["ncall"])), efficiency=float(res["eff"]),
+        information=float(np.asarray(res["information"])[-1]))
+
+
+def _finalize(wrapper, res: _Results) -> dict:
+    """What the likelihood wrapper's ``finalize`` (if it has one) puts in the Fit, with the
+    defaults filled in: ``log_evidence``, ``log_evidence_err`` (dynesty's), ``num_true_calls``
+    (None: the engine's count), ``cost_extra``, ``flags``, ``attrs`` (empty)."""
+    out: dict = {}
+    if wrapper is not None and hasattr(wrapper, "finalize"):
+        parts = {"u": res.u, "logwt": res.logwt, "logl": res.logl, "logz": res.logz,
+                 "logzerr": res.logzerr}
+        out = wrapper.finalize(parts) or {}
+
+    def given(key: str, default, cast):
+        return default if out.get(key) is None else cast(out[key])
+
+    return {"log_evidence": given("log_evidence", res.logz, float),
+            "log_evidence_err": given("log_evidence_err", res.logzerr, float),
+            "num_true_calls": given("num_true_calls", None, int),
+            "cost_extra": dict(out.get("cost_extra", {})), "flags": list(out.get("flags", ())),
+            "attrs": dict(out.get("attrs", {}))}
+
+
+def _constrained(true_fn: true_batch_fn, posterior, u: np.ndarray, idx: np.ndarray):
+    """``(dead_values, draw_values, pointwise)``: the constrained values of every dead point
+    ``u``, and of the draws ``u[idx]`` with their pointwise log-likelihood, in compiled passes."""
     progs, data = true_fn._progs, posterior.data_arrays
     dead_values = _map_padded(progs, "values", u, data, smallest=256, largest=_MAX_POST)
     draw_values, pointwise = _map_padded(progs, "draws", u[idx], data, smallest=256,
                                          largest=_MAX_POST)
+    return dead_values, draw_values, pointwise
 
-    if config.maxcall is not None and num_dynesty_calls >= config.maxcall:
-        flags.append(f"stopped at maxcall={config.maxcall} before the dlogz criterion: logZ "
+
+def _one_chain(values: dict) -> dict:
+    """{name: array} with a leading chain axis of length one."""
+    return {k: np.asarray(v)[None] for k, v in values.items()}
+
+
+def _flags(config: NestedConfig, res: _Results, ess: float, interrupted: bool) -> list[str]:
+    """The flags of a run that stopped before its dlogz criterion (a limit, or Ctrl-C) or has
+    few effective samples."""
+    flags = []
+    if config.max_calls is not None and res.num_dynesty_calls >= config.max_calls:
+        flags.append(f"stopped at max_calls={config.max_calls} before the dlogz criterion: logZ "
                      "misses the remaining prior volume's share")
-    elif config.maxiter is not None and niter >= config.maxiter:
-        flags.append(f"stopped at maxiter={config.maxiter} before the dlogz criterion: logZ "
-                     "misses the remaining prior volume's share")
+    elif config.max_iterations is not None and res.niter >= config.max_iterations:
+        flags.append(f"stopped at max_iterations={config.max_iterations} before the dlogz "
+                     "criterion: logZ misses the remaining prior volume's share")
     if interrupted:
-        flags.append(f"interrupted after {niter} iterations: the live points were added as they "
-                     "stood, so logZ and the posterior are those of an unfinished run")
+        flags.append(f"interrupted after {res.niter} iterations: the live points were added as "
+                     "they stood, so logZ and the posterior are those of an unfinished run")
     if ess < 100:
         flags.append(f"only {ess:.0f} effective samples in the weighted dead points; use more "
                      "live points")
+    return flags
 
-    wall = time.perf_counter() - t_start
-    attrs = {"log_evidence": log_evidence, "log_evidence_err": log_evidence_err,
-             "dynesty_logz": logz, "dynesty_logzerr": dynesty_logzerr, "niter": niter,
-             "num_live": nlive, "ess": ess, "information": float(np.asarray(res["information"])[-1]),
-             "dynamic": int(config.dynamic)}
-    attrs.update(extra_attrs)
-    nested_group = {k: np.asarray(v)[None] for k, v in dead_values.items()}
-    nested_group.update(log_weight=log_w[None], loglikelihood=logl[None], log_volume=logvol[None],
-                        u=u[None])
-    idata = build_datatree(
-        posterior,
-        {k: np.asarray(v)[None] for k, v in draw_values.items()},
-        sample_stats={"loglikelihood": logl[idx][None]},
-        log_likelihood={k: np.asarray(v)[None] for k, v in pointwise.items()},
-        extra_groups={"nested_samples": nested_group},
-        attrs={"inference_library": "bayeslik", "engine": "nested", "sampling_time": wall,
-               "log_evidence": log_evidence, "log_evidence_err": log_evidence_err},
-    )
-    idata["nested_samples"].attrs.update(attrs)
-    extra = {"num_dynesty_calls": num_dynesty_calls, "num_init_calls": init_calls,
-             "niter": niter, "efficiency": float(res["eff"]), "ess": ess,
-             "resumed_from_iteration": resumed_from,
-             "num_postprocess_evals": int(len(u) + len(idx)), "queue_size": queue}
+
+def _cost_extra(res: _Results, start: _Start, config: NestedConfig, ess: float,
+                num_postprocess: int, batcher: _Batcher | None) -> dict:
+    """The engine's Cost.extra (the batcher's counts on the batched path)."""
+    extra = {"num_dynesty_calls": res.num_dynesty_calls, "num_init_calls": start.num_init_calls,
+             "niter": res.niter, "efficiency": res.efficiency, "ess": ess,
+             "resumed_from_iteration": start.resumed_from,
+             "num_postprocess_evals": int(num_postprocess), "queue_size": config.queue_size}
     if batcher is not None:
         extra.update(num_batches=batcher.num_batches, num_batched_points=batcher.num_points,
                      mean_batch_size=batcher.num_points / max(batcher.num_batches, 1))
-    extra.update(cost_extra)
-    cost = Cost(wall_s=wall, compile_s=true_fn.compile_s - compile_before,
-                num_loglik_evals=int(num_true), num_grad_evals=0, extra=extra)
-    return Fit(idata=idata, engine="nested", config=dataclasses.asdict(config), seed=None,
-               cost=cost, log_evidence=log_evidence, log_evidence_err=log_evidence_err,
-               model=posterior.name, flags=tuple(flags))
+    return extra
 
 
 def _samplers(sampler) -> list:
@@ -813,7 +872,7 @@ def _simulated_logzerr(res, rng: np.random.Generator, num: int) -> float:
     return float(np.std(logz, ddof=1))
 
 
-def _counter(true_fn: true_batch_fn, wrapper) -> Callable[[], int]:
+def _counter(true_fn: true_batch_fn) -> Callable[[], int]:
     """How many true likelihood calls were made so far (kept across checkpoints)."""
     return lambda: true_fn.num_calls
 

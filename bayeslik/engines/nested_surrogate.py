@@ -1,7 +1,7 @@
 """The "nested+surrogate" engine: dynesty with a neural likelihood surrogate and an evidence guard.
 
 It is the ``"nested"`` engine (:mod:`bayeslik.engines.nested`) run with a
-:class:`~bayeslik.surrogate.likelihood.SurrogateLikelihood` as its ``loglik_wrapper``: an
+:class:`~bayeslik.surrogate.likelihood.SurrogateLikelihood` as its ``loglikelihood_wrapper``: an
 ensemble of small MLPs learns the log-likelihood from the points dynesty evaluates, stands in for
 it once its held-out error near the current contour is small, is re-checked against the true
 likelihood on fresh points, and falls back to the true likelihood when its error grows. After the
@@ -11,7 +11,8 @@ corrected evidence (see :mod:`bayeslik.surrogate.guard`).
 :class:`NestedSurrogateConfig` has every option of :class:`~bayeslik.engines.nested.NestedConfig`
 (same names and defaults) and every option of
 :class:`~bayeslik.surrogate.likelihood.SurrogateOptions`; both halves are validated on
-construction.
+construction (:func:`split_config` makes them), and a test checks that its fields are exactly
+those of the two.
 
 What the Fit holds beyond the ``"nested"`` engine's: ``Fit.log_evidence`` and its error are the
 guard's corrected values (the uncorrected ones are in the ``nested_samples`` group's attributes,
@@ -39,62 +40,108 @@ Example
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from dataclasses import dataclass
 
 import jax
 
 from bayeslik.engines import nested as _nested
 from bayeslik.engines.nested import NestedConfig
+from bayeslik.errors import EngineError
 from bayeslik.fit import Fit
 from bayeslik.surrogate.likelihood import SurrogateLikelihood, SurrogateOptions
 
 __all__ = ["NestedSurrogateConfig", "NestedSurrogate", "run", "split_config"]
 
+
+@dataclass(frozen=True)
+class NestedSurrogateConfig:
+    """Settings of the nested+surrogate engine: every option of
+    :class:`~bayeslik.engines.nested.NestedConfig` and every option of
+    :class:`~bayeslik.surrogate.likelihood.SurrogateOptions`, with the same names and defaults
+    (their docstrings say what each means). Frozen and hashable; each half is validated on
+    construction.
+
+    dynesty (NestedConfig): num_live, dynamic, bound, sample, walks, slices, dlogz,
+        max_iterations, max_calls, batch, checkpoint_file, checkpoint_every, resume,
+        progress_bar, pfrac, maxbatch, nlive_batch, num_equal_weight_draws,
+        num_error_simulations.
+    the surrogate (SurrogateOptions): num_initial, inputs, train_size, top_fraction,
+        val_fraction, contour_quantile, clip_quantile, rmse_max, spread_max, rel_tol,
+        full_accuracy_nats, recheck_every, recheck_window, fallback_rmse, retrain_every,
+        num_members, train_steps, search, kinds, widths, depths, learning_rates,
+        search_min_steps; the guard: guard_num_points, guard_max_correction,
+        guard_min_ess_fraction.
+
+    >>> cfg = NestedSurrogateConfig(num_live=400, rmse_max=0.05, guard_num_points=300)
+    >>> nested, options = split_config(cfg)
+    >>> nested.num_live, options.rmse_max
+    (400, 0.05)
+    """
+
+    # NestedConfig's options
+    num_live: int = 500
+    dynamic: bool = False
+    bound: str = "multi"
+    sample: str = "auto"
+    walks: int | None = None
+    slices: int | None = None
+    dlogz: float | None = None
+    max_iterations: int | None = None
+    max_calls: int | None = None
+    batch: bool | int = True
+    checkpoint_file: str | None = None
+    checkpoint_every: float = 60.0
+    resume: bool = False
+    progress_bar: bool = True
+    pfrac: float = 0.8
+    maxbatch: int | None = None
+    nlive_batch: int | None = None
+    num_equal_weight_draws: int | None = None
+    num_error_simulations: int = 30
+    # SurrogateOptions' options
+    num_initial: int | None = None
+    inputs: str = "physical"
+    train_size: int = 1000
+    top_fraction: float = 0.5
+    val_fraction: float = 0.2
+    contour_quantile: float = 0.5
+    clip_quantile: float = 0.1
+    rmse_max: float = 0.1
+    spread_max: float = 0.2
+    rel_tol: float = 0.05
+    full_accuracy_nats: float | None = None
+    recheck_every: int = 100
+    recheck_window: int = 30
+    fallback_rmse: float = 0.3
+    retrain_every: int = 300
+    num_members: int = 4
+    train_steps: int = 2000
+    search: bool = True
+    kinds: tuple[str, ...] = ("mlp", "additive")
+    widths: tuple[int, ...] = (64, 32)
+    depths: tuple[int, ...] = (3, 2)
+    learning_rates: tuple[float, ...] = (1e-2, 3e-3)
+    search_min_steps: int = 300
+    guard_num_points: int = 200
+    guard_max_correction: float = 0.1
+    guard_min_ess_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        # construct both halves: their own __post_init__ validates every option
+        split_config(self)
+
+
+NestedSurrogate = NestedSurrogateConfig
+
 _NESTED_FIELDS = tuple(f.name for f in dataclasses.fields(NestedConfig))
 _SURROGATE_FIELDS = tuple(f.name for f in dataclasses.fields(SurrogateOptions))
 
 
-def _field_spec(cls) -> list[tuple[str, Any, dataclasses.Field]]:
-    out = []
-    for f in dataclasses.fields(cls):
-        default = dataclasses.field(default=f.default) if f.default is not dataclasses.MISSING \
-            else dataclasses.field(default_factory=f.default_factory)
-        out.append((f.name, f.type, default))
-    return out
-
-
-def _post_init(self) -> None:
-    # construct both halves: their own __post_init__ validates every option
-    split_config(self)
-
-
-def split_config(config) -> tuple[NestedConfig, SurrogateOptions]:
+def split_config(config: NestedSurrogateConfig) -> tuple[NestedConfig, SurrogateOptions]:
     """The (NestedConfig, SurrogateOptions) halves of a NestedSurrogateConfig."""
     nested = NestedConfig(**{k: getattr(config, k) for k in _NESTED_FIELDS})
     surrogate = SurrogateOptions(**{k: getattr(config, k) for k in _SURROGATE_FIELDS})
     return nested, surrogate
-
-
-_clash = set(_NESTED_FIELDS) & set(_SURROGATE_FIELDS)
-assert not _clash, f"option names shared by NestedConfig and SurrogateOptions: {_clash}"
-
-NestedSurrogateConfig = dataclasses.make_dataclass(
-    "NestedSurrogateConfig",
-    _field_spec(NestedConfig) + _field_spec(SurrogateOptions),
-    namespace={"__post_init__": _post_init},
-    frozen=True,
-    module=__name__,
-)
-NestedSurrogateConfig.__doc__ = (
-    "Settings of the nested+surrogate engine: every option of NestedConfig (num_live, dynamic, "
-    "bound, sample, dlogz, batch, checkpoint_file, progress_bar, ...) and every option of "
-    "SurrogateOptions (num_initial, train_size, rmse_max, spread_max, recheck_every, "
-    "fallback_rmse, retrain_every, num_members, search, kinds, widths, depths, learning_rates, "
-    "guard_num_points, guard_max_correction, ...), with the same names and defaults. "
-    "Frozen and hashable; each half is validated on construction.\n\n"
-    "Example: NestedSurrogateConfig(num_live=400, rmse_max=0.05, guard_num_points=300)"
-)
-NestedSurrogate = NestedSurrogateConfig
 
 
 def run(posterior, rng_key: jax.Array, config) -> Fit:
@@ -103,12 +150,10 @@ def run(posterior, rng_key: jax.Array, config) -> Fit:
     >>> fit = run(post, jax.random.key(0), NestedSurrogateConfig(num_live=300))  # doctest: +SKIP
     """
     if not isinstance(config, NestedSurrogateConfig):
-        from bayeslik.errors import EngineError
-
         raise EngineError(f"run needs a NestedSurrogateConfig, got {type(config).__name__}.")
     nested_config, options = split_config(config)
     wrapper = SurrogateLikelihood(options, num_live=nested_config.num_live)
-    fit = _nested.run(posterior, rng_key, nested_config, loglik_wrapper=wrapper)
+    fit = _nested.run(posterior, rng_key, nested_config, loglikelihood_wrapper=wrapper)
     fit.idata.attrs["engine"] = "nested+surrogate"
     history = "; ".join(f"{n}:{e}:{r:.3g}" for n, e, r in wrapper.history)
     fit.idata["nested_samples"].attrs["surrogate_history"] = history

@@ -44,9 +44,8 @@ Example
 
 from __future__ import annotations
 
-import dataclasses
+import itertools
 import math
-import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -54,9 +53,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bayeslik.engines import kit
 from bayeslik.engines._programs import ProgramCache, Programs, draws_fn
 from bayeslik.errors import EngineError, ImproperPriorError, InitializationError
-from bayeslik.fit import Cost, Fit, build_datatree
+from bayeslik.fit import Fit
+from bayeslik.weights import bucket, equal_weight_indices, kish_ess, pad_rows
 
 __all__ = ["NSSConfig", "NSS", "run", "DeadPoints", "log_weights", "evidence"]
 
@@ -93,27 +94,15 @@ class NSSConfig:
     num_equal_weight_draws: int | None = None
 
     def __post_init__(self) -> None:
-        def bad(name: str, why: str) -> EngineError:
-            return EngineError(f"NSS option {name}={getattr(self, name)!r}: {why}")
-
-        def posint(v) -> bool:
-            return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
-
-        if not posint(self.num_live) or self.num_live < 2:
-            raise bad("num_live", "must be an integer >= 2 (a few hundred is typical).")
-        for name in ("num_delete", "num_inner_steps", "max_iterations", "steps_per_chunk",
-                     "num_equal_weight_draws"):
-            v = getattr(self, name)
-            if v is not None and not posint(v):
-                raise bad(name, "must be a positive integer or None.")
-        if self.num_delete is not None and self.num_delete >= self.num_live:
-            raise bad("num_delete", f"must be smaller than num_live={self.num_live} (e.g. "
+        check = kit.Check("NSS", self)
+        check.integer("num_live", minimum=2, hint="a few hundred is typical")
+        check.integer("num_delete", "num_inner_steps", "max_iterations", "steps_per_chunk",
+                      "num_equal_weight_draws", optional=True)
+        check.require(self.num_delete is None or self.num_delete < self.num_live, "num_delete",
+                      f"must be smaller than num_live={self.num_live} (e.g. "
                       f"{max(1, self.num_live // 10)}).")
-        if not posint(self.num_volume_samples) or self.num_volume_samples < 2:
-            raise bad("num_volume_samples", "must be an integer >= 2 (100 is typical).")
-        if not (isinstance(self.dlogz, (int, float)) and not isinstance(self.dlogz, bool)
-                and self.dlogz > 0):
-            raise bad("dlogz", "must be a positive number of nats (e.g. 0.01).")
+        check.integer("num_volume_samples", minimum=2, hint="100 is typical")
+        check.number("dlogz", low=0.0, hint="nats, e.g. 0.01")
 
     def resolved(self, ndim: int) -> tuple[int, int, int]:
         """(num_delete, num_inner_steps, steps_per_chunk) with the defaults filled in."""
@@ -233,28 +222,9 @@ def _programs(posterior, num_delete: int, num_inner: int, chunk_len: int) -> _Pr
     return _CACHE.get(key, lambda: _Programs(posterior, num_delete, num_inner, chunk_len))
 
 
-def _pad_rows(z: np.ndarray, smallest: int = 256) -> np.ndarray:
-    n = z.shape[0]
-    size = max(smallest, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
-    out = np.zeros((size, z.shape[1]), z.dtype)
-    out[:n] = z
-    out[n:] = z[0] if n else 0
-    return out
-
-
-# ---------------------------------------------------------------------------- the run
-def run(posterior, rng_key: jax.Array, config: NSSConfig) -> Fit:
-    """Run nested slice sampling on ``posterior``; a Fit with logZ, its error, weighted dead
-    points and equal-weight draws.
-
-    >>> fit = run(post, jax.random.key(0), NSSConfig(num_live=500))  # doctest: +SKIP
-    """
-    from tqdm.auto import tqdm
-
-    from bayeslik.engines.nested import equal_weight_indices, kish_ess
-
-    if not isinstance(config, NSSConfig):
-        raise EngineError(f"run needs an NSSConfig, got {type(config).__name__}.")
+def _check_posterior(posterior, config: NSSConfig) -> tuple[int, int, int]:
+    """Reject what the engine cannot use, before anything is compiled; returns
+    ``config.resolved(ndim)``."""
     try:
         posterior.require_proper_prior("engine 'nss' (it starts from prior draws)")
     except ImproperPriorError as e:
@@ -268,55 +238,35 @@ def run(posterior, rng_key: jax.Array, config: NSSConfig) -> Fit:
     k, inner, chunk_len = config.resolved(ndim)
     if k >= config.num_live:
         raise EngineError(f"NSS option num_delete={k} must be smaller than num_live.")
+    return k, inner, chunk_len
 
-    t_start = time.perf_counter()
-    progs = _programs(posterior, k, inner, chunk_len)
-    compile_before = progs.compile_s
-    data = posterior.data_arrays
-    k_prior, k_init, k_run, k_vol, k_draw = jax.random.split(rng_key, 5)
+
+def _initial_state(progs: _Programs, posterior, config: NSSConfig, k_prior, k_init, data):
+    """The live state of ``num_live`` prior draws (an InitializationError if none has a finite
+    log-likelihood)."""
     positions = np.asarray(posterior.sample_prior(k_prior, config.num_live))
     state = progs("init", positions, np.asarray(jax.random.key_data(k_init)), data)
-    ll0 = np.asarray(state.particles.loglikelihood)
-    if not np.isfinite(ll0).any():
+    if not np.isfinite(np.asarray(state.particles.loglikelihood)).any():
         raise InitializationError(
             f"model '{posterior.name}': the log-likelihood is -inf or NaN at all "
             f"{config.num_live} prior draws. Check that the data fit the likelihood's support "
             "for parameters the prior allows.")
-    num_evals = config.num_live
+    return state
 
-    chunks: list[tuple] = []
-    steps = 0
-    flags: list[str] = []
-    interrupted = hit_max = False
-    bar = tqdm(desc=f"NSS {posterior.name}", disable=not config.progress_bar, unit="e-fold",
-               bar_format="{desc}: {n:.1f} e-folds [{elapsed}{postfix}]")
-    try:
-        chunk_index = 0
-        while True:
-            if config.max_iterations is not None and steps >= config.max_iterations:
-                hit_max = True
-                break
-            key = np.asarray(jax.random.key_data(jax.random.fold_in(k_run, chunk_index)))
-            state, out = progs("chunk", state, key, data)
-            chunk_index += 1
-            out = jax.tree.map(np.asarray, out)
-            chunks.append(out)
-            steps += chunk_len
-            num_evals += int(out[3].sum())
-            integ = state.integrator
-            logz, logz_live = float(integ.logZ), float(integ.logZ_live)
-            remaining = np.logaddexp(logz, logz_live) - logz if np.isfinite(logz) else np.inf
-            bar.update(-float(integ.logX) - bar.n)
-            bar.set_postfix(logz=f"{logz:.3f}", dlogz=f"{remaining:.3g}")
-            if remaining < config.dlogz:
-                break
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        bar.close()
 
-    # dead points (chunk outputs have leading (steps, num_delete)) + the final live points
-    live = state.particles
+def _advance(bar, integrator) -> float:
+    """How much the live points could still add to logZ, ``log(Z_dead + Z_live) - log Z_dead``
+    (inf while Z_dead is 0); moves the bar to the e-folds of compression so far."""
+    logz, logz_live = float(integrator.logZ), float(integrator.logZ_live)
+    remaining = np.logaddexp(logz, logz_live) - logz if np.isfinite(logz) else np.inf
+    bar.update(-float(integrator.logX) - bar.n)
+    bar.set_postfix(logz=f"{logz:.3f}", dlogz=f"{remaining:.3g}")
+    return remaining
+
+
+def _dead_points(chunks: list, live, ndim: int) -> DeadPoints:
+    """The dead points of the chunks (outputs with leading (steps, num_delete)) and the final
+    live points, sorted by likelihood (stored in order of death)."""
     if chunks:
         pos = np.concatenate([c[0].reshape(-1, ndim) for c in chunks])
         logl = np.concatenate([c[1].reshape(-1) for c in chunks])
@@ -328,31 +278,27 @@ def run(posterior, rng_key: jax.Array, config: NSSConfig) -> Fit:
         np.concatenate([logl, np.asarray(live.loglikelihood)]).astype(np.float64),
         np.concatenate([birth, np.asarray(live.loglikelihood_birth)]).astype(np.float64),
     )
-    order = np.argsort(dead.loglikelihood, kind="stable")  # stored in order of death
-    dead = DeadPoints(*(a[order] for a in dead))
-    ev = evidence(np.random.default_rng(np.asarray(jax.random.key_data(k_vol)).ravel()),
-                  dead, config.num_volume_samples)
-    log_w = ev["log_weight"]
-    ess = kish_ess(log_w)
-    num_draws = config.num_equal_weight_draws or max(1, int(round(ess)))
-    rng = np.random.default_rng(np.asarray(jax.random.key_data(k_draw)).ravel())
-    idx = equal_weight_indices(rng, log_w, num_draws)
+    order = np.argsort(dead.loglikelihood, kind="stable")
+    return DeadPoints(*(a[order] for a in dead))
 
-    def post(zs):
-        n = zs.shape[0]
-        vals, pw = [], []
-        for s in range(0, n, 4096):
-            part = zs[s:s + 4096]
-            v, p = progs("draws", _pad_rows(part), data)
-            vals.append(jax.tree.map(lambda a, m=len(part): np.asarray(a)[:m], v))
-            pw.append(jax.tree.map(lambda a, m=len(part): np.asarray(a)[:m], p))
-        cat = lambda *a: np.concatenate(a)  # noqa: E731
-        return jax.tree.map(cat, *vals), jax.tree.map(cat, *pw)
 
-    dead_values, _ = post(dead.position)
-    draw_values = {name: v[idx] for name, v in dead_values.items()}
-    _, pointwise = post(dead.position[idx])
+def _constrained(progs: _Programs, zs: np.ndarray, data) -> tuple[dict, dict]:
+    """Constrained values and pointwise log-likelihood of the points ``zs`` (n, ndim), in
+    chunks of at most 4096 padded to a power of two (at least 256)."""
+    vals, pw = [], []
+    for s in range(0, zs.shape[0], 4096):
+        part = zs[s:s + 4096]
+        v, p = progs("draws", pad_rows(part, bucket(part.shape[0], smallest=256)), data)
+        vals.append(jax.tree.map(lambda a, m=len(part): np.asarray(a)[:m], v))
+        pw.append(jax.tree.map(lambda a, m=len(part): np.asarray(a)[:m], p))
+    cat = lambda *a: np.concatenate(a)  # noqa: E731
+    return jax.tree.map(cat, *vals), jax.tree.map(cat, *pw)
 
+
+def _flags(config: NSSConfig, steps: int, ess: float, hit_max: bool,
+           interrupted: bool) -> list[str]:
+    """The flags of a run stopped before its dlogz criterion, or with few effective samples."""
+    flags = []
     if hit_max:
         flags.append(f"stopped at max_iterations={config.max_iterations} before the dlogz "
                      "criterion: the live points were added as they stood")
@@ -362,30 +308,80 @@ def run(posterior, rng_key: jax.Array, config: NSSConfig) -> Fit:
     if ess < 100:
         flags.append(f"only {ess:.0f} effective samples in the weighted dead points; use more "
                      "live points")
-    num_bad = int(np.sum(~np.isfinite(dead.loglikelihood)))
-    wall = time.perf_counter() - t_start
-    attrs = {"log_evidence": ev["logz"], "log_evidence_err": ev["logzerr"],
-             "num_live": config.num_live, "num_delete": k, "num_inner_steps": inner,
-             "num_steps": steps, "ess": ess,
-             "logz_integrator": float(state.integrator.logZ)}
-    nested_group = {n: np.asarray(v)[None] for n, v in dead_values.items()}
-    nested_group.update(log_weight=log_w[None], loglikelihood=dead.loglikelihood[None],
-                        loglikelihood_birth=dead.loglikelihood_birth[None],
-                        log_volume=ev["log_volume"][None])
-    idata = build_datatree(
-        posterior, {n: np.asarray(v)[None] for n, v in draw_values.items()},
-        sample_stats={"loglikelihood": dead.loglikelihood[idx][None]},
-        log_likelihood={n: np.asarray(v)[None] for n, v in pointwise.items()},
-        extra_groups={"nested_samples": nested_group},
-        attrs={"inference_library": "bayeslik", "engine": "nss", "sampling_time": wall,
-               "log_evidence": ev["logz"], "log_evidence_err": ev["logzerr"]},
-    )
-    idata["nested_samples"].attrs.update(attrs)
-    extra = {"num_steps": steps, "num_dead": int(len(dead.loglikelihood)), "ess": ess,
-             "num_delete": k, "num_inner_steps": inner, "num_zero_likelihood": num_bad,
-             "num_postprocess_evals": int(len(dead.loglikelihood) + len(idx))}
-    cost = Cost(wall_s=wall, compile_s=progs.compile_s - compile_before,
-                num_loglik_evals=int(num_evals), num_grad_evals=0, extra=extra)
-    return Fit(idata=idata, engine="nss", config=dataclasses.asdict(config), seed=None, cost=cost,
-               log_evidence=ev["logz"], log_evidence_err=ev["logzerr"], model=posterior.name,
-               flags=tuple(flags))
+    return flags
+
+
+def _cost_extra(dead: DeadPoints, steps: int, ess: float, num_delete: int, num_inner: int,
+                num_draws: int) -> dict:
+    """The engine's Cost.extra."""
+    n = int(len(dead.loglikelihood))
+    return {"num_steps": steps, "num_dead": n, "ess": ess, "num_delete": num_delete,
+            "num_inner_steps": num_inner,
+            "num_zero_likelihood": int(np.sum(~np.isfinite(dead.loglikelihood))),
+            "num_postprocess_evals": n + int(num_draws)}
+
+
+def _one_chain(values: dict) -> dict:
+    """{name: array} with a leading chain axis of length one."""
+    return {k: np.asarray(v)[None] for k, v in values.items()}
+
+
+def _rng(key) -> np.random.Generator:
+    return np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
+
+
+# ---------------------------------------------------------------------------- the run
+def run(posterior, rng_key: jax.Array, config: NSSConfig) -> Fit:
+    """Run nested slice sampling on ``posterior``; a Fit with logZ, its error, weighted dead
+    points and equal-weight draws.
+
+    >>> fit = run(post, jax.random.key(0), NSSConfig(num_live=500))  # doctest: +SKIP
+    """
+    if not isinstance(config, NSSConfig):
+        raise EngineError(f"run needs an NSSConfig, got {type(config).__name__}.")
+    k, inner, chunk_len = _check_posterior(posterior, config)
+    run = kit.Run("nss", posterior, config)
+    progs = run.track(_programs(posterior, k, inner, chunk_len))
+    data = posterior.data_arrays
+    k_prior, k_init, k_run, k_vol, k_draw = jax.random.split(rng_key, 5)
+    state = _initial_state(progs, posterior, config, k_prior, k_init, data)
+    num_evals, steps, chunks, hit_max = config.num_live, 0, [], False
+    bar = run.progress(desc=f"NSS {posterior.name}", unit="e-fold",
+                       bar_format="{desc}: {n:.1f} e-folds [{elapsed}{postfix}]")
+    with run.interruptible(bar):
+        for chunk_index in itertools.count():
+            if config.max_iterations is not None and steps >= config.max_iterations:
+                hit_max = True
+                break
+            key = np.asarray(jax.random.key_data(jax.random.fold_in(k_run, chunk_index)))
+            state, out = progs("chunk", state, key, data)
+            out = jax.tree.map(np.asarray, out)
+            chunks.append(out)
+            steps += chunk_len
+            num_evals += int(out[3].sum())
+            if _advance(bar, state.integrator) < config.dlogz:
+                break
+
+    dead = _dead_points(chunks, state.particles, posterior.ndim)
+    ev = evidence(_rng(k_vol), dead, config.num_volume_samples)
+    log_w = ev["log_weight"]
+    ess = kish_ess(log_w)
+    num_draws = config.num_equal_weight_draws or max(1, int(round(ess)))
+    idx = equal_weight_indices(_rng(k_draw), log_w, num_draws)
+    dead_values, _ = _constrained(progs, dead.position, data)
+    _, pointwise = _constrained(progs, dead.position[idx], data)
+    for flag in _flags(config, steps, ess, hit_max, run.interrupted):
+        run.flag(flag)
+    attrs = {"num_live": config.num_live, "num_delete": k, "num_inner_steps": inner,
+             "num_steps": steps, "ess": ess, "logz_integrator": float(state.integrator.logZ)}
+    return kit.weighted_fit(
+        run, _one_chain({n: np.asarray(v)[idx] for n, v in dead_values.items()}),
+        group="nested_samples",
+        weighted={**_one_chain(dead_values), "loglikelihood": dead.loglikelihood[None],
+                  "loglikelihood_birth": dead.loglikelihood_birth[None],
+                  "log_volume": ev["log_volume"][None]},
+        log_weight=log_w[None], log_evidence=ev["logz"], log_evidence_err=ev["logzerr"],
+        log_likelihood=_one_chain(pointwise),
+        sample_stats={"loglikelihood": dead.loglikelihood[idx][None]}, group_attrs=attrs,
+        num_loglik_evals=num_evals, num_grad_evals=0,
+        extra=_cost_extra(dead, steps, ess, k, inner, len(idx)))

@@ -3,7 +3,7 @@
 * :mod:`~bayeslik.surrogate.network`: ensembles of small networks (equinox + optax), MLPs or
   additive networks (one MLP per input, summed), training with early stopping,
   successive-halving search over kinds and architectures;
-* :mod:`~bayeslik.surrogate.likelihood`: :class:`SurrogateLikelihood`, the ``loglik_wrapper``
+* :mod:`~bayeslik.surrogate.likelihood`: :class:`SurrogateLikelihood`, the ``loglikelihood_wrapper``
   that decides point by point between the network and the true likelihood;
 * :mod:`~bayeslik.surrogate.guard`: the importance correction of the evidence after the run.
 

@@ -8,7 +8,8 @@ evidence it reports is ``Z_used = sum_i w_i L_used_i``; the evidence under the t
     p_i = w_i L_used_i / Z_used                      (the run's posterior weights).
 
 The sum is an expectation under the run's posterior, so a subsample of ``m`` points drawn with
-probabilities ``p_i`` (systematic resampling) and the true likelihood at each gives
+probabilities ``p_i`` (systematic resampling,
+:func:`bayeslik.weights.systematic_indices`) and the true likelihood at each gives
 
     log Z_corr = log Z_used + log( (1/m) sum_j exp(d_j) ),   d_j = L_true_j - L_used_j,
 
@@ -37,7 +38,9 @@ from typing import Callable, Mapping, NamedTuple
 import numpy as np
 from scipy.special import logsumexp
 
-__all__ = ["GuardResult", "importance_correction", "systematic_resample"]
+from bayeslik.weights import systematic_indices
+
+__all__ = ["GuardResult", "importance_correction"]
 
 
 class GuardResult(NamedTuple):
@@ -60,14 +63,6 @@ class GuardResult(NamedTuple):
     num_true_calls: int
     max_abs_diff: float
     surrogate_weight: float
-
-
-def systematic_resample(rng: np.random.Generator, p: np.ndarray, m: int) -> np.ndarray:
-    """``m`` indices drawn with probabilities ``p`` by systematic resampling (low variance)."""
-    cdf = np.cumsum(p)
-    cdf[-1] = 1.0
-    pos = (rng.uniform() + np.arange(m)) / m
-    return np.minimum(np.searchsorted(cdf, pos, side="right"), len(p) - 1)
 
 
 def importance_correction(
@@ -95,7 +90,7 @@ def importance_correction(
     known_true = known_true or {}
     p = np.exp(logwt - logsumexp(logwt))
     m = int(num_points)
-    idx = systematic_resample(rng, p, m)
+    idx = systematic_indices(rng, p, m)
     uniq, inverse = np.unique(idx, return_inverse=True)
     true_vals = np.empty(len(uniq))
     is_true = np.zeros(len(uniq), bool)

@@ -3,7 +3,7 @@ r"""A neural surrogate that stands in for an expensive log-likelihood during nes
 The idea is BAMBI's (Graff et al. 2012) and Gomez-Vargas et al.'s (2023): nested sampling
 evaluates the likelihood at many points, most of them near the current likelihood contour; an
 ensemble of small networks trained on those points can replace the true likelihood once it is
-accurate where the run is going. :class:`SurrogateLikelihood` is a ``loglik_wrapper`` for the
+accurate where the run is going. :class:`SurrogateLikelihood` is a ``loglikelihood_wrapper`` for the
 ``"nested"`` engine: given the true batched likelihood it returns a batched function that
 decides, point by point, whether the surrogate's value is good enough.
 
@@ -78,6 +78,7 @@ import numpy as np
 from bayeslik.errors import EngineError
 from bayeslik.surrogate import guard as _guard
 from bayeslik.surrogate import network as _net
+from bayeslik.weights import bucket, pad_rows
 
 __all__ = ["SurrogateOptions", "SurrogateLikelihood"]
 
@@ -229,9 +230,7 @@ def _features_fn(posterior) -> Callable[[np.ndarray], np.ndarray] | None:
 
     def features(u: np.ndarray) -> np.ndarray:
         n = len(u)
-        size = max(16, 1 << (n - 1).bit_length())
-        pad = np.full((size, u.shape[1]), 0.5, dtype)
-        pad[:n] = u
+        pad = pad_rows(np.asarray(u, dtype), bucket(n, smallest=16), fill=0.5)
         return np.asarray(fn(pad), np.float64)[:n]
 
     return features
@@ -251,7 +250,7 @@ def _best_per_kind(table, exclude) -> list:
 
 
 class SurrogateLikelihood:
-    """A single-use ``loglik_wrapper`` for nested sampling (see the module docstring).
+    """A single-use ``loglikelihood_wrapper`` for nested sampling (see the module docstring).
 
     ``wrapper(true_batch_fn, posterior, rng_key)`` returns the batched function the sampler
     calls; ``wrapper.finalize(fit_parts)`` runs the guard and returns what the engine merges into

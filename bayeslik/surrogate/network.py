@@ -46,6 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bayeslik.weights import bucket, pad_rows
+
 __all__ = [
     "Architecture", "AdditiveMLP", "KINDS", "Scaler", "Ensemble", "TrainInfo", "SearchResult",
     "fit_scaler", "train_ensemble", "predict", "search_architecture",
@@ -310,10 +312,6 @@ def _weighted_rmse(pred, y, w) -> float:
     return float(np.sqrt((w * d * d).sum() / w.sum()))
 
 
-def _bucket(n: int) -> int:
-    return max(16, 1 << (int(n) - 1).bit_length())
-
-
 def predict(ensemble: Ensemble, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Ensemble mean and spread (sd over members) at ``x`` (n, d), in the original units.
 
@@ -321,9 +319,7 @@ def predict(ensemble: Ensemble, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     x = np.asarray(x, np.float32)
     n = x.shape[0]
-    pad = _bucket(n)
-    xp = np.zeros((pad, x.shape[1]), np.float32)
-    xp[:n] = x
+    xp = pad_rows(x, bucket(n, smallest=16), fill=0.0)
     sc = ensemble.scaler
     xs = (jnp.asarray(xp) - sc.x_loc) / sc.x_scale
     out = np.asarray(_predict_std(ensemble.models, xs), np.float64)[:, :n]

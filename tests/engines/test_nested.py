@@ -139,7 +139,7 @@ def folded(name: str):
     ({"bound": "ellipse"}, "bound"),
     ({"sample": "hmc"}, "sample"),
     ({"dlogz": -1.0}, "dlogz"),
-    ({"maxcall": 0}, "maxcall"),
+    ({"max_calls": 0}, "max_calls"),
     ({"batch": 1}, "batch"),
     ({"resume": True}, "resume"),
     ({"pfrac": 1.5}, "pfrac"),
@@ -229,10 +229,10 @@ def test_normal_mean_dynamic(seed):
     check_moments(fit, prob.posterior_mean["mu"], prob.posterior_sd["mu"], site="mu")
 
 
-def test_maxcall_flagged(shells, seed):
+def test_max_calls_flagged(shells, seed):
     post = shells[1]
-    fit = bl.fit(post, "nested", seed=seed, num_live=100, maxcall=600, progress_bar=False)
-    assert any("maxcall" in f for f in fit.flags)
+    fit = bl.fit(post, "nested", seed=seed, num_live=100, max_calls=600, progress_bar=False)
+    assert any("max_calls" in f for f in fit.flags)
 
 
 def test_same_seed_same_result(shells, seed):
@@ -247,7 +247,7 @@ def test_same_seed_same_result(shells, seed):
 
 # ----------------------------------------------------------------------------- the hook
 class CountingWrapper:
-    """A trivial loglik_wrapper: passes points to the true function, counts them, and asks the
+    """A trivial loglikelihood_wrapper: passes points to the true function, counts them, and asks the
     engine to replace the evidence and the call count in finalize."""
 
     def __init__(self):
@@ -279,11 +279,11 @@ class CountingWrapper:
                 "attrs": {"wrapper": "counting"}}
 
 
-def test_loglik_wrapper_hook(shells, seed):
+def test_loglikelihood_wrapper_hook(shells, seed):
     prob, post = shells
     wrapper = CountingWrapper()
     config = NestedConfig(num_live=100, batch=False, progress_bar=False)
-    fit = nested.run(post, jax.random.key(seed), config, loglik_wrapper=wrapper)
+    fit = nested.run(post, jax.random.key(seed), config, loglikelihood_wrapper=wrapper)
     # every likelihood call went through the wrapper: the initial live points in one batch
     assert wrapper.true_fn.num_calls == wrapper.num_points > 1000
     assert wrapper.sizes[0] == 100 and set(wrapper.sizes[1:]) == {1}
@@ -303,13 +303,13 @@ def test_loglik_wrapper_hook(shells, seed):
     assert abs(attrs["dynesty_logz"] - prob.log_evidence) < max(K * attrs["dynesty_logzerr"], 0.2)
 
 
-def test_loglik_wrapper_hook_batched(shells, seed):
+def test_loglikelihood_wrapper_hook_batched(shells, seed):
     """With batching the wrapper gets batches of several points (at most queue_size after the
     initial live points)."""
     post = shells[1]
     wrapper = CountingWrapper()
     config = NestedConfig(num_live=100, batch=4, progress_bar=False, sample="rwalk")
-    fit = nested.run(post, jax.random.key(seed), config, loglik_wrapper=wrapper)
+    fit = nested.run(post, jax.random.key(seed), config, loglikelihood_wrapper=wrapper)
     assert wrapper.num_points / wrapper.num_batches > 2
     assert max(wrapper.sizes[1:]) == 4
     assert fit.cost.num_loglik_evals == 12345
@@ -337,7 +337,7 @@ def test_interrupt_keeps_the_run(shells, seed, batch):
     """Ctrl-C during a static run returns a flagged Fit from the dead and live points so far."""
     post = shells[1]
     config = NestedConfig(num_live=100, batch=batch, progress_bar=False)
-    fit = nested.run(post, jax.random.key(seed), config, loglik_wrapper=Interrupter(1500))
+    fit = nested.run(post, jax.random.key(seed), config, loglikelihood_wrapper=Interrupter(1500))
     assert any("interrupted" in f for f in fit.flags)
     assert fit.idata["nested_samples"].sizes["draw"] > 100
     assert np.isfinite(fit.log_evidence)

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 import bayeslik as bl
+from bayeslik.engines.nested import NestedConfig
 from bayeslik.engines.nested_surrogate import NestedSurrogateConfig, split_config
 from bayeslik.errors import EngineError
+from bayeslik.surrogate.likelihood import SurrogateOptions
 from bayeslik.models import reference
 
 # small but default-shaped settings: the test must stay cheap on two shared cores
@@ -74,6 +76,18 @@ def test_config_is_validated_before_compiling(no_jit):
     nested, options = split_config(cfg)
     assert nested.num_live == 123 and options.rmse_max == 0.2
     assert {f.name for f in dataclasses.fields(cfg)} >= {"num_live", "dlogz", "recheck_every"}
+
+
+def test_config_fields_are_exactly_both_halves():
+    """NestedSurrogateConfig is written out by hand: its fields must be NestedConfig's followed
+    by SurrogateOptions' (no name shared, none missing, none extra), with the same defaults."""
+    def spec(cls):
+        return [(f.name, f.default) for f in dataclasses.fields(cls)]
+
+    nested, surrogate = spec(NestedConfig), spec(SurrogateOptions)
+    assert not {n for n, _ in nested} & {n for n, _ in surrogate}
+    assert spec(NestedSurrogateConfig) == nested + surrogate
+    assert split_config(NestedSurrogateConfig()) == (NestedConfig(), SurrogateOptions())
 
 
 @pytest.mark.slow

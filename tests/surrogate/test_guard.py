@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from scipy.special import logsumexp
 
-from bayeslik.surrogate.guard import importance_correction, systematic_resample
+from bayeslik.surrogate.guard import importance_correction
+from bayeslik.weights import systematic_indices
 
 
 def _dead_points(num=4000):
@@ -59,7 +60,7 @@ def test_region_bias_recovered_within_error(seed):
     assert np.mean(errs**2) < 3
 
 
-def test_systematic_resample_counts(seed):
+def test_systematic_indices_counts(seed):
     p = np.array([0.5, 0.25, 0.125, 0.125])
-    idx = systematic_resample(np.random.default_rng(seed), p, 8)
+    idx = systematic_indices(np.random.default_rng(seed), p, 8)
     assert np.bincount(idx, minlength=4).tolist() == [4, 2, 1, 1]
