@@ -32,3 +32,8 @@ class InitializationError(BayeslikError, RuntimeError):
 
 class EngineError(BayeslikError, ValueError):
     """An unknown engine name or an invalid engine option."""
+
+
+class OptionError(BayeslikError, ValueError):
+    """An invalid option of a bayeslik tool other than an engine (an unknown method name, a
+    count out of range, an index outside the Fit); an engine's options raise EngineError."""

@@ -10,16 +10,30 @@ returns a new Fit whose component-indexed sites are permuted, :math:`\theta^{new
 Which sites carry the component axis is said by ``components``: ``{site: axis}`` or
 ``{site: (axis, axis)}`` for a site indexed by the component on several axes (an HMM's
 transition matrix ``trans[i, j]`` is permuted as ``trans[nu(i), nu(j)]``), axes counted in the
-site's value (without chain and draw). Ready-made specs: ``"mixture"`` (for
-:mod:`bayeslik.models.mixture`) and ``"arhmm"`` (for :mod:`bayeslik.models.arhmm`); sites of a
-ready-made spec that a Fit does not have are skipped.
+site's value (without chain and draw); or the name of a registered spec.
+
+Registered specs
+----------------
+This module knows no model. A model family hands its spec over with :func:`register_components`
+when its module is imported, as it hands over its default starting point with
+:func:`bayeslik.inits.set_default_init`: the component sites and axes, the sites that describe a
+component in the pivot method's cost (``cost_sites``), optionally a ``classification_fn(fit)``
+giving Stephens' method its classification probabilities from the Fit alone, and a
+``check_fn(fit)`` that rejects Fits the spec does not apply to. The zoo registers ``"mixture"``
+(:mod:`bayeslik.models.mixture`) and ``"arhmm"`` (:mod:`bayeslik.models.arhmm`); a registered
+spec's sites that a Fit does not have are skipped.
+
+>>> from bayeslik.models import mixture          # registers "mixture"
+>>> spec = registered_components()["mixture"]
+>>> spec.cost_sites, spec.module
+(('mu',), 'bayeslik.models.mixture')
 
 Methods
 -------
 ``"pivot"`` (Marin, Mengersen & Robert 2005, with a refinement step). Each component of a draw is
 described by a feature vector: the component's slice of the ``cost_sites`` (default: the
-locations, :data:`COST_SITES`, for a ready-made spec; every spec site for a dict; for a site
-with two component axes, its diagonal, e.g. the probability of staying in a state), each feature
+registered spec's ``cost_sites``, the locations for the zoo's; every spec site for a dict; for a
+site with two component axes, its diagonal, e.g. the probability of staying in a state), each feature
 standardised by its posterior spread. The pivot is the draw with the highest log density (the
 ``lp`` sample stat, else the highest log-likelihood, or ``pivot=(chain, draw)``). Every draw's
 components are assigned to the pivot's by the Hungarian algorithm
@@ -30,9 +44,11 @@ and the assignment is repeated with distances scaled by the relabelled per-compo
 so chains sitting in different label modes are aligned.
 
 ``"stephens"`` (Stephens 2000, the KL algorithm). Needs per-draw classification probabilities
-:math:`P_s[n, k] = p(z_n = k \mid y, \theta_s)` from ``prob_fn(draws) -> (S, N, K)`` (given for
-the mixture spec automatically by :func:`bayeslik.models.mixture.classification_fn`; for an
-AR-HMM use :func:`arhmm_classification_fn`). Starting from the pivot solution it alternates
+:math:`P_s[n, k] = p(z_n = k \mid y, \theta_s)` from ``prob_fn(draws) -> (S, N, K)`` (by
+default from the registered spec's ``classification_fn``: the mixture's membership
+probabilities on the Fit's observed ``y``; an AR-HMM's need its Posterior, pass
+``prob_fn=bayeslik.models.arhmm.classification_fn(post)``). Starting from the pivot solution it
+alternates
 
 .. math::
 
@@ -57,70 +73,179 @@ Example
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 from typing import Callable, Mapping
 
 import numpy as np
 import xarray as xr
 
-__all__ = ["SPECS", "COST_SITES", "relabel", "permute_draws", "arhmm_classification_fn"]
+from bayeslik.errors import ModelError, OptionError
 
-#: Ready-made component specs: {name: {site: axis or axes}}.
-SPECS: dict[str, dict[str, int | tuple[int, ...]]] = {
-    "mixture": {"weights": 0, "mu": 0, "sigma": 0, "corr_partial": 0, "L_omega": 0},
-    "arhmm": {"pi": 0, "trans": (0, 1), "b0": 0, "b_rest": 0, "b": 0, "A": 0, "sigma": 0,
-              "L_omega": 0},
-}
-
-#: The sites whose values describe a component in the pivot method's cost, per ready-made spec:
-#: the locations (cluster means, state intercepts). Shape parameters (scales, correlations,
-#: weights) are far noisier relative to their differences between components and, weighted
-#: equally, mislead the matching (measured: on 3 overlapping 2-D clusters, membership error 0.29
-#: with every site in the cost vs 0.10 with the means alone, whatever the pivot draw).
-COST_SITES: dict[str, tuple[str, ...]] = {"mixture": ("mu",), "arhmm": ("b0", "b_rest")}
+__all__ = ["ComponentSpec", "register_components", "unregister_components",
+           "registered_components", "relabel", "permute_fit", "permute_draws"]
 
 
-def _resolve(fit, components) -> tuple[dict[str, tuple[int, ...]], str | None]:
-    """({site: axes}, spec name) checked against the Fit."""
+@dataclasses.dataclass(frozen=True)
+class ComponentSpec:
+    """A relabel spec: which sites of a model carry the component axis, and how to compare and
+    classify components. Made by :func:`register_components`; fields as its arguments.
+
+    Attributes:
+        name: the name :func:`relabel` is called with.
+        components: ``{site: axes}``, the component axes of each site's value (a tuple each).
+        cost_sites: the sites compared in the pivot method's cost, or None for all.
+        classification_fn: ``classification_fn(fit) -> prob_fn`` for Stephens' method, or None.
+        check_fn: ``check_fn(fit)``, raising when the spec does not apply to the Fit, or None.
+        module: the module that registered the spec (for messages).
+    """
+
+    name: str
+    components: Mapping[str, tuple[int, ...]]
+    cost_sites: tuple[str, ...] | None = None
+    classification_fn: Callable | None = None
+    check_fn: Callable | None = None
+    module: str | None = None
+
+
+_REGISTRY: dict[str, ComponentSpec] = {}
+
+
+def _axes(site: str, axes) -> tuple[int, ...]:
+    """``axes`` (an int or a sequence of ints) as a tuple, or a ModelError naming ``site``."""
+    if isinstance(axes, (int, np.integer)) and not isinstance(axes, bool):
+        return (int(axes),)
+    try:
+        out = tuple(axes)
+    except TypeError:
+        out = None
+    if (not out or not all(isinstance(a, (int, np.integer)) and not isinstance(a, bool)
+                           for a in out)):
+        raise ModelError(f"components: site {site!r} must map to an axis (int) or a tuple of "
+                         f"axes, got {axes!r}")
+    return tuple(int(a) for a in out)
+
+
+def register_components(name: str, components: Mapping[str, int | tuple[int, ...]], *,
+                        cost_sites: tuple[str, ...] | None = None,
+                        classification_fn: Callable | None = None,
+                        check_fn: Callable | None = None) -> ComponentSpec:
+    r"""Register a model's relabel spec under ``name``, so that ``relabel(fit, name)`` knows it.
+
+    A model module calls it once at import (the zoo's mixture and AR-HMM modules do), next to
+    its :func:`bayeslik.inits.set_default_init`. Registering a name again replaces the spec
+    (re-imports, reloads).
+
+    Args:
+        name: the spec's name.
+        components: ``{site: axis}`` or ``{site: (axis, ...)}``: every site carrying the
+            component axis, with the axes of the site's value (without chain and draw) that are
+            indexed by the component. Sites a Fit lacks are skipped when relabelling it, so one
+            spec may cover the model's variants (covariance types, dimensions).
+        cost_sites: the sites whose values describe a component in the pivot method's cost;
+            default every site. Locations are the usual choice: shape parameters (scales,
+            correlations, weights) are noisy relative to their differences between components.
+        classification_fn: ``classification_fn(fit) -> prob_fn``, where ``prob_fn({site: (S,
+            ...)}) -> (S, N, K)`` gives each draw's classification probabilities
+            :math:`p(z_n = k \mid y, \theta_s)`: Stephens' method's default when the Fit alone
+            (e.g. its observed data) determines them. Without it, Stephens' method needs
+            ``prob_fn=``.
+        check_fn: ``check_fn(fit)``, called before relabelling; it raises (a
+            :class:`~bayeslik.errors.BayeslikError`) saying why the spec does not apply to a
+            Fit (e.g. a model variant whose labels are already identified).
+
+    Returns:
+        The registered :class:`ComponentSpec`.
+
+    Raises:
+        ModelError: for a spec that is not a non-empty ``{site: axes}``, ``cost_sites`` outside
+            it, or hooks that are not callable.
+    """
+    if not isinstance(name, str) or not name:
+        raise ModelError(f"register_components: name must be a non-empty str, got {name!r}")
+    if not isinstance(components, Mapping) or not components:
+        raise ModelError(f"register_components({name!r}): components must be a non-empty dict "
+                         f"{{site: axis}}, got {components!r}")
+    spec = {str(site): _axes(site, axes) for site, axes in components.items()}
+    if cost_sites is not None:
+        cost_sites = (cost_sites,) if isinstance(cost_sites, str) else tuple(cost_sites)
+        bad = [c for c in cost_sites if c not in spec]
+        if bad or not cost_sites:
+            raise ModelError(f"register_components({name!r}): cost_sites {list(cost_sites)} must "
+                             f"be a non-empty subset of the component sites {sorted(spec)}")
+    for arg, fn in (("classification_fn", classification_fn), ("check_fn", check_fn)):
+        if fn is not None and not callable(fn):
+            raise ModelError(f"register_components({name!r}): {arg} must be callable, got "
+                             f"{type(fn).__name__}")
+    caller = inspect.currentframe().f_back
+    out = ComponentSpec(name, spec, cost_sites, classification_fn, check_fn,
+                        caller.f_globals.get("__name__") if caller is not None else None)
+    _REGISTRY[name] = out
+    return out
+
+
+def unregister_components(name: str) -> None:
+    """Remove the spec ``name`` from the registry (a test's or a session's own spec)."""
+    _lookup(name)
+    del _REGISTRY[name]
+
+
+def registered_components() -> dict[str, ComponentSpec]:
+    """The registered specs, ``{name: ComponentSpec}`` (a copy: register with
+    :func:`register_components`)."""
+    return dict(_REGISTRY)
+
+
+def _lookup(name: str) -> ComponentSpec:
+    if name not in _REGISTRY:
+        known = ", ".join(f"{n!r} (by {s.module})" for n, s in sorted(_REGISTRY.items()))
+        # names the zoo's modules as a hint only: this module imports no model
+        raise ModelError(
+            f"components={name!r} is not a registered relabel spec (registered: "
+            f"{known or 'none'}). A model module registers its spec when imported: 'mixture' "
+            "by bayeslik.models.mixture, 'arhmm' by bayeslik.models.arhmm; import it first, "
+            "give a dict {site: axis}, or register your own with "
+            "bayeslik.relabel.register_components.")
+    return _REGISTRY[name]
+
+
+def _resolve(fit, components) -> tuple[dict[str, tuple[int, ...]], ComponentSpec | None]:
+    """({site: axes}, the registered spec or None for a dict) checked against the Fit."""
     posterior = fit.idata["posterior"]
-    name = None
+    registered = None
     if isinstance(components, str):
-        if components not in SPECS:
-            raise ValueError(f"components={components!r} is not a ready-made spec; give one of "
-                             f"{sorted(SPECS)} or a dict {{site: axis}}")
-        name = components
-        spec = {k: v for k, v in SPECS[name].items() if k in posterior}
-        if name == "arhmm" and "trans_0" in posterior:
-            raise ValueError("a left-to-right AR-HMM's states are identified by its structure; "
-                             "it has no label switching to undo")
+        components = _lookup(components)
+    if isinstance(components, ComponentSpec):
+        registered = components
+        if registered.check_fn is not None:
+            registered.check_fn(fit)
+        spec = {k: v for k, v in registered.components.items() if k in posterior}
         if not spec:
-            raise ValueError(f"the Fit has none of the sites of spec {name!r} "
-                             f"({sorted(SPECS[name])}); its sites are {sorted(posterior)}")
+            raise ModelError(f"the Fit has none of the sites of spec {registered.name!r} "
+                             f"({sorted(registered.components)}); its sites are "
+                             f"{sorted(posterior)}")
     elif isinstance(components, Mapping) and components:
-        spec = dict(components)
+        spec = {site: _axes(site, axes) for site, axes in components.items()}
         missing = [k for k in spec if k not in posterior]
         if missing:
-            raise ValueError(f"components names site(s) {missing} that the Fit does not have; its "
-                             f"sites are {sorted(posterior)}")
+            raise ModelError(f"components names site(s) {missing} that the Fit does not have; "
+                             f"its sites are {sorted(posterior)}")
     else:
-        raise ValueError("components must be a spec name or a non-empty dict {site: axis}, got "
-                         f"{components!r}")
-    out: dict[str, tuple[int, ...]] = {}
+        raise ModelError("components must be the name of a registered spec or a non-empty dict "
+                         f"{{site: axis}}, got {components!r}")
     K = None
     for site, axes in spec.items():
-        axes = (axes,) if isinstance(axes, (int, np.integer)) else tuple(int(a) for a in axes)
         shape = tuple(posterior[site].shape[2:])
         for a in axes:
             if not 0 <= a < len(shape):
-                raise ValueError(f"components: site {site!r} has value shape {shape}; axis {a} "
+                raise ModelError(f"components: site {site!r} has value shape {shape}; axis {a} "
                                  "does not exist (axes are counted without chain and draw)")
             if K is None:
                 K = shape[a]
             if shape[a] != K:
-                raise ValueError(f"components: site {site!r} has {shape[a]} entries on axis {a}, "
-                                 f"but the other component axes have K = {K}")
-        out[site] = axes
-    return out, name
+                raise ModelError(f"components: site {site!r} has {shape[a]} entries on axis "
+                                 f"{a}, but the other component axes have K = {K}")
+    return spec, registered
 
 
 def permute_draws(values: np.ndarray, perms: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
@@ -186,7 +311,8 @@ def _pivot_index(fit, pivot) -> int:
     if pivot is not None:
         c, d = (int(p) for p in pivot)
         if not (0 <= c < C and 0 <= d < D):
-            raise ValueError(f"pivot={pivot!r} is not a (chain, draw) of this Fit ({C} x {D})")
+            raise OptionError(f"pivot={pivot!r} is not a (chain, draw) of this Fit "
+                              f"({C} chains x {D} draws)")
         return c * D + d
     tree = fit.idata
     if "sample_stats" in tree.children and "lp" in tree["sample_stats"]:
@@ -226,7 +352,7 @@ def _stephens(P: np.ndarray, perms: np.ndarray, num_iters: int) -> tuple[np.ndar
     return perms, num_iters
 
 
-def relabel(fit, components: str | Mapping = "mixture", method: str = "pivot", *,
+def relabel(fit, components: str | Mapping | ComponentSpec = "mixture", method: str = "pivot", *,
             prob_fn: Callable | None = None, pivot: tuple[int, int] | None = None,
             cost_sites: tuple[str, ...] | None = None, num_iters: int = 100):
     r"""A new Fit whose component-indexed sites are permuted per draw so the labels agree.
@@ -234,41 +360,54 @@ def relabel(fit, components: str | Mapping = "mixture", method: str = "pivot", *
     Args:
         fit: a :class:`~bayeslik.Fit` of a mixture, an HMM, or any model with exchangeable
             components.
-        components: ``"mixture"``, ``"arhmm"``, or ``{site: axis}`` / ``{site: (axis, ...)}``
-            naming every site that carries the component axis (axes of the site's value).
+        components: the name of a registered spec (:func:`register_components`; the zoo
+            registers ``"mixture"`` and ``"arhmm"`` when :mod:`bayeslik.models.mixture` /
+            :mod:`bayeslik.models.arhmm` is imported), a :class:`ComponentSpec`, or
+            ``{site: axis}`` / ``{site: (axis, ...)}`` naming every site that carries the
+            component axis (axes of the site's value).
         method: ``"pivot"`` or ``"stephens"`` (see the module docstring).
         prob_fn: for Stephens: ``prob_fn({site: (S, ...)}) -> (S, N, K)`` classification
-            probabilities of each draw. With ``components="mixture"`` the default is
-            :func:`bayeslik.models.mixture.classification_fn` on the Fit's observed ``y``.
+            probabilities of each draw. The default is the registered spec's
+            ``classification_fn(fit)`` (for ``"mixture"``:
+            :func:`bayeslik.models.mixture.classification_fn` on the Fit's observed ``y``).
         pivot: ``(chain, draw)`` of the pivot draw; default the draw of highest log density.
-        cost_sites: the spec sites compared in the pivot method's cost (default
-            :data:`COST_SITES` of a ready-made spec where the Fit has them, else every spec
-            site).
+        cost_sites: the spec sites compared in the pivot method's cost (default the registered
+            spec's ``cost_sites`` where the Fit has them, else every spec site).
         num_iters: at most this many refinement / Stephens iterations.
 
     Returns:
         The relabelled Fit (the input is unchanged), with the permutations in group
         ``relabel`` and ``relabel_method`` / ``relabel_components`` in the DataTree's attributes.
 
+    Raises:
+        ModelError: an unknown spec name (the message lists the registered ones), sites or
+            axes the Fit does not have, ``cost_sites`` outside the spec, Stephens' method
+            without ``prob_fn`` for a spec with no ``classification_fn``, or a ``prob_fn`` of
+            the wrong shape.
+        OptionError: an unknown ``method``, a negative ``num_iters``, a ``pivot`` outside the
+            Fit.
+
     >>> import bayeslik as bl                                   # doctest: +SKIP
     >>> fit2 = relabel(fit, "mixture")                          # doctest: +SKIP
     >>> fit2 = relabel(fit, {"pi": 0, "trans": (0, 1), "mu": 0}, method="pivot")  # doctest: +SKIP
     """
     if method not in ("pivot", "stephens"):
-        raise ValueError(f"method must be 'pivot' or 'stephens', got {method!r}")
-    if not isinstance(num_iters, (int, np.integer)) or num_iters < 0:
-        raise ValueError(f"num_iters must be a non-negative int, got {num_iters!r}")
-    spec, name = _resolve(fit, components)
+        raise OptionError(f"method must be 'pivot' or 'stephens', got {method!r}")
+    if (not isinstance(num_iters, (int, np.integer)) or isinstance(num_iters, bool)
+            or num_iters < 0):
+        raise OptionError(f"num_iters must be a non-negative int, got {num_iters!r}")
+    spec, registered = _resolve(fit, components)
     C, D = fit.num_chains, fit.num_draws
     S = C * D
     post_ds = fit.idata["posterior"].to_dataset()
     draws = {k: np.asarray(post_ds[k].values).reshape((S,) + post_ds[k].shape[2:])
              for k in post_ds.data_vars}
     if cost_sites is None:
-        cost_sites = [c for c in COST_SITES.get(name, ()) if c in spec] or list(spec)
+        default = registered.cost_sites if registered is not None and registered.cost_sites else ()
+        cost_sites = [c for c in default if c in spec] or list(spec)
     bad = [c for c in cost_sites if c not in spec]
     if bad:
-        raise ValueError(f"cost_sites {bad} are not among the component sites {sorted(spec)}")
+        raise ModelError(f"cost_sites {bad} are not among the component sites {sorted(spec)}")
     F = _features(draws, {c: spec[c] for c in cost_sites})
     K = F.shape[1]
     p = _pivot_index(fit, pivot)
@@ -276,16 +415,18 @@ def relabel(fit, components: str | Mapping = "mixture", method: str = "pivot", *
     info: dict = {"pivot_draw": p, "cost_sites": list(cost_sites)}
     if method == "stephens":
         if prob_fn is None:
-            if name != "mixture":
-                raise ValueError("method='stephens' needs prob_fn(draws) -> (S, N, K) "
-                                 "classification probabilities for this spec (for an AR-HMM: "
-                                 "bayeslik.relabel.arhmm_classification_fn(posterior))")
-            from bayeslik.models.mixture import _observed_y, classification_fn
-
-            prob_fn = classification_fn(_observed_y(fit))
+            if registered is None or registered.classification_fn is None:
+                where = ("a dict of components" if registered is None else
+                         f"spec {registered.name!r} (registered by {registered.module})")
+                raise ModelError(
+                    "method='stephens' needs prob_fn(draws) -> (S, N, K) classification "
+                    f"probabilities: {where} gives no default from the Fit alone"
+                    + ("" if registered is None else
+                       f"; see {registered.module}.classification_fn") + ".")
+            prob_fn = registered.classification_fn(fit)
         P = np.asarray(prob_fn(draws))
         if P.ndim != 3 or P.shape[0] != S or P.shape[2] != K:
-            raise ValueError(f"prob_fn returned shape {P.shape}; expected (S, N, K) = "
+            raise ModelError(f"prob_fn returned shape {P.shape}; expected (S, N, K) = "
                              f"({S}, N, {K})")
         perms, iters = _stephens(P, perms, num_iters)
         info["stephens_iterations"] = iters
@@ -304,12 +445,12 @@ def relabel(fit, components: str | Mapping = "mixture", method: str = "pivot", *
     return dataclasses.replace(fit, idata=tree)
 
 
-def permute_fit(fit, perms, components: str | Mapping = "mixture"):
+def permute_fit(fit, perms, components: str | Mapping | ComponentSpec = "mixture"):
     """A copy of ``fit`` whose component sites are permuted draw by draw, as :func:`permute_draws`
     does for one array: ``perms`` is ``(chain * draw, K)`` (or ``(chain, draw, K)``), and
     ``components`` names the sites and axes as in :func:`relabel` (in a dict, sites the Fit does
-    not have are skipped). :func:`relabel` applies its
-    permutations with it; it also scrambles a Fit's labels on purpose (tests, demonstrations).
+    not have are skipped). :func:`relabel` applies its permutations with it; it also scrambles
+    a Fit's labels on purpose (tests, demonstrations).
 
     >>> scrambled = permute_fit(fit, perms, {"mu": 0, "weights": 0})   # doctest: +SKIP
     """
@@ -329,43 +470,3 @@ def permute_fit(fit, perms, components: str | Mapping = "mixture"):
     tree = fit.idata.copy()
     tree["posterior"] = xr.DataTree(xr.Dataset(new_vars, attrs=post_ds.attrs))
     return dataclasses.replace(fit, idata=tree)
-
-
-def arhmm_classification_fn(posterior, num_draws_per_batch: int = 64) -> Callable:
-    r"""``prob_fn(draws) -> (S, T, K)`` for Stephens' method on an AR-HMM Fit: each draw's
-    smoothed state marginals :math:`p(z_t = k \mid y, \theta_s)` (forward-backward, through
-    :func:`bayeslik.models.arhmm.hmm_inputs`, the same inputs as the model). Single sequences
-    only (``y`` ``(T, D)``).
-
-    >>> fit2 = relabel(fit, "arhmm", method="stephens",
-    ...                prob_fn=arhmm_classification_fn(post))    # doctest: +SKIP
-    """
-    import jax
-    import jax.numpy as jnp
-
-    from bayeslik.filtering import hmm_smoother
-    from bayeslik.models.arhmm import hmm_inputs
-
-    data = posterior.data
-    y = jnp.asarray(data["y"])
-    if y.ndim != 2:
-        raise ValueError("arhmm_classification_fn handles one sequence y (T, D); got a batch")
-    num_lags = int(data.get("num_lags", 1))
-    labels, mask = data.get("labels"), data.get("mask")
-    names = ("pi", "trans", "b", "A", "sigma", "L_omega")
-
-    @jax.jit
-    def probs(params):
-        def one(p):
-            li, lt, lo = hmm_inputs(p, y, num_lags=num_lags, labels=labels)
-            return jnp.exp(hmm_smoother(li, lt, lo, mask=mask).log_smoothed)
-        return jax.vmap(one)(params)
-
-    def prob_fn(draws):
-        params = {k: jnp.asarray(v) for k, v in draws.items() if k in names}
-        S = params["pi"].shape[0]
-        B = int(num_draws_per_batch)
-        return np.concatenate([np.asarray(probs({k: v[i:i + B] for k, v in params.items()}))
-                               for i in range(0, S, B)], axis=0)
-
-    return prob_fn

@@ -35,7 +35,11 @@ order one, e.g. standardised):
 ``left_to_right``, the states are identified by ordering the intercepts of the first dimension:
 ``b0`` has support ``b0[0] < b0[1] < ... < b0[K-1]`` and the prior is the distribution of the
 order statistics of ``K`` iid ``Normal(0, 5)`` draws (density ``K! * prod Normal(b0_k | 0, 5)`` on
-the ordered set, a proper prior). State ``k`` is the state with the ``k``-th smallest intercept.
+the ordered set, a proper prior: :class:`bayeslik.distributions.OrderedNormal`). State ``k`` is
+the state with the ``k``-th smallest intercept. Where intercepts overlap, the ordering alone may
+not keep the labels apart; :func:`bayeslik.relabel.relabel` with ``"arhmm"`` (the spec
+:data:`RELABEL_SPEC`, registered when this module is imported) aligns them after the fit, and
+:func:`classification_fn` gives Stephens' method its state probabilities.
 
 **Left-to-right (degradation) models.** With ``left_to_right=True`` state ``k`` can only stay or
 move forward (``P[k, j] = 0`` for ``j < k``) and the last state is absorbing. The structural zeros
@@ -89,11 +93,17 @@ import numpyro.distributions as dist
 from jax import lax
 from numpyro.distributions import constraints
 
+from bayeslik.distributions import OrderedNormal
+from bayeslik.errors import DataError, ModelError
 from bayeslik.filtering import hmm_loglik, hmm_smoother, hmm_viterbi
 from bayeslik.inits import set_default_init
+from bayeslik.relabel import register_components
 
 __all__ = [
     "ARHMMLikelihood",
+    "RELABEL_COST_SITES",
+    "RELABEL_SPEC",
+    "classification_fn",
     "default_params",
     "hmm_inputs",
     "init_params",
@@ -109,43 +119,18 @@ AR_SCALE = 0.5
 NOISE_SCALE = 2.0
 LKJ_CONCENTRATION = 2.0
 
+#: Which sites carry the state axis (for :func:`bayeslik.relabel.relabel`, registered as
+#: ``"arhmm"``): ``trans`` on both axes (``trans[nu(i), nu(j)]``).
+RELABEL_SPEC = {"pi": 0, "trans": (0, 1), "b0": 0, "b_rest": 0, "b": 0, "A": 0, "sigma": 0,
+                "L_omega": 0}
+#: The sites compared in the pivot method's cost: the state intercepts (the locations; the
+#: scales, AR matrices and transition rows are noisier relative to their differences).
+RELABEL_COST_SITES = ("b0", "b_rest")
+
 
 # --------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------
-class _OrderedNormal(dist.Distribution):
-    r"""Order statistics of ``K`` iid ``Normal(loc, scale)`` draws: a proper prior on the ordered set.
-
-    ``log_prob(x) = log K! + sum_k log N(x_k | loc, scale)`` for ``x_0 < ... < x_{K-1}``;
-    ``sample`` sorts iid normal draws, and so does ``unit_cube_transform`` (the unit-cube map
-    of nested sampling) with normal quantiles.
-    """
-
-    arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
-    support = constraints.ordered_vector
-    pytree_aux_fields = ("size",)
-    reparametrized_params = ["loc", "scale"]
-
-    def __init__(self, loc, scale, size: int, *, validate_args=None):
-        self.loc, self.scale, self.size = jnp.asarray(loc), jnp.asarray(scale), int(size)
-        super().__init__(batch_shape=(), event_shape=(self.size,), validate_args=validate_args)
-
-    def sample(self, key, sample_shape=()):
-        eps = jax.random.normal(key, tuple(sample_shape) + (self.size,))
-        return jnp.sort(self.loc + self.scale * eps, axis=-1)
-
-    def log_prob(self, value):
-        lp = dist.Normal(self.loc, self.scale).log_prob(value).sum(-1)
-        return lp + math.lgamma(self.size + 1)
-
-    def unit_cube_transform(self, u):
-        """Nested sampling's prior transform: sorted normal quantiles of ``u`` (K,) are
-        distributed as the order statistics when ``u`` is uniform."""
-        from jax.scipy.special import ndtri
-
-        return jnp.sort(self.loc + self.scale * ndtri(u), axis=-1)
-
-
 def _allowed(num_states: int, left_to_right: bool) -> np.ndarray:
     """(K, K) bool: the transitions the structure allows (row = from-state)."""
     if left_to_right:
@@ -159,7 +144,7 @@ def _scale_tril(params: dict) -> jax.Array:
     L_omega = params.get("L_omega")
     if L_omega is None:
         if sigma.shape[-1] != 1:
-            raise ValueError("params: 'L_omega' is required when the dimension D > 1")
+            raise ModelError("params: 'L_omega' is required when the dimension D > 1")
         return sigma[..., None]
     return sigma[..., :, None] * jnp.asarray(L_omega)
 
@@ -169,10 +154,10 @@ def _is_concrete(x) -> bool:
 
 
 def _check_labels(labels, expected_shape: tuple[int, ...]) -> None:
-    """Shape and, when concrete, values of the soft labels; ValueError naming ``labels``."""
+    """Shape and, when concrete, values of the soft labels; DataError naming ``labels``."""
     shape = tuple(np.shape(labels))
     if shape != expected_shape:
-        raise ValueError(
+        raise DataError(
             f"labels must have shape {expected_shape} (one plausibility per step and state, "
             f"{'(B, T, K)' if len(expected_shape) == 3 else '(T, K)'}), got {shape}"
         )
@@ -180,14 +165,14 @@ def _check_labels(labels, expected_shape: tuple[int, ...]) -> None:
         return
     lab = np.asarray(labels, dtype=float)
     if not np.all(np.isfinite(lab)) or lab.min() < 0 or lab.max() > 1:
-        raise ValueError(
+        raise DataError(
             "labels must hold plausibilities in [0, 1] (1 = plausible, 0 = impossible); got values "
             f"in [{np.nanmin(lab):g}, {np.nanmax(lab):g}]"
             + ("" if np.all(np.isfinite(lab)) else " and non-finite entries")
         )
     dead = np.argwhere(np.all(lab == 0, axis=-1))
     if dead.size:
-        raise ValueError(
+        raise DataError(
             f"labels: {len(dead)} row(s) are all zero (first at index {tuple(dead[0].tolist())}), "
             "which makes every state impossible there; use a row of ones for 'no knowledge'"
         )
@@ -314,7 +299,7 @@ def _sample_params(K: int, D: int, L: int, left_to_right: bool, sticky: float) -
     else:
         conc = jnp.ones((K, K)) + sticky * jnp.eye(K)
         trans = numpyro.sample("trans", dist.Dirichlet(conc).to_event(1))
-        b0 = numpyro.sample("b0", _OrderedNormal(0.0, INTERCEPT_SCALE, K))
+        b0 = numpyro.sample("b0", OrderedNormal(0.0, INTERCEPT_SCALE, K))
     if D > 1:
         b_rest = numpyro.sample(
             "b_rest", dist.Normal(0.0, INTERCEPT_SCALE).expand([K, D - 1]).to_event(2)
@@ -353,27 +338,27 @@ def prior(num_states: int, dim: int = 1, num_lags: int = 1, left_to_right: bool 
 def _check_args(y, num_states, num_lags, labels, mask, sticky) -> tuple[int, int, int]:
     shape = tuple(np.shape(y))
     if len(shape) not in (2, 3):
-        raise ValueError(
+        raise DataError(
             f"y must have shape (T, D) (one sequence) or (B, T, D) (a batch), got {shape}; "
             "for a univariate series use y[:, None]"
         )
     if not isinstance(num_states, (int, np.integer)) or num_states < 1:
-        raise ValueError(f"num_states must be a positive int, got {num_states!r}")
+        raise ModelError(f"num_states must be a positive int, got {num_states!r}")
     if not isinstance(num_lags, (int, np.integer)) or num_lags < 1:
-        raise ValueError(f"num_lags must be a positive int, got {num_lags!r}")
+        raise ModelError(f"num_lags must be a positive int, got {num_lags!r}")
     T, D = shape[-2:]
     if T <= num_lags:
-        raise ValueError(f"y has T = {T} steps, but num_lags = {num_lags} needs T > num_lags")
+        raise DataError(f"y has T = {T} steps, but num_lags = {num_lags} needs T > num_lags")
     if not float(sticky) >= 0:
-        raise ValueError(f"sticky must be >= 0, got {sticky!r}")
+        raise ModelError(f"sticky must be >= 0, got {sticky!r}")
     if labels is not None:
         _check_labels(labels, shape[:-1] + (int(num_states),))
     if mask is not None:
         mshape = tuple(np.shape(mask))
         if mshape != shape[:-1]:
-            raise ValueError(f"mask must have shape {shape[:-1]} (y's shape without D), got {mshape}")
+            raise DataError(f"mask must have shape {shape[:-1]} (y's shape without D), got {mshape}")
         if jnp.asarray(mask).dtype != jnp.bool_:
-            raise ValueError(f"mask must be boolean (True = valid step), got {jnp.asarray(mask).dtype}")
+            raise DataError(f"mask must be boolean (True = valid step), got {jnp.asarray(mask).dtype}")
     return int(num_states), int(num_lags), int(D)
 
 
@@ -660,8 +645,8 @@ def init_params(y, num_states: int, num_lags: int = 1, left_to_right: bool = Fal
         mask = np.asarray(mask, dtype=bool).reshape(len(seqs), -1)
         seqs = [s[: int(m.sum())] for s, m in zip(seqs, mask)]
         if any(len(s) <= num_lags for s in seqs):
-            raise ValueError(f"init_params: every sequence needs more than num_lags = {num_lags} "
-                             "valid steps")
+            raise DataError(f"init_params: every sequence needs more than num_lags = {num_lags} "
+                            "valid steps")
     K, L = int(num_states), int(num_lags)
     D = seqs[0].shape[1]
     zs = []
@@ -727,6 +712,59 @@ def init_params(y, num_states: int, num_lags: int = 1, left_to_right: bool = Fal
         corr = covs / (sd[:, :, None] * sd[:, None, :])
         out["L_omega"] = np.linalg.cholesky(corr)
     return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# relabelling
+# --------------------------------------------------------------------------------------------------
+def classification_fn(posterior, num_draws_per_batch: int = 64):
+    r"""``prob_fn(draws) -> (S, T, K)`` for Stephens' method of :func:`bayeslik.relabel.relabel`
+    on an AR-HMM Fit: each draw's smoothed state marginals :math:`p(z_t = k \mid y, \theta_s)`
+    (forward-backward, :func:`~bayeslik.filtering.hmm_smoother`, on the inputs of
+    :func:`hmm_inputs`, the same as the model's), for ``posterior``'s data (``y``, ``num_lags``,
+    ``labels``, ``mask``), ``num_draws_per_batch`` draws per jitted ``vmap``. Single sequences
+    only (``y`` ``(T, D)``).
+
+    ``draws`` is ``{site: (S, ...)}`` constrained values holding ``pi``, ``trans``, ``b``, ``A``,
+    ``sigma`` (and ``L_omega`` for ``D > 1``).
+
+    >>> fit2 = bl.relabel(fit, "arhmm", method="stephens",
+    ...                   prob_fn=classification_fn(post))    # doctest: +SKIP
+    """
+    data = posterior.data
+    y = jnp.asarray(data["y"])
+    if y.ndim != 2:
+        raise DataError(f"classification_fn handles one sequence y (T, D); got y of shape "
+                        f"{tuple(y.shape)} (a batch): relabel with method='pivot' instead")
+    num_lags = int(data.get("num_lags", 1))
+    labels, mask = data.get("labels"), data.get("mask")
+
+    @jax.jit
+    def probs(params):
+        def one(p):
+            li, lt, lo = hmm_inputs(p, y, num_lags=num_lags, labels=labels)
+            return jnp.exp(hmm_smoother(li, lt, lo, mask=mask).log_smoothed)
+        return jax.vmap(one)(params)
+
+    def prob_fn(draws):
+        params = {k: jnp.asarray(v) for k, v in draws.items() if k in _PARAM_NAMES}
+        S = params["pi"].shape[0]
+        B = int(num_draws_per_batch)
+        return np.concatenate([np.asarray(probs({k: v[i:i + B] for k, v in params.items()}))
+                               for i in range(0, S, B)], axis=0)
+
+    return prob_fn
+
+
+def _check_relabel(fit) -> None:
+    """The ``"arhmm"`` spec's check: a left-to-right model has no label switching."""
+    if "trans_0" in fit.idata["posterior"]:
+        raise ModelError("a left-to-right AR-HMM's states are identified by its structure; "
+                         "it has no label switching to undo")
+
+
+register_components("arhmm", RELABEL_SPEC, cost_sites=RELABEL_COST_SITES,
+                    check_fn=_check_relabel)
 
 
 def _default_init(y, num_states: int, num_lags: int = 1, labels=None, left_to_right: bool = False,

@@ -8,17 +8,27 @@ side (a NUTS fit, multi-chain) is tested in tests/models/test_mixture.py.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import types
 
 import jax
 import numpy as np
 import pytest
+import xarray as xr
 
 import bayeslik as bl
 from bayeslik.fit import Cost, Fit, build_datatree
 from bayeslik.models import arhmm
-from bayeslik.relabel import SPECS, arhmm_classification_fn, permute_draws, permute_fit, relabel
+from bayeslik.relabel import (
+    ComponentSpec,
+    permute_draws,
+    permute_fit,
+    register_components,
+    registered_components,
+    relabel,
+    unregister_components,
+)
 
 K, T, C, D = 3, 120, 2, 40
 
@@ -29,7 +39,7 @@ def arhmm_fit():
 
     rng = np.random.default_rng(SEED)
     data = arhmm.simulate(jax.random.key(SEED), num_steps=T, num_states=K)
-    # what build_datatree and arhmm_classification_fn read from a Posterior (building the real
+    # what build_datatree and arhmm.classification_fn read from a Posterior (building the real
     # one traces the model eagerly, seconds that this test does not need)
     post = types.SimpleNamespace(sites={}, observed_data={"y": data["y"]},
                                  data={"y": data["y"], "num_states": K}, name="arhmm")
@@ -83,12 +93,12 @@ def test_permute_draws_on_two_axes():
 @pytest.mark.parametrize("method", ["pivot", "stephens"])
 def test_relabel_arhmm_undoes_random_permutations(arhmm_fit, method, seed):
     post, fit = arhmm_fit
-    spec = SPECS["arhmm"]
+    spec = arhmm.RELABEL_SPEC
     rng = np.random.default_rng(seed + 1)
     perms = np.array([rng.permutation(K) for _ in range(C * D)])
     scrambled = permute_fit(fit, perms, spec)
     assert _global_permutation(scrambled, fit, spec) is None
-    kw = {"prob_fn": arhmm_classification_fn(post)} if method == "stephens" else {}
+    kw = {"prob_fn": arhmm.classification_fn(post)} if method == "stephens" else {}
     fixed = relabel(scrambled, "arhmm", method=method, **kw)
     g = _global_permutation(fixed, fit, spec)
     assert g is not None
@@ -102,7 +112,7 @@ def test_relabel_arhmm_undoes_random_permutations(arhmm_fit, method, seed):
 def test_relabel_arhmm_leaves_an_identified_fit_alone(arhmm_fit):
     _, fit = arhmm_fit
     fixed = relabel(fit, "arhmm")
-    g = _global_permutation(fixed, fit, SPECS["arhmm"])
+    g = _global_permutation(fixed, fit, arhmm.RELABEL_SPEC)
     assert g is not None
     assert np.all(fixed.idata["relabel"]["permutation"].values == g)  # one label for all draws
 
@@ -126,3 +136,99 @@ def test_relabelled_fit_round_trips(arhmm_fit, tmp_path):
                                   out.idata["relabel"]["permutation"].values)
     assert back.idata.attrs["relabel_method"] == "pivot"
     np.testing.assert_allclose(back.draws("trans"), out.draws("trans"))
+
+
+# ---------------------------------------------------------------------------- the spec registry
+def test_the_zoo_registers_its_specs_on_import():
+    specs = registered_components()
+    assert specs["arhmm"].module == "bayeslik.models.arhmm"
+    assert specs["arhmm"].components == {k: (v,) if isinstance(v, int) else v
+                                         for k, v in arhmm.RELABEL_SPEC.items()}
+    assert specs["arhmm"].cost_sites == arhmm.RELABEL_COST_SITES
+    assert specs["arhmm"].classification_fn is None  # an AR-HMM's needs its Posterior
+
+
+def test_unknown_spec_names_the_registered_ones_and_their_modules(arhmm_fit, no_jit):
+    _, fit = arhmm_fit
+    with pytest.raises(bl.ModelError, match="'gmm' is not a registered") as err:
+        relabel(fit, "gmm")
+    assert err.match("'arhmm' \\(by bayeslik.models.arhmm\\)")
+    assert err.match("bayeslik.models.mixture")  # where the ready-made "mixture" comes from
+    assert err.match("register_components")
+
+
+def test_a_registered_spec_relabels_like_its_dict(arhmm_fit, seed):
+    _, fit = arhmm_fit
+    name = "test_relabel_arhmm_copy"
+    spec = register_components(name, arhmm.RELABEL_SPEC, cost_sites=("b0",))
+    try:
+        assert isinstance(spec, ComponentSpec) and registered_components()[name] is spec
+        rng = np.random.default_rng(seed + 2)
+        perms = np.array([rng.permutation(K) for _ in range(C * D)])
+        scrambled = permute_fit(fit, perms, name)
+        by_name = relabel(scrambled, name)
+        by_spec = relabel(scrambled, spec)
+        by_dict = relabel(scrambled, {k: v for k, v in arhmm.RELABEL_SPEC.items()
+                                      if k in fit.idata["posterior"]}, cost_sites=("b0",))
+        for other in (by_spec, by_dict):
+            np.testing.assert_array_equal(other.idata["relabel"]["permutation"].values,
+                                          by_name.idata["relabel"]["permutation"].values)
+        assert _global_permutation(by_name, fit, arhmm.RELABEL_SPEC) is not None
+    finally:
+        unregister_components(name)
+    assert name not in registered_components()
+    with pytest.raises(bl.ModelError, match="not a registered"):
+        unregister_components(name)
+
+
+def test_check_fn_and_classification_fn_hooks(arhmm_fit):
+    _, fit = arhmm_fit
+    calls = []
+
+    def check(f):
+        calls.append("check")
+        if "b0" not in f.idata["posterior"]:
+            raise bl.ModelError("no intercepts")
+
+    def classification(f):
+        calls.append("classification")
+        return lambda draws: np.full((len(draws["pi"]), 5, K), 1.0 / K)
+
+    name = "test_relabel_hooks"
+    register_components(name, {"pi": 0, "b0": 0}, check_fn=check,
+                        classification_fn=classification)
+    try:
+        out = relabel(fit, name, method="stephens")
+        assert calls == ["check", "classification"]
+        assert out.idata.attrs["relabel_method"] == "stephens"
+        no_b0 = dataclasses.replace(fit, idata=fit.idata.copy())
+        no_b0.idata["posterior"] = xr.DataTree(no_b0.idata["posterior"].to_dataset().drop_vars("b0"))
+        with pytest.raises(bl.ModelError, match="no intercepts"):
+            relabel(no_b0, name)
+    finally:
+        unregister_components(name)
+
+
+@pytest.mark.parametrize("args,kwargs,match", [
+    (("", {"pi": 0}), {}, "name"),
+    (("x", {}), {}, "non-empty"),
+    (("x", {"pi": "0"}), {}, "'pi'"),
+    (("x", {"pi": (0, 1.5)}), {}, "'pi'"),
+    (("x", {"pi": 0}), {"cost_sites": ("mu",)}, "cost_sites"),
+    (("x", {"pi": 0}), {"check_fn": 3}, "check_fn"),
+])
+def test_register_components_rejects_bad_specs(args, kwargs, match):
+    with pytest.raises(bl.ModelError, match=match):
+        register_components(*args, **kwargs)
+    assert "x" not in registered_components()
+
+
+def test_left_to_right_arhmm_is_refused(arhmm_fit, no_jit):
+    """The "arhmm" spec's check_fn: a left-to-right model's states are identified."""
+    _, fit = arhmm_fit
+    ltr = dataclasses.replace(fit, idata=fit.idata.copy())
+    ds = ltr.idata["posterior"].to_dataset()
+    ds["trans_0"] = ds["pi"]
+    ltr.idata["posterior"] = xr.DataTree(ds)
+    with pytest.raises(bl.ModelError, match="left-to-right"):
+        relabel(ltr, "arhmm")

@@ -22,6 +22,7 @@ from numpyro.infer.util import log_density
 from scipy.special import logsumexp
 
 import bayeslik as bl
+from bayeslik.distributions import OrderedNormal
 from bayeslik.filtering import hmm_smoother, hmm_viterbi
 from bayeslik.models import arhmm
 
@@ -158,12 +159,35 @@ def test_log_joint_equals_hand_written_priors(x64, ltr):
 
 def test_ordered_intercept_prior_is_normalised(x64):
     """K=2: the order-statistics prior integrates to one over b0[0] < b0[1] (quadrature)."""
-    d = arhmm._OrderedNormal(0.0, 5.0, 2)
+    d = OrderedNormal(0.0, 5.0, 2)
     g = np.linspace(-40, 40, 1601)
     x0, x1 = np.meshgrid(g, g, indexing="ij")
     lp = np.asarray(d.log_prob(jnp.stack([x0, x1], -1)))
     weight = np.where(x0 < x1, 1.0, np.where(x0 == x1, 0.5, 0.0))  # the diagonal: half a cell
     assert (weight * np.exp(lp)).sum() * (g[1] - g[0]) ** 2 == pytest.approx(1.0, abs=1e-4)
+
+
+def test_ordered_normal_sample_and_unit_cube_transform_give_the_order_statistics(x64):
+    """Both are sorted, and their means match the order statistics of 3 iid normals,
+    E[x_(k)] = loc + scale * (-c, 0, c) with c = 3 / (2 sqrt(pi)), within 5 Monte Carlo
+    standard errors."""
+    loc, scale, n = 1.0, 2.0, 20000
+    d = OrderedNormal(loc, scale, 3)
+    k1, k2 = jax.random.split(jax.random.key(SEED))
+    c = 3 / (2 * math.sqrt(math.pi))
+    want = loc + scale * np.array([-c, 0.0, c])
+    for x in (d.sample(k1, (n,)), d.unit_cube_transform(jax.random.uniform(k2, (n, 3)))):
+        x = np.asarray(x)
+        assert x.shape == (n, 3) and np.all(np.diff(x, axis=-1) > 0)
+        err = 5 * x.std(0) / math.sqrt(n)
+        assert np.all(np.abs(x.mean(0) - want) < err), (x.mean(0), want, err)
+
+
+def test_the_intercepts_have_the_ordered_normal_prior():
+    tr = handlers.trace(handlers.seed(arhmm.prior, 0)).get_trace(3)
+    assert isinstance(tr["b0"]["fn"], OrderedNormal)
+    ltr = handlers.trace(handlers.seed(arhmm.prior, 0)).get_trace(3, left_to_right=True)
+    assert not isinstance(ltr["b0"]["fn"], OrderedNormal)  # the structure fixes the labels
 
 
 def test_vacuous_labels_give_the_plain_model_exactly():
@@ -227,6 +251,24 @@ def test_bad_arguments_are_rejected():
         bl.Posterior(arhmm.model, y=y, num_states=2, num_lags=20)
     with pytest.raises(ValueError, match="mask"):
         bl.Posterior(arhmm.model, y=y, num_states=2, mask=np.ones(19, bool))
+
+
+def test_bad_input_raises_data_or_model_errors():
+    """Data (y, labels, mask) raise DataError; the model's settings raise ModelError."""
+    y = np.zeros((20, 1))
+    run = handlers.seed(arhmm.model, rng_seed=0)
+    with pytest.raises(bl.DataError, match="y must have shape"):
+        run(np.zeros(20), 2)
+    with pytest.raises(bl.DataError, match="mask"):
+        run(y, 2, mask=np.ones(19, bool))
+    with pytest.raises(bl.DataError, match="labels"):
+        run(y, 2, labels=np.ones((20, 3)))
+    with pytest.raises(bl.DataError, match="num_lags"):
+        run(y, 2, num_lags=20)
+    with pytest.raises(bl.ModelError, match="num_states"):
+        run(y, 0)
+    with pytest.raises(bl.ModelError, match="sticky"):
+        run(y, 2, sticky=-1.0)
 
 
 # ------------------------------------------------------------------------------------ batches

@@ -22,7 +22,8 @@ from scipy.special import logsumexp
 
 import bayeslik as bl
 from bayeslik.models import mixture, posteriordb
-from bayeslik.relabel import permute_fit, relabel
+from bayeslik.errors import OptionError
+from bayeslik.relabel import permute_fit, registered_components, relabel
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -176,6 +177,36 @@ def test_bad_arguments_raise_before_compiling(no_jit, kwargs, match):
         bl.Posterior(mixture.model, **args)
     with pytest.raises(ValueError, match=match.replace("'y'", "y")):
         mixture.model(**args)
+
+
+@pytest.mark.parametrize("kwargs,error", [
+    (dict(covariance="banana"), bl.ModelError),
+    (dict(num_components=0), bl.ModelError),
+    (dict(ordered=True), bl.ModelError),
+    (dict(y=np.zeros((3, 2, 2))), bl.DataError),
+    (dict(y=np.array([[0.0, np.nan], [1.0, 2.0]])), bl.DataError),
+])
+def test_bad_data_raise_data_errors_bad_settings_model_errors(no_jit, kwargs, error):
+    args = dict(y=np.zeros((5, 2)) + np.arange(5)[:, None], num_components=2, covariance="full")
+    args.update(kwargs)
+    with pytest.raises(error):
+        mixture.model(**args)
+
+
+def test_choose_k_rejects_bad_options_before_fitting(no_jit):
+    y = np.zeros((5, 2)) + np.arange(5)[:, None]
+    with pytest.raises(OptionError, match="criterion"):
+        mixture.choose_k(y, [1, 2], criterion="bic")
+    with pytest.raises(bl.ModelError, match="ks"):
+        mixture.choose_k(y, [0, 2])
+
+
+def test_the_mixture_registers_its_relabel_spec():
+    spec = registered_components()["mixture"]
+    assert spec.module == "bayeslik.models.mixture"
+    assert set(spec.components) == set(mixture.RELABEL_SPEC)
+    assert spec.cost_sites == mixture.RELABEL_COST_SITES
+    assert spec.classification_fn is not None  # Stephens' default: membership on observed y
 
 
 def test_init_params_rejects_bad_input(no_jit):
