@@ -16,9 +16,10 @@ from bayeslik.errors import (
     ImproperPriorError,
     InitializationError,
     ModelError,
+    OptionError,
     PriorTransformError,
 )
-from bayeslik.engines.pmmh import StateSpacePosterior
+from bayeslik.statespace import StateSpacePosterior
 from bayeslik.fit import Cost, Fit, load_fit
 from bayeslik.posterior import Posterior
 from bayeslik.relabel import relabel
@@ -28,7 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Posterior", "Fit", "Cost", "fit", "load_fit", "engines", "register_engine", "summary", "sbc",
-    "compare", "Comparison", "Reference", "StateSpacePosterior", "relabel", "use_cpu_cores",
+    "OptionError", "compare", "Comparison", "Reference", "StateSpacePosterior", "relabel", "use_cpu_cores",
     "BayeslikError", "DataError", "EngineError", "ImproperPriorError", "InitializationError",
     "ModelError", "PriorTransformError",
 ]

@@ -335,10 +335,13 @@ def compare(posterior: Posterior, engines: Sequence[Any] | Mapping[str, Any] = (
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from bayeslik.api import resolve_engine
+    from bayeslik.api import posterior_kinds, resolve_engine
 
-    if not isinstance(posterior, Posterior):
-        raise TypeError(f"compare() needs a bayeslik.Posterior, got {type(posterior).__name__}")
+    kinds = posterior_kinds()
+    if not isinstance(posterior, kinds):
+        raise EngineError(f"compare() needs a posterior of a kind some engine runs on "
+                          f"({' or '.join(k.__name__ for k in kinds)}), got "
+                          f"{type(posterior).__name__}.")
     if isinstance(seeds, int):
         seeds = tuple(range(seeds))
     seeds = tuple(int(s) for s in seeds)
@@ -359,6 +362,7 @@ def compare(posterior: Posterior, engines: Sequence[Any] | Mapping[str, Any] = (
     for label, eng in named.items():
         opts = dict(engine_options.get(label, {}))
         spec, _ = resolve_engine(eng, opts)  # unknown engines / options fail here, before running
+        spec.check_accepts(posterior)  # so does an engine that does not run on this kind
         field_names = {f for f in spec.config_cls.__dataclass_fields__}
         if "progress_bar" in field_names and "progress_bar" not in opts:
             opts["progress_bar"] = False

@@ -11,6 +11,12 @@ jittable functions of a flat *unconstrained* vector ``z`` of length ``ndim``:
 
 The Jacobian of the constraining map lives here and nowhere else: an engine that works in the
 unconstrained space never needs to know about supports.
+
+:class:`PosteriorBase` is the prior half (``logprior``, ``constrain``, ``unconstrain``,
+``sample_prior``, ``prior_transform``, the sites and the flat layout) that every posterior kind
+shares; :class:`Posterior` adds the likelihood half from the same trace, and
+:class:`bayeslik.statespace.StateSpacePosterior` a state-space model's likelihood known only
+through particle filters.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from numpyro.distributions.util import sum_rightmost
 
 from bayeslik.errors import DataError, ImproperPriorError, ModelError
 
-__all__ = ["Posterior", "SiteInfo", "Evaluation", "PosteriorFunctions"]
+__all__ = ["Posterior", "PosteriorBase", "SiteInfo", "Evaluation", "PosteriorFunctions"]
 
 
 class PosteriorFunctions(NamedTuple):
@@ -326,37 +332,24 @@ def _all_finite(value: Any) -> bool:
     return arr.dtype.kind not in "fc" or bool(np.isfinite(arr).all())
 
 
-class Posterior:
-    """A NumPyro program with its data bound, as pure functions on flat unconstrained vectors.
+class PosteriorBase:
+    """The prior half every posterior kind shares: a NumPyro program whose latent sample sites
+    are the parameters, with its arguments ("data") bound, as pure functions of a flat
+    *unconstrained* vector ``z`` of length ``ndim``.
 
-    Construction runs the program at fixed parameter points, never at random prior draws: once
-    abstractly (``jax.make_jaxpr``: shapes, and which arguments depend on the parameters),
-    then eagerly with every latent site at
-    ``biject_to(support)(c)`` for a constant unconstrained ``c`` (0, then 0.5, ...), and checks it:
-    non-finite data, observed values whose shape or support does not fit their distribution,
-    discrete latent sites, subsampled plates. Every problem raises a
-    :class:`~bayeslik.errors.DataError` or :class:`~bayeslik.errors.ModelError` that names the
-    argument or site, before anything is compiled. A model whose numbers are invalid at some
-    parameter values (an overflowing recursion, a NaN Cholesky) is run at the next point; one
-    that raises at every point gets a ModelError listing the points, not a DataError.
+    Construction inspects the program as :class:`Posterior` describes (fixed points, no random
+    draws, every problem a DataError or ModelError naming the argument or site) and builds:
 
-    All function attributes (``logdensity``, ``logprior``, ``loglikelihood``,
-    ``pointwise_loglikelihood``, ``constrain``, ``unconstrain``, ``prior_transform``,
-    ``sample_prior``) are plain closures: pass them to ``jax.jit``, ``jax.grad`` or ``jax.vmap``.
+    * ``logprior(z) = sum_latent log p(x_s | x_<s) + log|det J(z)|`` with ``x = constrain(z)``;
+    * ``constrain(z)`` ({latent and deterministic site: value}), ``unconstrain(values)``,
+      ``sample_prior(rng_key, n)``, the lazily built ``prior_transform``;
+    * the sites (``sites``, ``latent_names``, ``site_shapes``, ``offsets``), the flat layout
+      (``flatten``/``unflatten``), ``name``, ``cache_key``, ``require_proper_prior``.
 
-    Example
-    -------
-    >>> import jax, numpyro, numpyro.distributions as dist, bayeslik as bl
-    >>> def model(y):
-    ...     mu = numpyro.sample("mu", dist.Normal(0, 10))
-    ...     sigma = numpyro.sample("sigma", dist.HalfNormal(1))
-    ...     numpyro.sample("y", dist.Normal(mu, sigma), obs=y)
-    >>> post = bl.Posterior(model, y=jax.numpy.array([0.3, -1.2, 0.8]))
-    >>> post.ndim
-    2
-    >>> z = post.unconstrain({"mu": 0.0, "sigma": 1.0})
-    >>> bool(abs(post.logprior(z) + post.loglikelihood(z) - post.logdensity(z)) < 1e-5)
-    True
+    The kinds differ in the likelihood half: :class:`Posterior` (a tractable likelihood from
+    the program's observed sites), :class:`bayeslik.statespace.StateSpacePosterior` (a
+    state-space model's likelihood, known only through particle filters). Engines say which
+    kinds they run on (``bayeslik.api.register_engine(..., accepts=...)``).
     """
 
     def __init__(self, model: Callable, *args: Any, **kwargs: Any) -> None:
@@ -407,14 +400,10 @@ class Posterior:
         self._improper = tuple(s.name for s in latent if s.improper)
         self._prior_transform = None
 
-        self.logdensity = self._make_logdensity("joint")
         self.logprior = self._make_logdensity("prior")
-        self.loglikelihood = self._make_logdensity("likelihood")
-        self.pointwise_loglikelihood = self._make_pointwise()
         self.constrain = self._make_constrain()
         self.unconstrain = self._make_unconstrain()
         self.sample_prior = self._make_sample_prior()
-        self.evaluate = self._make_evaluate()
 
     # ------------------------------------------------------------------ inspection
     def _trace_at(self, c: Any, values: dict | None = None) -> tuple[dict, dict]:
@@ -766,34 +755,6 @@ class Posterior:
         }[which]
         return fn
 
-    def _make_pointwise(self, data: dict | None = None) -> Callable[[jax.Array], dict]:
-        names = tuple(n for n, s in self._sites.items() if s.kind in ("observed", "factor"))
-
-        def pointwise_loglikelihood(z):
-            """Per-observation log-likelihood: {observed site: array of the data's batch shape}."""
-            tr, _ = self._run(z, data)
-            return {n: self._site_logprob(tr[n]) for n in names}
-
-        return pointwise_loglikelihood
-
-    def _make_evaluate(self, data: dict | None = None) -> Callable:
-        latent = set(self._latent_names)
-        keep = tuple(n for n, s in self._sites.items() if s.kind in ("latent", "deterministic"))
-        obs = tuple(n for n, s in self._sites.items() if s.kind in ("observed", "factor"))
-
-        def evaluate(z) -> Evaluation:
-            """One trace at z: constrained values (latent and deterministic sites), pointwise
-            log-likelihood per observed site, log prior (with the Jacobian) and log-likelihood."""
-            tr, log_jac = self._run(z, data)
-            lp = {n: self._site_logprob(s) for n, s in tr.items() if s["type"] == "sample"}
-            logprior = sum((jnp.sum(v) for n, v in lp.items() if n in latent), log_jac)
-            loglik = sum((jnp.sum(v) for n, v in lp.items() if n not in latent), jnp.zeros(()))
-            return Evaluation(
-                {n: tr[n]["value"] for n in keep}, {n: lp[n] for n in obs}, logprior, loglik
-            )
-
-        return evaluate
-
     def _make_constrain(self, data: dict | None = None) -> Callable:
         keep = tuple(n for n, s in self._sites.items() if s.kind in ("latent", "deterministic"))
 
@@ -932,17 +893,6 @@ class Posterior:
         """The array arguments ("data"): {keyword or "args[i]": array}. See :meth:`at`."""
         return dict(self._data)
 
-    def at(self, data: dict[str, jax.Array]) -> "PosteriorFunctions":
-        """The density functions with other data arrays of the same shapes in place of the bound
-        ones (``data`` as in :attr:`data_arrays`; the arrays may be JAX tracers). Engines compile
-        ``lambda z, data: post.at(data).logdensity(z)`` once and reuse it for every dataset
-        that shares this Posterior's :attr:`cache_key`."""
-        return PosteriorFunctions(
-            self._make_logdensity("joint", data), self._make_logdensity("prior", data),
-            self._make_logdensity("likelihood", data), self._make_pointwise(data),
-            self._make_evaluate(data), self._make_constrain(data),
-        )
-
     @property
     def cache_key(self) -> tuple:
         """Equal for Posteriors whose compiled functions can be shared: the same program, the
@@ -956,14 +906,6 @@ class Posterior:
         shapes = tuple((k, tuple(v.shape), str(v.dtype)) for k, v in sorted(self._data.items()))
         return (self._model, tuple(static), shapes)
 
-    def replace_data(self, **data: Any) -> "Posterior":
-        """A new Posterior of the same program with some arguments replaced (checked again)."""
-        unknown = [k for k in data if k not in self._kwargs]
-        if unknown:
-            raise DataError(f"replace_data: {unknown} are not arguments bound to this Posterior; "
-                            f"they are {sorted(self._kwargs)}.")
-        return Posterior(self._model, *self._args, **{**self._kwargs, **data})
-
     @property
     def args(self) -> tuple:
         return self._args
@@ -975,6 +917,98 @@ class Posterior:
     def flatten(self, params_unconstrained: dict) -> jax.Array:
         """Flat z from {latent site: unconstrained value}."""
         return ravel_pytree({n: jnp.asarray(params_unconstrained[n]) for n in self._latent_names})[0]
+
+    def __repr__(self) -> str:
+        lat = ", ".join(f"{n}{list(self._sites[n].shape)}" for n in self._latent_names)
+        return f"{type(self).__name__}({self.name}: ndim={self.ndim}; latent: {lat})"
+
+
+class Posterior(PosteriorBase):
+    """A NumPyro program with its data bound, as pure functions on flat unconstrained vectors.
+
+    Construction runs the program at fixed parameter points, never at random prior draws: once
+    abstractly (``jax.make_jaxpr``: shapes, and which arguments depend on the parameters),
+    then eagerly with every latent site at
+    ``biject_to(support)(c)`` for a constant unconstrained ``c`` (0, then 0.5, ...), and checks it:
+    non-finite data, observed values whose shape or support does not fit their distribution,
+    discrete latent sites, subsampled plates. Every problem raises a
+    :class:`~bayeslik.errors.DataError` or :class:`~bayeslik.errors.ModelError` that names the
+    argument or site, before anything is compiled. A model whose numbers are invalid at some
+    parameter values (an overflowing recursion, a NaN Cholesky) is run at the next point; one
+    that raises at every point gets a ModelError listing the points, not a DataError.
+
+    All function attributes (``logdensity``, ``logprior``, ``loglikelihood``,
+    ``pointwise_loglikelihood``, ``constrain``, ``unconstrain``, ``prior_transform``,
+    ``sample_prior``) are plain closures: pass them to ``jax.jit``, ``jax.grad`` or ``jax.vmap``.
+
+    Example
+    -------
+    >>> import jax, numpyro, numpyro.distributions as dist, bayeslik as bl
+    >>> def model(y):
+    ...     mu = numpyro.sample("mu", dist.Normal(0, 10))
+    ...     sigma = numpyro.sample("sigma", dist.HalfNormal(1))
+    ...     numpyro.sample("y", dist.Normal(mu, sigma), obs=y)
+    >>> post = bl.Posterior(model, y=jax.numpy.array([0.3, -1.2, 0.8]))
+    >>> post.ndim
+    2
+    >>> z = post.unconstrain({"mu": 0.0, "sigma": 1.0})
+    >>> bool(abs(post.logprior(z) + post.loglikelihood(z) - post.logdensity(z)) < 1e-5)
+    True
+    """
+
+    def __init__(self, model: Callable, *args: Any, **kwargs: Any) -> None:
+        super().__init__(model, *args, **kwargs)
+        self.logdensity = self._make_logdensity("joint")
+        self.loglikelihood = self._make_logdensity("likelihood")
+        self.pointwise_loglikelihood = self._make_pointwise()
+        self.evaluate = self._make_evaluate()
+
+    def _make_pointwise(self, data: dict | None = None) -> Callable[[jax.Array], dict]:
+        names = tuple(n for n, s in self._sites.items() if s.kind in ("observed", "factor"))
+
+        def pointwise_loglikelihood(z):
+            """Per-observation log-likelihood: {observed site: array of the data's batch shape}."""
+            tr, _ = self._run(z, data)
+            return {n: self._site_logprob(tr[n]) for n in names}
+
+        return pointwise_loglikelihood
+
+    def _make_evaluate(self, data: dict | None = None) -> Callable:
+        latent = set(self._latent_names)
+        keep = tuple(n for n, s in self._sites.items() if s.kind in ("latent", "deterministic"))
+        obs = tuple(n for n, s in self._sites.items() if s.kind in ("observed", "factor"))
+
+        def evaluate(z) -> Evaluation:
+            """One trace at z: constrained values (latent and deterministic sites), pointwise
+            log-likelihood per observed site, log prior (with the Jacobian) and log-likelihood."""
+            tr, log_jac = self._run(z, data)
+            lp = {n: self._site_logprob(s) for n, s in tr.items() if s["type"] == "sample"}
+            logprior = sum((jnp.sum(v) for n, v in lp.items() if n in latent), log_jac)
+            loglik = sum((jnp.sum(v) for n, v in lp.items() if n not in latent), jnp.zeros(()))
+            return Evaluation(
+                {n: tr[n]["value"] for n in keep}, {n: lp[n] for n in obs}, logprior, loglik
+            )
+
+        return evaluate
+
+    def at(self, data: dict[str, jax.Array]) -> "PosteriorFunctions":
+        """The density functions with other data arrays of the same shapes in place of the bound
+        ones (``data`` as in :attr:`data_arrays`; the arrays may be JAX tracers). Engines compile
+        ``lambda z, data: post.at(data).logdensity(z)`` once and reuse it for every dataset
+        that shares this Posterior's :attr:`cache_key`."""
+        return PosteriorFunctions(
+            self._make_logdensity("joint", data), self._make_logdensity("prior", data),
+            self._make_logdensity("likelihood", data), self._make_pointwise(data),
+            self._make_evaluate(data), self._make_constrain(data),
+        )
+
+    def replace_data(self, **data: Any) -> "Posterior":
+        """A new Posterior of the same program with some arguments replaced (checked again)."""
+        unknown = [k for k in data if k not in self._kwargs]
+        if unknown:
+            raise DataError(f"replace_data: {unknown} are not arguments bound to this Posterior; "
+                            f"they are {sorted(self._kwargs)}.")
+        return Posterior(self._model, *self._args, **{**self._kwargs, **data})
 
     def __repr__(self) -> str:
         lat = ", ".join(f"{n}{list(self._sites[n].shape)}" for n in self._latent_names)

@@ -251,6 +251,7 @@ def sbc(model: Callable, engine: Any = "nuts", *, num_simulations: int = 100, nu
         options["progress_bar"] = False
     spec, config = resolve_engine(engine, options)  # bad options fail here, before simulating
     template = Posterior(model, **model_args)
+    spec.check_accepts(template)  # an engine for another posterior kind fails here, before simulating
     template.require_proper_prior("simulation-based calibration (it draws from the prior)")
     observed = tuple(n for n, s in template.sites.items() if s.kind == "observed")
     if not observed:

@@ -27,6 +27,8 @@ from importlib import resources
 import numpy as np
 import pandas as pd
 
+from bayeslik.errors import DataError
+
 __all__ = ["load", "COLUMNS", "SENSORS", "INFORMATIVE", "HealthIndicator", "rul_score", "baseline_rul",
            "degradation_data", "rul_distribution", "rul_from_state_probs", "predict_rul"]
 
@@ -45,7 +47,7 @@ def load(subset: str = "FD001") -> dict:
     """{"train", "test"}: DataFrames with :data:`COLUMNS`; "rul": true RUL of each test unit
     (in unit order) after its last cycle; "name"."""
     if subset != "FD001":
-        raise ValueError(f"subset {subset!r} is not bundled; bayeslik ships FD001 only.")
+        raise DataError(f"subset {subset!r} is not bundled; bayeslik ships FD001 only.")
     with _path("train_FD001.txt.gz").open("rb") as f:
         train = pd.read_csv(f, sep=r"\s+", header=None, names=COLUMNS, compression="gzip")
     with _path("test_FD001.txt.gz").open("rb") as f:
@@ -54,7 +56,7 @@ def load(subset: str = "FD001") -> dict:
         rul = pd.read_csv(f, header=None, compression="gzip")[0].to_numpy()
     for name, df in (("train", train), ("test", test)):
         if df.isna().any().any():
-            raise ValueError(f"C-MAPSS {name} file has missing values: the bundled file is damaged.")
+            raise DataError(f"C-MAPSS {name} file has missing values: the bundled file is damaged.")
     return {"train": train, "test": test, "rul": rul.astype(int), "name": subset}
 
 

@@ -33,10 +33,12 @@ register_engine("smc", SMCConfig, smc.run,
                 "Adaptive tempered SMC (tuned HMC/random-walk moves), logZ with its error")
 
 from bayeslik.engines import pmmh  # noqa: E402
-from bayeslik.engines.pmmh import PMMH, PMMHConfig, StateSpacePosterior  # noqa: E402
+from bayeslik.engines.pmmh import PMMH, PMMHConfig  # noqa: E402
+from bayeslik.statespace import StateSpacePosterior  # noqa: E402
 
 register_engine("pmmh", PMMHConfig, pmmh.run,
-                "Particle marginal Metropolis-Hastings for state-space models (correlated, adaptive)")
+                "Particle marginal Metropolis-Hastings for state-space models (correlated, adaptive)",
+                accepts=StateSpacePosterior)
 
 __all__ = [
     "NUTS", "NUTSConfig", "Nested", "NestedConfig", "NSS", "NSSConfig", "NestedSurrogate",

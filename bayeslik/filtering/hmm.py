@@ -47,6 +47,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from bayeslik.errors import DataError, EngineError
+
 __all__ = [
     "FilterResult",
     "SmootherResult",
@@ -124,7 +126,7 @@ def choose_method(num_steps: int, backend: str | None = None) -> str:
 
 def _resolve(method: str, num_steps: int) -> str:
     if method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+        raise EngineError(f"method must be one of {_METHODS}, got {method!r}")
     return choose_method(num_steps) if method == "auto" else method
 
 
@@ -143,30 +145,30 @@ def _prepare(log_init, log_trans, log_obs, mask) -> _Model:
     log_init, log_trans, log_obs = (jnp.asarray(a) for a in (log_init, log_trans, log_obs))
     dtype = jnp.result_type(float, log_init, log_trans, log_obs)
     if log_obs.ndim != 2:
-        raise ValueError(
+        raise DataError(
             f"log_obs must have shape (T, K), got {log_obs.shape}; for a batch of sequences "
             "use jax.vmap over the leading axis"
         )
     T, K = log_obs.shape
     if T < 1 or K < 1:
-        raise ValueError(f"log_obs must have T >= 1 steps and K >= 1 states, got {log_obs.shape}")
+        raise DataError(f"log_obs must have T >= 1 steps and K >= 1 states, got {log_obs.shape}")
     if log_init.shape != (K,):
-        raise ValueError(f"log_init must have shape (K,) = ({K},), got {log_init.shape}")
+        raise DataError(f"log_init must have shape (K,) = ({K},), got {log_init.shape}")
     if log_trans.shape == (K, K):
         time_varying = False
     elif log_trans.shape == (T - 1, K, K):
         time_varying = True
     else:
-        raise ValueError(
+        raise DataError(
             f"log_trans must have shape (K, K) = ({K}, {K}) or (T-1, K, K) = ({T - 1}, {K}, {K}),"
             f" got {log_trans.shape}"
         )
     if mask is not None:
         mask = jnp.asarray(mask)
         if mask.shape != (T,):
-            raise ValueError(f"mask must have shape (T,) = ({T},), got {mask.shape}")
+            raise DataError(f"mask must have shape (T,) = ({T},), got {mask.shape}")
         if mask.dtype != jnp.bool_:
-            raise ValueError(f"mask must be boolean (True = valid step), got dtype {mask.dtype}")
+            raise DataError(f"mask must be boolean (True = valid step), got dtype {mask.dtype}")
     return _Model(
         log_init.astype(dtype), log_trans.astype(dtype), log_obs.astype(dtype), mask, time_varying
     )

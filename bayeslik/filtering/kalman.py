@@ -25,6 +25,8 @@ import numpy as np
 from jax import lax
 from jax.scipy.linalg import cho_solve
 
+from bayeslik.errors import DataError, ModelError
+
 __all__ = ["KalmanResult", "kalman_filter", "kalman_loglik"]
 
 _KEYS = ("m0", "P0", "F", "Q", "H", "R")
@@ -49,22 +51,22 @@ class KalmanResult(NamedTuple):
 def _check(params: dict, ys) -> tuple[dict, jax.Array]:
     missing = [k for k in _KEYS if k not in params]
     if missing:
-        raise ValueError(f"params: missing {missing}; a linear Gaussian model needs {list(_KEYS)}")
+        raise ModelError(f"params: missing {missing}; a linear Gaussian model needs {list(_KEYS)}")
     p = {k: jnp.asarray(params[k]) for k in _KEYS}
     d = p["m0"].shape[0] if p["m0"].ndim == 1 else -1
     expected = {"m0": (d,), "P0": (d, d), "F": (d, d), "Q": (d, d)}
     for k, shape in expected.items():
         if p[k].shape != shape:
-            raise ValueError(f"params['{k}'] must have shape {shape} (d = len(m0) = {d}), "
+            raise ModelError(f"params['{k}'] must have shape {shape} (d = len(m0) = {d}), "
                              f"got {p[k].shape}")
     if p["H"].ndim != 2 or p["H"].shape[1] != d:
-        raise ValueError(f"params['H'] must have shape (p, {d}), got {p['H'].shape}")
+        raise ModelError(f"params['H'] must have shape (p, {d}), got {p['H'].shape}")
     q = p["H"].shape[0]
     if p["R"].shape != (q, q):
-        raise ValueError(f"params['R'] must have shape ({q}, {q}), got {p['R'].shape}")
+        raise ModelError(f"params['R'] must have shape ({q}, {q}), got {p['R'].shape}")
     ys = jnp.asarray(ys)
     if ys.ndim != 2 or ys.shape[1] != q:
-        raise ValueError(f"ys must have shape (T, {q}) (one observation vector per step), "
+        raise DataError(f"ys must have shape (T, {q}) (one observation vector per step), "
                          f"got {ys.shape}")
     return p, ys
 

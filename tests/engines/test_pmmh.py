@@ -117,13 +117,13 @@ def test_pmmh_flags_low_acceptance(lg_post, lg_fit):
 
 
 def test_config_errors_before_compiling(no_jit, lg_post):
-    with pytest.raises(EngineError, match="rho must be in"):
+    with pytest.raises(EngineError, match=r"PMMH option rho=1.0: must lie in \[0, 1\)"):
         pmmh.PMMHConfig(rho=1.0)
-    with pytest.raises(EngineError, match="num_particles must be a positive int"):
+    with pytest.raises(EngineError, match="PMMH option num_particles=0: must be a positive integer"):
         pmmh.PMMHConfig(num_particles=0)
-    with pytest.raises(EngineError, match="target_accept"):
+    with pytest.raises(EngineError, match="PMMH option target_accept=1.5"):
         pmmh.PMMHConfig(target_accept=1.5)
-    with pytest.raises(EngineError, match="resampling must be one of"):
+    with pytest.raises(EngineError, match="PMMH option resampling='bogus': must be one of"):
         pmmh.PMMHConfig(resampling="bogus")
     # a plain Posterior: the engine says what it needs
     def model(y):
@@ -148,10 +148,11 @@ def test_state_space_posterior_checks(no_jit):
         pmmh.StateSpacePosterior(with_obs, pf.linear_gaussian_ssm(1), np.zeros((5, 1)))
     post = pmmh.StateSpacePosterior(lg_prior, pf.linear_gaussian_ssm(1), np.zeros((5, 1)),
                                     params_fn=lg_params)
-    with pytest.raises(ModelError, match="use the 'pmmh' engine"):
-        post.loglikelihood(jnp.zeros(1))
-    with pytest.raises(ModelError, match="use the 'pmmh' engine"):
-        post.logdensity(jnp.zeros(1))
+    # a sibling of Posterior: the prior half only, no likelihood-side functions at all
+    assert not isinstance(post, bl.Posterior)
+    for name in ("loglikelihood", "logdensity", "pointwise_loglikelihood", "evaluate", "at"):
+        assert not hasattr(post, name), name
+    assert np.isfinite(float(post.logprior(jnp.zeros(1))))
     assert post.ndim == 1 and post.num_steps == 5
 
 
@@ -172,7 +173,9 @@ def test_pmmh_matches_nuts_on_the_arhmm():
         arhmm.prior(2)
 
     post_nuts = bl.Posterior(arhmm.model, y=y, num_states=2)
-    post_pm = pmmh.StateSpacePosterior(prior, pf.arhmm_ssm(), pf.arhmm_observations(y))
+    from bayeslik.models import arhmm_statespace as arhmm_ss
+
+    post_pm = pmmh.StateSpacePosterior(prior, arhmm_ss.arhmm_ssm(), arhmm_ss.arhmm_observations(y))
     init = arhmm.init_params(y, 2)
     fit_n = bl.fit(post_nuts, "nuts", seed=0 + SEED, num_warmup=500, num_samples=1000, num_chains=4,
                    init=init, progress_bar=False)
@@ -189,8 +192,31 @@ def test_pmmh_matches_nuts_on_the_arhmm():
             assert sp.loc[row, "ess_bulk"] > 100, (row, sp.loc[row, "ess_bulk"])
 
 
-def test_other_engines_refuse_the_intractable_likelihood():
+def test_other_engines_refuse_the_intractable_likelihood(no_jit):
+    """Every engine but pmmh refuses a StateSpacePosterior at bl.fit, and pmmh refuses a
+    Posterior: an EngineError naming the kinds, before anything is compiled (no_jit)."""
     post = pmmh.StateSpacePosterior(lg_prior, pf.linear_gaussian_ssm(1), np.zeros((5, 1)),
                                     params_fn=lg_params)
-    with pytest.raises(ModelError, match="use the 'pmmh' engine"):
-        bl.fit(post, "nuts", num_warmup=5, num_samples=5, num_chains=1, progress_bar=False)
+    from bayeslik.api import engine_spec
+
+    names = [n for n in bl.engines.available() if n in bl.engines.__all__ and n != "pmmh"]
+    assert {"nuts", "nested", "smc"} <= set(names), names
+    for name in names:
+        assert bl.StateSpacePosterior not in engine_spec(name).accepts, name
+        with pytest.raises(EngineError, match="StateSpacePosterior.*pmmh"):
+            bl.fit(post, name)
+    assert engine_spec("pmmh").accepts == (bl.StateSpacePosterior,)
+
+    def model(y):
+        mu = numpyro.sample("mu", dist.Normal(0, 1))
+        numpyro.sample("y", dist.Normal(mu, 1), obs=y)
+
+    with pytest.raises(EngineError, match="runs on a StateSpacePosterior, not a Posterior"):
+        bl.fit(bl.Posterior(model, y=np.zeros(3)), "pmmh")
+
+
+def test_statespace_posterior_is_importable_from_everywhere():
+    from bayeslik.engines.pmmh import StateSpacePosterior as a
+    from bayeslik.statespace import StateSpacePosterior as b
+
+    assert a is b is bl.StateSpacePosterior is bl.engines.StateSpacePosterior

@@ -15,6 +15,7 @@ import pytest
 from bayeslik.filtering import hmm_filter, hmm_loglik, kalman
 from bayeslik.filtering import particle as pf
 from bayeslik.models import arhmm
+from bayeslik.models import arhmm_statespace as arhmm_ss
 
 #: BAYESLIK_TEST_SEED (see tests/conftest.py) shifts every key of this file
 SEED = int(os.environ.get("BAYESLIK_TEST_SEED", "0"))
@@ -227,9 +228,9 @@ def test_arhmm_against_forward_algorithm(hmm_data, method):
     li, lt, lo = arhmm.hmm_inputs(p, y)
     exact = float(hmm_loglik(li, lt, lo))
     probs = np.exp(np.asarray(hmm_filter(li, lt, lo).log_filtered))
-    ys = pf.arhmm_observations(y)
+    ys = arhmm_ss.arhmm_observations(y)
     R, N = 100, 200
-    out = _repeat(lambda k: pf.particle_filter(k, pf.arhmm_ssm(), p, ys, N, method=method,
+    out = _repeat(lambda k: pf.particle_filter(k, arhmm_ss.arhmm_ssm(), p, ys, N, method=method,
                                                quantiles=()), 7, R)
     _ratio_check(out.log_likelihood, exact)
     # filtered mean of the state index = p(z_t = 1 | y_0:t)
@@ -314,7 +315,7 @@ def test_online_rul_matches_the_exact_filter(cmapss_unit):
     from bayeslik.models import cmapss
 
     params, unit, te, K = cmapss_unit
-    out = pf.online_rul(_key(0), params, unit["y"], labels=unit["labels"],
+    out = arhmm_ss.online_rul(_key(0), params, unit["y"], labels=unit["labels"],
                         num_particles=2000)
     T = len(unit["y"])
     assert out["state_probs"].shape == (T, K) and out["rul_pmf"].shape == (T, 415)
