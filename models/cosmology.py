@@ -66,6 +66,8 @@ import numpyro
 import numpyro.distributions as dist
 from jax.scipy.special import ndtr
 
+from bayeslik.errors import ModelError
+
 __all__ = [
     "KINDS", "C_KM_S", "load", "model", "posterior", "hubble_rate", "comoving_distance",
     "transverse_distance", "sound_horizon", "PRIORS",
@@ -151,7 +153,7 @@ def load(datasets=("cc", "sn", "bao")) -> dict:
     datasets = tuple(datasets)
     unknown = set(datasets) - {"cc", "sn", "bao"}
     if unknown or not datasets:
-        raise ValueError(f"datasets must be a non-empty subset of ('cc', 'sn', 'bao'), got "
+        raise ModelError(f"datasets must be a non-empty subset of ('cc', 'sn', 'bao'), got "
                          f"{datasets!r}.")
     out: dict[str, np.ndarray] = {}
     if "cc" in datasets:
@@ -184,7 +186,7 @@ def load(datasets=("cc", "sn", "bao")) -> dict:
 # ----------------------------------------------------------------------------- the model
 def _params(kind: str):
     if kind not in KINDS:
-        raise ValueError(f"unknown cosmology kind {kind!r}; the kinds are {KINDS}.")
+        raise ModelError(f"unknown cosmology kind {kind!r}; the kinds are {KINDS}.")
     names = ["h", "omega_m"]
     if kind in ("olcdm", "owcdm"):
         names.append("omega_k")

@@ -72,6 +72,7 @@ import numpyro.distributions as dist
 from jax import lax, random
 from jax.scipy.special import logsumexp
 from numpyro.distributions import constraints
+from bayeslik.errors import DataError, ModelError
 
 __all__ = [
     "DATA_DIR",
@@ -85,6 +86,9 @@ __all__ = [
     "names",
     "NUTS_OPTIONS",
     "check_against_reference",
+    "check_length",
+    "forward_logsumexp",
+    "RestrictedNormal",
     "reference_params",
     "stan_code",
 ]
@@ -102,7 +106,7 @@ _LOG2 = math.log(2.0)
 # --------------------------------------------------------------------------------------------------
 # helper distributions
 # --------------------------------------------------------------------------------------------------
-class _RestrictedNormal(dist.Distribution):
+class RestrictedNormal(dist.Distribution):
     r"""Independent normals restricted to a constrained set, **unnormalised** as in Stan.
 
     ``log_prob(x) = sum_i log N(x_i | loc_i, scale_i)`` for ``x`` in ``support`` (an event-dim-1
@@ -180,7 +184,7 @@ class _FlatInterval(dist.Distribution):
         return self.low + (self.high - self.low) * u
 
 
-def _forward_logsumexp(emission, log_trans):
+def forward_logsumexp(emission, log_trans):
     r"""Stan's forward algorithm with no initial distribution: ``emission`` (N, ..., K) the
     per-step emission log densities, ``log_trans[..., j, k]`` the log transition matrix;
     returns :math:`\operatorname{logsumexp}_k \gamma_N(k)` with :math:`\gamma_1 =` the first
@@ -225,7 +229,7 @@ class _StanForwardHMM(dist.Distribution):
         log_trans = jnp.log(self.trans)  # (..., K, K), [j, k]
         # emission log densities, time axis first: (N, ..., K)
         emission = dist.Normal(self.mu, 1.0).log_prob(jnp.moveaxis(value, -1, 0)[..., None])
-        return _forward_logsumexp(emission, log_trans)
+        return forward_logsumexp(emission, log_trans)
 
     def sample(self, key, sample_shape=()):
         shape = tuple(sample_shape) + self.batch_shape
@@ -246,9 +250,11 @@ class _StanForwardHMM(dist.Distribution):
         return means + random.normal(key_noise, means.shape, dtype=mu.dtype)
 
 
-def _check_length(value, length, what):
+def check_length(value, length, what):
+    """Raise a DataError naming ``what`` when ``value`` (if given) does not have ``length`` rows:
+    the models' check of a Stan data block's declared sizes."""
     if value is not None and np.shape(value)[0] != length:
-        raise ValueError(f"{what} has length {np.shape(value)[0]}, expected {length}")
+        raise DataError(f"{what} has length {np.shape(value)[0]}, expected {length}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -278,9 +284,9 @@ def eight_schools_noncentered(J, y=None, sigma=None):
         ...     {"theta_trans": jnp.zeros(8), "mu": 4.0, "tau": 3.0})[0]    # doctest: +SKIP
     """
     if sigma is None:
-        raise ValueError("eight_schools_noncentered needs sigma (the J standard errors)")
-    _check_length(y, J, "y")
-    _check_length(sigma, J, "sigma")
+        raise DataError("eight_schools_noncentered needs sigma (the J standard errors)")
+    check_length(y, J, "y")
+    check_length(sigma, J, "sigma")
     mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
     tau = numpyro.sample("tau", dist.HalfCauchy(5.0))
     with numpyro.plate("school", J):
@@ -314,7 +320,7 @@ def arK(K, T, y):
         (5, (200,))
     """
     y = jnp.asarray(y)
-    _check_length(y, T, "y")
+    check_length(y, T, "y")
     alpha = numpyro.sample("alpha", dist.Normal(0.0, 10.0))
     with numpyro.plate("lag", K):
         beta = numpyro.sample("beta", dist.Normal(0.0, 10.0))
@@ -352,7 +358,7 @@ def garch11(T, y, sigma1):
         ['alpha0', 'alpha1', 'beta1', 'mu']
     """
     y = jnp.asarray(y)
-    _check_length(y, T, "y")
+    check_length(y, T, "y")
     mu = numpyro.sample("mu", dist.ImproperUniform(constraints.real, (), ()))
     alpha0 = numpyro.sample("alpha0", dist.ImproperUniform(constraints.positive, (), ()))
     alpha1 = numpyro.sample("alpha1", dist.Uniform(0.0, 1.0))
@@ -400,12 +406,12 @@ def hmm_example(N, K, y=None):
         (10, 1000, 2)
     """
     if K != 2:
-        raise ValueError("hmm_example.stan hard-codes K = 2 states (theta[1], theta[2], mu[1], mu[2])")
-    _check_length(y, N, "y")
+        raise ModelError("hmm_example.stan hard-codes K = 2 states (theta[1], theta[2], mu[1], mu[2])")
+    check_length(y, N, "y")
     theta1 = numpyro.sample("theta1", dist.Dirichlet(jnp.ones(K)))
     theta2 = numpyro.sample("theta2", dist.Dirichlet(jnp.ones(K)))
     mu = numpyro.sample(
-        "mu", _RestrictedNormal(jnp.array([3.0, 10.0]), 1.0, constraints.positive_ordered_vector)
+        "mu", RestrictedNormal(jnp.array([3.0, 10.0]), 1.0, constraints.positive_ordered_vector)
     )
     theta = numpyro.deterministic("theta", jnp.stack([theta1, theta2]))
     numpyro.sample("y", _StanForwardHMM(theta, mu, N), obs=y)
@@ -433,8 +439,8 @@ def low_dim_gauss_mix(N, y=None):
         >>> post["data"]["N"]
         1000
     """
-    _check_length(y, N, "y")
-    mu = numpyro.sample("mu", _RestrictedNormal(jnp.zeros(2), 2.0, constraints.ordered_vector))
+    check_length(y, N, "y")
+    mu = numpyro.sample("mu", RestrictedNormal(jnp.zeros(2), 2.0, constraints.ordered_vector))
     with numpyro.plate("component", 2):
         sigma = numpyro.sample("sigma", dist.HalfNormal(2.0))
     theta = numpyro.sample("theta", dist.Beta(5.0, 5.0))
@@ -471,7 +477,7 @@ def arma11(T, y):
         200
     """
     y = jnp.asarray(y)
-    _check_length(y, T, "y")
+    check_length(y, T, "y")
     mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
     phi = numpyro.sample("phi", dist.Normal(0.0, 2.0))
     theta = numpyro.sample("theta", dist.Normal(0.0, 2.0))

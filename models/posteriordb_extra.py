@@ -25,7 +25,7 @@ log density, all constants kept, no Jacobian, at any constrained point):
 * ``bball_drive_event_0-hmm_drive_0`` and ``bball_drive_event_1-hmm_drive_1``: ``0``. The
   ``dirichlet_lpdf`` terms are NumPyro's normalised ``Dirichlet``; the normal priors on the
   (positive-)ordered ``phi`` and ``lambda`` are left unnormalised on the ordered set, as in Stan
-  (``_RestrictedNormal``); the emission and forward-algorithm terms are equal.
+  (``RestrictedNormal``); the emission and forward-algorithm terms are equal.
 
 Example
 -------
@@ -92,7 +92,7 @@ class _ForwardHMM(dist.Distribution):
         log_trans = jnp.log(self.trans)  # (..., K, K), [j, k]
         # emission log densities, time axis first: (N, ..., K)
         emission = self.emission.log_prob(jnp.moveaxis(value, -2, 0)[..., None, :])
-        return _forward_logsumexp(emission, log_trans)
+        return forward_logsumexp(emission, log_trans)
 
     def sample(self, key, sample_shape=()):
         shape = tuple(sample_shape) + self.batch_shape
@@ -130,8 +130,8 @@ def _hmm_priors(K, alpha, loc, support):
     theta1 = numpyro.sample("theta1", dist.Dirichlet(alpha[0]))
     theta2 = numpyro.sample("theta2", dist.Dirichlet(alpha[1]))
     loc = jnp.asarray(loc)
-    phi = numpyro.sample("phi", _RestrictedNormal(loc, 1.0, support))
-    lam = numpyro.sample("lambda", _RestrictedNormal(loc, 1.0, support))
+    phi = numpyro.sample("phi", RestrictedNormal(loc, 1.0, support))
+    lam = numpyro.sample("lambda", RestrictedNormal(loc, 1.0, support))
     theta = numpyro.deterministic("theta", jnp.stack([theta1, theta2]))
     return theta, phi, lam
 
@@ -141,8 +141,8 @@ def _hmm_observations(N, u, v):
         raise ValueError("give both u and v (or neither, to simulate them)")
     if u is None:
         return None
-    _check_length(u, N, "u")
-    _check_length(v, N, "v")
+    check_length(u, N, "u")
+    check_length(v, N, "v")
     return jnp.stack([jnp.asarray(u), jnp.asarray(v)], axis=-1)
 
 
@@ -182,8 +182,8 @@ def gp_regr(N, x, y=None, k=None):
     """
     del k  # data of the Poisson variant, unused by gp_regr.stan
     x = jnp.asarray(x)
-    _check_length(x, N, "x")
-    _check_length(y, N, "y")
+    check_length(x, N, "x")
+    check_length(y, N, "y")
     rho = numpyro.sample("rho", dist.Gamma(25.0, 4.0))
     alpha = numpyro.sample("alpha", dist.HalfNormal(2.0))
     sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
@@ -291,7 +291,7 @@ MODELS = {
 # runs to its end while this module is half-initialised, and it finds MODELS already defined. The
 # helpers are only looked up when a model runs.
 from bayeslik.models.posteriordb import (  # noqa: E402
-    _check_length,
-    _forward_logsumexp,
-    _RestrictedNormal,
+    check_length,
+    forward_logsumexp,
+    RestrictedNormal,
 )

@@ -66,6 +66,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 
+from bayeslik.errors import DataError
 from bayeslik.inits import set_default_init
 
 __all__ = ["MODELS", "lotka_volterra", "one_comp_mm_elim_abs", "solve_ode"]
@@ -77,7 +78,7 @@ _LOG2 = math.log(2.0)
 
 def _check_length(value, length, what):
     if value is not None and np.shape(value)[0] != length:
-        raise ValueError(f"{what} has length {np.shape(value)[0]}, expected {length}")
+        raise DataError(f"{what} has length {np.shape(value)[0]}, expected {length}")
 
 
 #: Largest number of solver steps in one solve (Stan's Lotka-Volterra code: 500 per output interval).
@@ -213,7 +214,7 @@ def lotka_volterra(N, ts, y_init=None, y=None, *, rtol: float = LV_STAN_TOLERANC
     _check_length(ts, N, "ts")
     _check_length(y, N, "y")
     if y is not None and np.shape(y)[1:] != (2,):
-        raise ValueError(f"y has shape {np.shape(y)}, expected ({N}, 2)")
+        raise DataError(f"y has shape {np.shape(y)}, expected ({N}, 2)")
     _check_length(y_init, 2, "y_init")
     with numpyro.plate("parameter", 4):
         theta = numpyro.sample(

@@ -97,6 +97,8 @@ import numpyro
 import numpyro.distributions as dist
 from numpyro.distributions import constraints
 
+from bayeslik.errors import DataError
+
 __all__ = [
     "HalfStudentT",
     "MODELS",
@@ -139,7 +141,7 @@ _MESQUITE = (
 def _check_unused(unused: dict, dataset: tuple, model: str) -> None:
     unknown = sorted(set(unused) - set(dataset))
     if unknown:
-        raise TypeError(
+        raise DataError(
             f"{model}() got unexpected data {unknown}; its data set has {list(dataset)}"
         )
 
@@ -148,11 +150,11 @@ def _vector(value, N, what, *, required=True):
     """A data vector as a float array of the default dtype, checked to have length N."""
     if value is None:
         if required:
-            raise ValueError(f"{what} is required")
+            raise DataError(f"{what} is required")
         return None
     value = jnp.asarray(value, dtype=jnp.result_type(float))
     if value.shape != (N,):
-        raise ValueError(f"{what} has shape {value.shape}, expected ({N},)")
+        raise DataError(f"{what} has shape {value.shape}, expected ({N},)")
     return value
 
 
@@ -534,7 +536,7 @@ def diamonds(N, K, X, Y=None, prior_only=0):
     """
     X = jnp.asarray(X, dtype=jnp.result_type(float))
     if X.shape != (N, K):
-        raise ValueError(f"X has shape {X.shape}, expected ({N}, {K})")
+        raise DataError(f"X has shape {X.shape}, expected ({N}, {K})")
     Y = _vector(Y, N, "Y", required=False)
     means_X = jnp.mean(X[:, 1:], axis=0)
     Xc = X[:, 1:] - means_X

@@ -91,7 +91,7 @@ def normal_mean(y=None, sigma=1.0, prior_mean=0.0, prior_sd=10.0) -> Problem:
         {"y": y.astype(np.float32), "sigma": sigma, "prior_mean": prior_mean, "prior_sd": prior_sd},
         "normal mean, known noise, normal prior (conjugate)",
         posterior_mean={"mu": np.array(mean)}, posterior_sd={"mu": np.array(prec**-0.5)},
-        log_evidence=logz,
+        log_evidence=float(logz),
     )
 
 

@@ -17,6 +17,7 @@ from numpyro.infer import Predictive
 from numpyro.infer.util import initialize_model, log_density
 from scipy import stats
 
+from bayeslik.errors import DataError
 from bayeslik.models import posteriordb, posteriordb_regression
 
 NAMES = [
@@ -412,7 +413,7 @@ def test_shared_data_sets_accept_unused_variables_but_not_unknown_ones(posterior
     params = _draw(post["reference"], 0, 0)
     assert "male" in post["data"]  # not used by earn_height.stan
     log_density(post["model"], (), post["data"], params)
-    with pytest.raises(TypeError, match="unexpected data"):
+    with pytest.raises(DataError, match="unexpected data"):
         log_density(post["model"], (), dict(post["data"], hieght=post["data"]["height"]), params)
 
 
