@@ -140,7 +140,14 @@ class Fit:
         >>> same = bl.load_fit("eight_schools.nc")  # doctest: +SKIP
         """
         tree = self.idata.copy()
-        tree.attrs = {**tree.attrs, _ATTR: json.dumps(self._facts())}
+        facts = self._facts()
+        # netCDF reads a one-element array attribute back as a scalar: record which were arrays
+        facts["one_element_attrs"] = {
+            node.path: sorted(k for k, v in node.attrs.items()
+                              if isinstance(v, (list, tuple, np.ndarray)) and np.size(v) == 1)
+            for node in tree.subtree
+        }
+        tree.attrs = {**tree.attrs, _ATTR: json.dumps(facts)}
         tree.to_netcdf(path, engine="h5netcdf")
 
     # ------------------------------------------------------------------ summaries
@@ -192,6 +199,15 @@ class Fit:
         return f"<div><b>bayeslik Fit</b><table>{head}</table>{table}</div>"
 
 
+def _tuples(x: Any) -> Any:
+    """JSON's lists back as the tuples an engine config holds (configs are frozen dataclasses)."""
+    if isinstance(x, dict):
+        return {k: _tuples(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return tuple(_tuples(v) for v in x)
+    return x
+
+
 def _version() -> str:
     try:
         from importlib.metadata import version
@@ -213,11 +229,14 @@ def load_fit(path: str) -> Fit:
         raise ValueError(f"{path!r} is not a bayeslik Fit (no '{_ATTR}' attribute in its root group).")
     facts = json.loads(attrs.pop(_ATTR))
     tree.attrs = attrs
+    for node_path, names in facts.get("one_element_attrs", {}).items():
+        node = tree[node_path]
+        node.attrs = {k: (np.atleast_1d(v) if k in names else v) for k, v in node.attrs.items()}
     cost = Cost(**facts["cost"])
     return Fit(
         idata=tree,
         engine=facts["engine"],
-        config=facts["config"],
+        config=_tuples(facts["config"]),
         seed=facts["seed"],
         cost=cost,
         log_evidence=facts["log_evidence"],

@@ -575,7 +575,7 @@ def run(posterior, rng_key: jax.Array, config: SMCConfig) -> Fit:
     >>> from bayeslik.models import reference
     >>> prob = reference.get("normal_mean")
     >>> fit = bl.fit(prob.posterior(), "smc", num_particles=500, progress_bar=False)
-    >>> abs(fit.log_evidence - prob.log_evidence) < 5 * fit.log_evidence_err
+    >>> bool(abs(fit.log_evidence - prob.log_evidence) < 5 * fit.log_evidence_err)
     True
     """
     from tqdm.auto import tqdm
