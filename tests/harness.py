@@ -11,6 +11,12 @@ log-likelihood is the Kalman filter's.
 
 from __future__ import annotations
 
+import contextlib
+import pathlib
+import re
+import sys
+import types
+
 import arviz_stats as azs
 import jax
 import jax.numpy as jnp
@@ -22,6 +28,10 @@ import bayeslik as bl
 
 K = 4.0  # standard errors
 
+#: the engine docs/engines/writing.md writes from scratch; the contract suite runs it too
+EXAMPLE_ENGINE = "rwm"
+EXAMPLE_PAGE = pathlib.Path(__file__).resolve().parents[1] / "docs" / "engines" / "writing.md"
+
 SMALL: dict[str, dict] = {
     "nuts": dict(num_warmup=200, num_samples=200, num_chains=2),
     "smc": dict(num_particles=300),
@@ -30,7 +40,30 @@ SMALL: dict[str, dict] = {
     "nested+surrogate": dict(num_live=100, search=False, num_members=2, train_steps=300,
                              guard_num_points=50),
     "pmmh": dict(num_warmup=100, num_samples=100, num_chains=2, num_particles=50),
+    EXAMPLE_ENGINE: dict(num_warmup=500, num_samples=1000, num_chains=2),
 }
+
+
+def example_engine_source() -> str:
+    """The first python block of docs/engines/writing.md: a whole engine."""
+    return re.findall(r"```python\n(.*?)```", EXAMPLE_PAGE.read_text(), flags=re.S)[0]
+
+
+@contextlib.contextmanager
+def example_engine():
+    """Execute the docs page's engine as a module and register it as ``EXAMPLE_ENGINE`` for the
+    duration (unregistered after); yields the module."""
+    from bayeslik.api import unregister_engine
+
+    mod = types.ModuleType("rwm_example")
+    sys.modules[mod.__name__] = mod  # dataclasses look their module up
+    exec(compile(example_engine_source(), str(EXAMPLE_PAGE), "exec"), mod.__dict__)
+    bl.register_engine(EXAMPLE_ENGINE, mod.RWMConfig, mod.run, "Random-walk Metropolis (docs example)")
+    try:
+        yield mod
+    finally:
+        unregister_engine(EXAMPLE_ENGINE)
+        del sys.modules[mod.__name__]
 
 
 def small(engine: str) -> dict:

@@ -99,7 +99,10 @@ class Run:
             self.interrupted = True
         finally:
             if bar is not None:
-                bar.close()
+                try:
+                    bar.close()
+                except KeyboardInterrupt:  # a second Ctrl-C, or one landing in the bar's last write
+                    self.interrupted = True
 
     def require(self, kept: bool, message: str) -> None:
         """After an interrupt: re-raise KeyboardInterrupt with ``message`` unless something

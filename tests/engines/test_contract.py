@@ -17,13 +17,24 @@ import bayeslik as bl
 from bayeslik.api import engine_spec
 from bayeslik.errors import EngineError
 from bayeslik.models import reference
-from tests.harness import linear_gaussian_problem, small
+from tests.harness import EXAMPLE_ENGINE, example_engine, linear_gaussian_problem, small
 
-ENGINES = sorted(bl.engines.available())
+
+@pytest.fixture(scope="module", autouse=True)
+def _example_engine_registered():
+    if EXAMPLE_ENGINE in bl.engines.available():
+        yield
+        return
+    with example_engine():
+        yield
+
+# every registered engine, and the one docs/engines/writing.md builds from scratch
+ENGINES = sorted(set(bl.engines.available()) | {EXAMPLE_ENGINE})
 
 # one bad option value per engine: (option, value)
 BAD = {"nuts": ("num_samples", 0), "smc": ("num_particles", 0), "nested": ("num_live", 1),
-       "nss": ("num_live", 1), "nested+surrogate": ("num_live", 1), "pmmh": ("num_particles", 0)}
+       "nss": ("num_live", 1), "nested+surrogate": ("num_live", 1), "pmmh": ("num_particles", 0),
+       EXAMPLE_ENGINE: ("num_chains", 0)}
 
 # a warm second fit still spends a little time in compiled-function dispatch/tracing caches
 # (dynesty's host loop calls compiled functions for every batch): seconds allowed. The

@@ -4,39 +4,27 @@ the exact ones), for input errors before compiling, and for compiling once."""
 
 from __future__ import annotations
 
-import pathlib
-import re
-import sys
-import types
 
 import arviz_stats as azs
 import numpy as np
 import pytest
 
 import bayeslik as bl
-from bayeslik.api import unregister_engine
 from bayeslik.convergence import FitWarning
 from bayeslik.errors import EngineError
 from bayeslik.models import reference
+from tests.harness import K, example_engine, example_engine_source
 
-PAGE = pathlib.Path(__file__).resolve().parents[2] / "docs" / "engines" / "writing.md"
-K = 4.0
 
 
 def _engine_source() -> str:
-    blocks = re.findall(r"```python\n(.*?)```", PAGE.read_text(), flags=re.S)
-    return blocks[0]
+    return example_engine_source()
 
 
 @pytest.fixture(scope="module")
 def rwm():
-    mod = types.ModuleType("rwm_example")
-    sys.modules[mod.__name__] = mod  # dataclasses look their module up
-    exec(compile(_engine_source(), str(PAGE), "exec"), mod.__dict__)
-    bl.register_engine("rwm", mod.RWMConfig, mod.run, "Random-walk Metropolis (docs example)")
-    yield mod
-    unregister_engine("rwm")
-    del sys.modules[mod.__name__]
+    with example_engine() as mod:
+        yield mod
 
 
 def test_the_example_is_under_150_lines():
