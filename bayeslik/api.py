@@ -57,10 +57,10 @@ def register_engine(name: str, config_cls: type, run: Callable, description: str
     """Make an engine available to ``bayeslik.fit`` under ``name``; ``accepts`` is the
     posterior kind (or a tuple of kinds) it runs on."""
     if not dataclasses.is_dataclass(config_cls):
-        raise TypeError(f"engine {name!r}: config_cls must be a dataclass.")
+        raise EngineError(f"engine {name!r}: config_cls must be a dataclass.")
     accepts = accepts if isinstance(accepts, tuple) else (accepts,)
     if not accepts or not all(isinstance(c, type) for c in accepts):
-        raise TypeError(f"engine {name!r}: accepts must be a class or a tuple of classes.")
+        raise EngineError(f"engine {name!r}: accepts must be a class or a tuple of classes.")
     _REGISTRY[name] = EngineSpec(name, config_cls, run, description, run_many, accepts)
 
 
@@ -133,7 +133,7 @@ def fit(posterior: Posterior, engine: Any = "nuts", *, seed: int | None = 0, **o
     >>> fit = bl.fit(post, bl.engines.NUTS(num_samples=2000), seed=1) # doctest: +SKIP
     """
     if not isinstance(posterior, posterior_kinds()):
-        raise TypeError(
+        raise EngineError(
             f"fit() needs a bayeslik.Posterior, got {type(posterior).__name__}; build one with "
             "bl.Posterior(model, **data)."
         )

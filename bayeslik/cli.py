@@ -122,6 +122,8 @@ def _read_data(path: str | None, data: dict) -> dict:
         return data
     import numpy as np
 
+    from bayeslik.errors import DataError
+
     if not os.path.exists(path):
         raise _UsageError(f"--data {path!r}: no such file")
     try:
@@ -132,10 +134,10 @@ def _read_data(path: str | None, data: dict) -> dict:
             with open(path) as f:
                 new = json.load(f)
             if not isinstance(new, dict):
-                raise ValueError("the JSON file must hold an object {argument: value}")
+                raise DataError("the JSON file must hold an object {argument: value}")
             new = {k: np.asarray(v) if isinstance(v, list) else v for k, v in new.items()}
         else:
-            raise ValueError("use a .npz file (numpy.savez) or a .json object")
+            raise DataError("use a .npz file (numpy.savez) or a .json object")
     except (OSError, ValueError) as e:
         raise _UsageError(f"--data {path!r} cannot be read: {e}") from None
     unknown = sorted(set(new) - set(data))

@@ -37,7 +37,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from bayeslik.errors import BayeslikError, EngineError
+from bayeslik.errors import BayeslikError, EngineError, OptionError
 from bayeslik.fit import Fit
 from bayeslik.posterior import Posterior
 
@@ -270,7 +270,7 @@ class Comparison:
             return {k: (f(self, var_names=var_names) if k == "marginals" else f(self))
                     for k, f in kinds.items()}
         if kind not in kinds:
-            raise ValueError(f"kind must be one of {sorted(kinds) + ['all']}, got {kind!r}")
+            raise OptionError(f"kind must be one of {sorted(kinds) + ['all']}, got {kind!r}")
         return kinds[kind](self, var_names=var_names) if kind == "marginals" else kinds[kind](self)
 
     def save(self, folder: str) -> list[str]:

@@ -6,6 +6,8 @@ from typing import Mapping
 
 import numpy as np
 
+from bayeslik.errors import OptionError
+
 __all__ = ["error_vs_reference"]
 
 
@@ -31,7 +33,7 @@ def error_vs_reference(fit, mean: Mapping[str, np.ndarray] | None = None,
     >>> err = error_vs_reference(fit, mean={"mu": 1.5}, sd={"mu": 0.2})  # doctest: +SKIP
     """
     if (mean is None) == (draws is None):
-        raise ValueError("give exactly one of `mean` (exact moments) or `draws` (reference draws)")
+        raise OptionError("give exactly one of `mean` (exact moments) or `draws` (reference draws)")
     ours = {k: fit.draws(k) for k in (mean or draws)}
     our_mcse = _mcse_mean(ours)
     out = {}

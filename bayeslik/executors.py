@@ -19,6 +19,8 @@ from __future__ import annotations
 from concurrent.futures import Executor, Future
 from typing import Any, Callable
 
+from bayeslik.errors import OptionError
+
 __all__ = ["RayExecutor"]
 
 
@@ -47,7 +49,7 @@ class RayExecutor(Executor):
             raise ImportError("RayExecutor needs Ray: pip install 'bayeslik[ray]' (or ray>=2.9)") \
                 from None
         if cpus_per_task <= 0:
-            raise ValueError(f"cpus_per_task must be positive, got {cpus_per_task!r}")
+            raise OptionError(f"cpus_per_task must be positive, got {cpus_per_task!r}")
         self._ray = ray
         self._owns = not ray.is_initialized()
         if self._owns:

@@ -16,6 +16,8 @@ from typing import Any, Mapping
 import numpy as np
 import xarray as xr
 
+from bayeslik.errors import DataError
+
 __all__ = ["Cost", "Fit", "load_fit", "build_datatree"]
 
 _ATTR = "bayeslik_fit"
@@ -226,7 +228,7 @@ def load_fit(path: str) -> Fit:
     tree = tree.load()
     attrs = dict(tree.attrs)
     if _ATTR not in attrs:
-        raise ValueError(f"{path!r} is not a bayeslik Fit (no '{_ATTR}' attribute in its root group).")
+        raise DataError(f"{path!r} is not a bayeslik Fit (no '{_ATTR}' attribute in its root group).")
     facts = json.loads(attrs.pop(_ATTR))
     tree.attrs = attrs
     for node_path, names in facts.get("one_element_attrs", {}).items():

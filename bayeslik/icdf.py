@@ -95,7 +95,7 @@ def _optional(*names: str) -> tuple[type, ...]:
     """The NumPyro distribution classes of these names that this NumPyro version has."""
     return tuple(getattr(dist, n) for n in names if hasattr(dist, n))
 
-from bayeslik.errors import PriorTransformError
+from bayeslik.errors import DataError, PriorTransformError
 
 __all__ = ["icdf", "unit_cube_shape", "check_icdf", "SUPPORTED_PRIORS"]
 
@@ -1193,7 +1193,7 @@ def icdf(fn, u):
         u = u.astype(jnp.result_type(float))
     n = len(cube)
     if u.ndim < n or tuple(u.shape[u.ndim - n :]) != cube:
-        raise ValueError(
+        raise DataError(
             f"icdf: u has shape {u.shape}, but {type(fn).__name__} with shape {fn.shape()} "
             f"consumes a unit-cube slice of shape {cube} (see unit_cube_shape)"
         )

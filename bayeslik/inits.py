@@ -34,7 +34,7 @@ def set_default_init(model: Callable, init_fn: Callable) -> Callable:
     """Attach ``init_fn(*model_args, **model_kwargs) -> {site: constrained value}`` to
     ``model`` as its default starting point; returns ``model``."""
     if not callable(init_fn):
-        raise TypeError(f"set_default_init: init_fn must be callable, got {type(init_fn).__name__}")
+        raise ModelError(f"set_default_init: init_fn must be callable, got {type(init_fn).__name__}")
     setattr(model, ATTRIBUTE, init_fn)
     return model
 

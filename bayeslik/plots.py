@@ -6,6 +6,8 @@ from typing import Sequence
 
 import numpy as np
 
+from bayeslik.errors import DataError
+
 __all__ = ["plot_sbc", "plot_marginals", "plot_cost", "plot_evidence"]
 
 
@@ -74,7 +76,7 @@ def plot_marginals(comparison, var_names: Sequence[str] | None = None, max_param
 
     labels = [lab for lab, fits in comparison.fits.items() if any(f is not None for f in fits)]
     if not labels:
-        raise ValueError("no engine produced a fit; nothing to plot")
+        raise DataError("no engine produced a fit; nothing to plot")
     first = comparison[labels[0]]
     names = list(var_names or first.idata["posterior"].data_vars)
     names = [n for n in names if n in comparison.posterior.sites]

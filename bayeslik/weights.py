@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import logsumexp
 
+from bayeslik.errors import OptionError
+
 __all__ = ["RESAMPLING", "RESAMPLERS", "check_resampling", "resample", "multinomial",
            "systematic", "stratified", "residual", "offspring_counts", "log_ess", "ess",
            "kish_ess", "equal_weight_indices", "systematic_indices", "bucket", "pad_rows"]
@@ -89,9 +91,9 @@ RESAMPLERS = {"systematic": _systematic, "multinomial": _multinomial,
 
 
 def check_resampling(name: str) -> None:
-    """Raise a ValueError naming the schemes unless ``name`` is one of :data:`RESAMPLING`."""
+    """Raise an OptionError naming the schemes unless ``name`` is one of :data:`RESAMPLING`."""
     if name not in RESAMPLERS:
-        raise ValueError(f"resampling must be one of {RESAMPLING}, got {name!r}")
+        raise OptionError(f"resampling must be one of {RESAMPLING}, got {name!r}")
 
 
 def resample(rng_key: jax.Array, weights: jax.Array, num_samples: int | None = None, *,
@@ -180,7 +182,8 @@ def pad_rows(rows: np.ndarray, size: int, fill=None) -> np.ndarray:
     rows = np.asarray(rows)
     n = rows.shape[0]
     if n > size:
-        raise ValueError(f"pad_rows: {n} rows do not fit in {size}.")
+        raise OptionError(f"pad_rows: {n} rows do not fit in {size}; pass a size >= {n} "
+                          f"(bucket({n}) gives one).")
     out = np.empty((size,) + rows.shape[1:], rows.dtype)
     out[:n] = rows
     out[n:] = (rows[0] if n else 0) if fill is None else fill

@@ -128,6 +128,8 @@ import numpyro.distributions as dist
 from jax.scipy.linalg import cho_solve, solve_triangular
 from numpyro.distributions import constraints
 
+from bayeslik.errors import DataError, ModelError, OptionError
+
 __all__ = [
     "FEATURE_KINDS",
     "FeatureMap",
@@ -168,7 +170,7 @@ NOISE_RATE = 0.5
 # --------------------------------------------------------------------------------------------------
 def _check_kind(kind: Any, allowed: tuple[str, ...], name: str) -> None:
     if not isinstance(kind, str) or kind not in allowed:
-        raise ValueError(f"{name} must be one of {list(allowed)}, got {kind!r}")
+        raise OptionError(f"{name} must be one of {list(allowed)}, got {kind!r}")
 
 
 def _concrete(x) -> bool:
@@ -181,7 +183,7 @@ def _check_finite(name: str, x) -> None:
     arr = np.asarray(x)
     if arr.dtype.kind in "fc" and not np.all(np.isfinite(arr)):
         bad = tuple(int(i) for i in np.argwhere(~np.isfinite(arr))[0])
-        raise ValueError(
+        raise DataError(
             f"{name} contains {int((~np.isfinite(arr)).sum())} non-finite value(s) (first at "
             f"index {bad} of shape {arr.shape}); remove them, or pad and set the mask to 0 there"
         )
@@ -211,7 +213,7 @@ def features(x, kind: str = "fourier", *, num_harmonics: int = 1, degree: int = 
     if kind == "fourier":
         h = int(num_harmonics)
         if h < 0:
-            raise ValueError(f"num_harmonics must be >= 0, got {num_harmonics}")
+            raise OptionError(f"num_harmonics must be >= 0, got {num_harmonics}")
         cols = [jnp.ones_like(x), x]
         for k in range(1, h + 1):
             cols += [jnp.sin(k * x), jnp.cos(k * x)]
@@ -219,13 +221,13 @@ def features(x, kind: str = "fourier", *, num_harmonics: int = 1, degree: int = 
     if kind == "poly":
         d = int(degree)
         if d < 0:
-            raise ValueError(f"degree must be >= 0, got {degree}")
+            raise OptionError(f"degree must be >= 0, got {degree}")
         return jnp.stack([x**j for j in range(d + 1)], axis=-1)
     D = int(num_features)
     if D < 1:
-        raise ValueError(f"num_features must be >= 1, got {num_features}")
+        raise OptionError(f"num_features must be >= 1, got {num_features}")
     if not lengthscale > 0:
-        raise ValueError(f"lengthscale must be > 0, got {lengthscale}")
+        raise OptionError(f"lengthscale must be > 0, got {lengthscale}")
     k1, k2 = jax.random.split(jax.random.key(int(seed)))
     omega = jax.random.normal(k1, (D,), x.dtype) / lengthscale
     phase = jax.random.uniform(k2, (D,), x.dtype, 0.0, 2 * math.pi)
@@ -266,8 +268,8 @@ def _as_feature_map(fmap: Any) -> Callable:
         return FeatureMap(fmap)
     if callable(fmap):
         return fmap
-    raise ValueError(f"features must be a kind {list(FEATURE_KINDS)}, a FeatureMap or a callable, "
-                     f"got {fmap!r}")
+    raise OptionError(f"features must be a kind {list(FEATURE_KINDS)}, a FeatureMap or a callable, "
+                      f"got {fmap!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -286,13 +288,13 @@ def pad_tasks(xs: Iterable, ys: Iterable) -> dict[str, np.ndarray]:
     """
     xs, ys = [np.asarray(a, float) for a in xs], [np.asarray(a, float) for a in ys]
     if len(xs) != len(ys):
-        raise ValueError(f"xs and ys must list the same number of tasks, got {len(xs)} and {len(ys)}")
+        raise DataError(f"xs and ys must list the same number of tasks, got {len(xs)} and {len(ys)}")
     if not xs:
-        raise ValueError("xs: need at least one task")
+        raise DataError("xs: need at least one task")
     for t, (a, b) in enumerate(zip(xs, ys)):
         if a.ndim != 1 or a.shape != b.shape:
-            raise ValueError(f"task {t}: xs[{t}] and ys[{t}] must be 1-D of the same length, got "
-                             f"shapes {a.shape} and {b.shape}")
+            raise DataError(f"task {t}: xs[{t}] and ys[{t}] must be 1-D of the same length, got "
+                            f"shapes {a.shape} and {b.shape}")
         _check_finite(f"xs[{t}]", a)
         _check_finite(f"ys[{t}]", b)
     n_max = max(len(a) for a in xs)
@@ -305,19 +307,19 @@ def pad_tasks(xs: Iterable, ys: Iterable) -> dict[str, np.ndarray]:
 def _check_tasks(phi, y, mask) -> None:
     """Shapes and values of the model's data, before anything is compiled."""
     if np.ndim(phi) != 3:
-        raise ValueError(f"phi must be (num_tasks, n_max, num_features), got shape {np.shape(phi)}; "
-                         "build it with make_data(x, y, mask, kind=...)")
+        raise DataError(f"phi must be (num_tasks, n_max, num_features), got shape {np.shape(phi)}; "
+                        "build it with make_data(x, y, mask, kind=...)")
     if np.ndim(y) != 2 or tuple(np.shape(y)) != tuple(np.shape(phi)[:2]):
-        raise ValueError(f"y must be (num_tasks, n_max) = {tuple(np.shape(phi)[:2])} to match phi, "
-                         f"got shape {np.shape(y)}")
+        raise DataError(f"y must be (num_tasks, n_max) = {tuple(np.shape(phi)[:2])} to match phi, "
+                        f"got shape {np.shape(y)}")
     if mask is not None and tuple(np.shape(mask)) != tuple(np.shape(y)):
-        raise ValueError(f"mask must have the shape of y {tuple(np.shape(y))}, got {np.shape(mask)}")
+        raise DataError(f"mask must have the shape of y {tuple(np.shape(y))}, got {np.shape(mask)}")
     _check_finite("phi", phi)
     _check_finite("y", y)
     if mask is not None and _concrete(mask):
         m = np.asarray(mask, float)
         if not np.all((m == 0) | (m == 1)):
-            raise ValueError("mask must hold 0/1 (or booleans): 1 = observed, 0 = padding")
+            raise DataError("mask must hold 0/1 (or booleans): 1 = observed, 0 = padding")
 
 
 def make_data(x, y, mask=None, *, kind: str | Callable = "fourier", **feature_options) -> dict:
@@ -334,14 +336,14 @@ def make_data(x, y, mask=None, *, kind: str | Callable = "fourier", **feature_op
     """
     x, y = np.asarray(x, float), np.asarray(y, float)
     if x.ndim != 2:
-        raise ValueError(f"x must be (num_tasks, n_max), got shape {x.shape}; pad lists with pad_tasks")
+        raise DataError(f"x must be (num_tasks, n_max), got shape {x.shape}; pad lists with pad_tasks")
     if y.shape != x.shape:
-        raise ValueError(f"y must have the shape of x {x.shape}, got {y.shape}")
+        raise DataError(f"y must have the shape of x {x.shape}, got {y.shape}")
     if mask is None:
         mask = np.ones_like(x)
     mask = np.asarray(mask, float)
     if mask.shape != x.shape:
-        raise ValueError(f"mask must have the shape of x {x.shape}, got {mask.shape}")
+        raise DataError(f"mask must have the shape of x {x.shape}, got {mask.shape}")
     # padding may hold anything (even NaN): it is zeroed so that nothing downstream trips on it
     observed = mask > 0
     _check_finite("x (observed entries)", np.where(observed, x, 0.0))
@@ -472,29 +474,29 @@ def _prior_arrays(p: int, m0, kappa0, nu0, psi0, dtype) -> tuple:
 
 def _check_prior(p: int, m0, kappa0, nu0, psi0, noise, noise_shape, noise_rate) -> None:
     if np.ndim(m0) not in (0, 1) or (np.ndim(m0) == 1 and np.shape(m0)[0] != p):
-        raise ValueError(f"m0 must be a scalar or ({p},) (one entry per feature), got shape "
+        raise ModelError(f"m0 must be a scalar or ({p},) (one entry per feature), got shape "
                          f"{np.shape(m0)}")
     if not _concrete(kappa0) or not float(kappa0) > 0:
-        raise ValueError(f"kappa0 must be a positive number, got {kappa0!r}")
+        raise ModelError(f"kappa0 must be a positive number, got {kappa0!r}")
     if nu0 is not None and not float(nu0) > p - 1:
-        raise ValueError(f"nu0 must be > num_features - 1 = {p - 1} for a proper Inverse-Wishart, "
+        raise ModelError(f"nu0 must be > num_features - 1 = {p - 1} for a proper Inverse-Wishart, "
                          f"got {nu0!r} (default num_features + 2)")
     if np.ndim(psi0) == 0:
         if _concrete(psi0) and not float(psi0) > 0:
-            raise ValueError(f"psi0 must be > 0 (a scalar times the identity) or a ({p}, {p}) "
+            raise ModelError(f"psi0 must be > 0 (a scalar times the identity) or a ({p}, {p}) "
                              f"positive-definite matrix, got {psi0!r}")
     elif np.shape(psi0) != (p, p):
-        raise ValueError(f"psi0 must be a scalar or ({p}, {p}), got shape {np.shape(psi0)}")
+        raise ModelError(f"psi0 must be a scalar or ({p}, {p}), got shape {np.shape(psi0)}")
     elif _concrete(psi0):
         P = np.asarray(psi0, float)
         if not np.allclose(P, P.T) or np.any(np.linalg.eigvalsh(0.5 * (P + P.T)) <= 0):
-            raise ValueError("psi0 must be a symmetric positive-definite matrix")
+            raise ModelError("psi0 must be a symmetric positive-definite matrix")
     if noise is not None and _concrete(noise) and not (np.ndim(noise) == 0 and float(noise) > 0):
-        raise ValueError(f"noise must be None (inferred) or a positive scalar (the known noise sd), "
+        raise ModelError(f"noise must be None (inferred) or a positive scalar (the known noise sd), "
                          f"got {noise!r}")
     for name, v in (("noise_shape", noise_shape), ("noise_rate", noise_rate)):
         if _concrete(v) and not float(v) > 0:
-            raise ValueError(f"{name} must be > 0, got {v!r}")
+            raise ModelError(f"{name} must be > 0, got {v!r}")
 
 
 def _precision_chol(chi2, tril, psi0_inv_chol, p: int) -> jax.Array:
@@ -577,7 +579,7 @@ def prior_moments(p: int, *, m0=0.0, kappa0: float = KAPPA0, nu0=None, psi0=PSI0
     P = P * np.eye(p) if P.ndim == 0 else P
     m0, kappa0 = np.broadcast_to(np.asarray(m0, float), (p,)), float(kappa0)
     if not nu > p + 1:
-        raise ValueError(f"nu0 must be > p + 1 = {p + 1} for E[Sigma0] to exist, got {nu}")
+        raise ModelError(f"nu0 must be > p + 1 = {p + 1} for E[Sigma0] to exist, got {nu}")
     mean = P / (nu - p - 1)
     var = None
     if nu > p + 3:
@@ -618,11 +620,11 @@ def simulate_tasks(rng_key, num_tasks: int, kind: str = "sinusoid", num_points: 
     """
     _check_kind(kind, TASK_KINDS, "kind")
     if not isinstance(num_tasks, (int, np.integer)) or num_tasks < 1:
-        raise ValueError(f"num_tasks must be a positive integer, got {num_tasks!r}")
+        raise OptionError(f"num_tasks must be a positive integer, got {num_tasks!r}")
     if not isinstance(num_points, (int, np.integer)) or num_points < 1:
-        raise ValueError(f"num_points must be a positive integer, got {num_points!r}")
+        raise OptionError(f"num_points must be a positive integer, got {num_points!r}")
     if not noise >= 0:
-        raise ValueError(f"noise must be >= 0, got {noise!r}")
+        raise OptionError(f"noise must be >= 0, got {noise!r}")
     kx, kp1, kp2, ke = jax.random.split(rng_key, 4)
     T, n = int(num_tasks), int(num_points)
     x = jax.random.uniform(kx, (T, n), minval=x_range[0], maxval=x_range[1])
@@ -639,12 +641,12 @@ def simulate_tasks(rng_key, num_tasks: int, kind: str = "sinusoid", num_points: 
         out.update(slope=np.asarray(a), intercept=np.asarray(b))
     else:
         if mu0 is None or Sigma0 is None:
-            raise ValueError("kind='gaussian' needs mu0 (p,) and Sigma0 (p, p)")
+            raise ModelError("kind='gaussian' needs mu0 (p,) and Sigma0 (p, p)")
         fmap = _as_feature_map(features)
         mu0, Sigma0 = jnp.asarray(mu0, float), jnp.asarray(Sigma0, float)
         ph_ = fmap(x)
         if mu0.shape != (ph_.shape[-1],) or Sigma0.shape != (ph_.shape[-1],) * 2:
-            raise ValueError(f"mu0 and Sigma0 must be ({ph_.shape[-1]},) and {(ph_.shape[-1],) * 2} "
+            raise ModelError(f"mu0 and Sigma0 must be ({ph_.shape[-1]},) and {(ph_.shape[-1],) * 2} "
                              f"for these features, got {mu0.shape} and {Sigma0.shape}")
         w = jax.random.multivariate_normal(kp1, mu0, Sigma0, (T,))
         f = jnp.einsum("tnp,tp->tn", ph_, w)
@@ -706,7 +708,7 @@ def _draws_of(source: Any, max_draws: int | None) -> dict[str, jax.Array]:
     if isinstance(source, dict):
         missing = [k for k in ("mu0", "Sigma0", "sigma") if k not in source]
         if missing:
-            raise ValueError(f"fit_or_params is missing {missing}; pass a Fit of meta.model or "
+            raise ModelError(f"fit_or_params is missing {missing}; pass a Fit of meta.model or "
                              "{'mu0': (S, p), 'Sigma0': (S, p, p), 'sigma': (S,)}")
         d = {k: np.asarray(source[k], float) for k in ("mu0", "Sigma0", "sigma")}
         if d["mu0"].ndim == 1:  # one point
@@ -716,16 +718,16 @@ def _draws_of(source: Any, max_draws: int | None) -> dict[str, jax.Array]:
         try:
             raw = {k: source.draws(k) for k in ("mu0", "Sigma0", "sigma")}
         except KeyError as e:
-            raise ValueError(f"fit_or_params: the Fit has no site {e}; is it a fit of meta.model?") from None
+            raise ModelError(f"fit_or_params: the Fit has no site {e}; is it a fit of meta.model?") from None
         p = raw["mu0"].shape[-1]
         d = {"mu0": raw["mu0"].reshape(-1, p), "Sigma0": raw["Sigma0"].reshape(-1, p, p),
              "sigma": raw["sigma"].reshape(-1)}
     else:
-        raise ValueError(f"fit_or_params must be a Fit of meta.model or a dict of draws, got "
+        raise ModelError(f"fit_or_params must be a Fit of meta.model or a dict of draws, got "
                          f"{type(source).__name__}")
     S, p = d["mu0"].shape
     if d["Sigma0"].shape != (S, p, p) or d["sigma"].shape != (S,):
-        raise ValueError(f"fit_or_params: shapes mu0 {d['mu0'].shape}, Sigma0 {d['Sigma0'].shape}, "
+        raise ModelError(f"fit_or_params: shapes mu0 {d['mu0'].shape}, Sigma0 {d['Sigma0'].shape}, "
                          f"sigma {d['sigma'].shape} do not agree ((S, p), (S, p, p), (S,))")
     for k, v in d.items():
         _check_finite(f"fit_or_params['{k}']", v)
@@ -798,31 +800,31 @@ def predict(fit_or_params, support_x, support_y, query_x, *, features: Any = "fo
     fmap = _as_feature_map(features)
     q = tuple(float(v) for v in quantiles)
     if len(q) != 2 or not 0 < q[0] < q[1] < 1:
-        raise ValueError(f"quantiles must be two probabilities 0 < lo < hi < 1, got {quantiles!r}")
+        raise OptionError(f"quantiles must be two probabilities 0 < lo < hi < 1, got {quantiles!r}")
     sx, sy, qx = (np.asarray(a, float) for a in (support_x, support_y, query_x))
     if sx.ndim not in (1, 2):
-        raise ValueError(f"support_x must be (k,) or (num_tasks, k), got shape {sx.shape}")
+        raise DataError(f"support_x must be (k,) or (num_tasks, k), got shape {sx.shape}")
     if sy.shape != sx.shape:
-        raise ValueError(f"support_y must have the shape of support_x {sx.shape}, got {sy.shape}")
+        raise DataError(f"support_y must have the shape of support_x {sx.shape}, got {sy.shape}")
     if sx.shape[-1] < 1:
-        raise ValueError("support_x: need k >= 1 support points (got 0); for no support, the "
-                         "prior predictive, pass one point with support_mask 0")
+        raise DataError("support_x: need k >= 1 support points (got 0); for no support, the "
+                        "prior predictive, pass one point with support_mask 0")
     single = sx.ndim == 1
     if qx.ndim != sx.ndim or (not single and qx.shape[0] != sx.shape[0]):
-        raise ValueError(f"query_x must be (m,) for one task or (num_tasks, m) matching support_x "
-                         f"{sx.shape}, got {qx.shape}")
+        raise DataError(f"query_x must be (m,) for one task or (num_tasks, m) matching support_x "
+                        f"{sx.shape}, got {qx.shape}")
     for name, a in (("support_x", sx), ("support_y", sy), ("query_x", qx)):
         _check_finite(name, a)
     sm = np.ones_like(sx) if support_mask is None else np.asarray(support_mask, float)
     if sm.shape != sx.shape:
-        raise ValueError(f"support_mask must have the shape of support_x {sx.shape}, got {sm.shape}")
+        raise DataError(f"support_mask must have the shape of support_x {sx.shape}, got {sm.shape}")
     draws = _draws_of(fit_or_params, max_draws)
     if single:
         sx, sy, qx, sm = sx[None], sy[None], qx[None], sm[None]
     phis, phiq = jnp.asarray(fmap(sx)), jnp.asarray(fmap(qx))
     if phis.shape[-1] != draws["mu0"].shape[-1]:
-        raise ValueError(f"features: the feature map gives p = {phis.shape[-1]} features but the "
-                         f"posterior has p = {draws['mu0'].shape[-1]}; use the training feature map")
+        raise OptionError(f"features: the feature map gives p = {phis.shape[-1]} features but the "
+                          f"posterior has p = {draws['mu0'].shape[-1]}; use the training feature map")
     dm, ds = _moments(draws["mu0"], draws["Sigma0"], draws["sigma"], phis,
                       jnp.asarray(sy * sm), jnp.asarray(sm), phiq)
     mean = jnp.mean(dm, axis=0)
@@ -954,7 +956,7 @@ def stream_init(num_features: int, *, m0=0.0, kappa0: float = KAPPA0, nu0=None, 
     """
     p = int(num_features)
     if p < 1:
-        raise ValueError(f"num_features must be >= 1, got {num_features}")
+        raise ModelError(f"num_features must be >= 1, got {num_features}")
     _check_prior(p, m0, kappa0, nu0, psi0, None, noise_shape, noise_rate)
     dtype = jnp.result_type(float)
     m0, kappa0, nu0, psi0 = _prior_arrays(p, m0, kappa0, nu0, psi0, dtype)
@@ -1014,24 +1016,24 @@ def _scan_update(state, phi, y, mask, noise, known, num_iters):
 
 def _check_stream_args(state, phi, y, mask, noise, num_iters, batched: bool):
     if not isinstance(state, StreamingState):
-        raise ValueError(f"state must be a StreamingState (from stream_init), got {type(state).__name__}")
+        raise ModelError(f"state must be a StreamingState (from stream_init), got {type(state).__name__}")
     want = 3 if batched else 2
     if np.ndim(phi) != want:
-        raise ValueError(f"phi must be {'(num_tasks, n, p)' if batched else '(n, p)'}, got shape "
-                         f"{np.shape(phi)}")
+        raise DataError(f"phi must be {'(num_tasks, n, p)' if batched else '(n, p)'}, got shape "
+                        f"{np.shape(phi)}")
     if np.shape(phi)[-1] != np.shape(state.m)[-1]:
-        raise ValueError(f"phi has {np.shape(phi)[-1]} features but the state has "
-                         f"{np.shape(state.m)[-1]}")
+        raise DataError(f"phi has {np.shape(phi)[-1]} features but the state has "
+                        f"{np.shape(state.m)[-1]}")
     if tuple(np.shape(y)) != tuple(np.shape(phi)[:-1]):
-        raise ValueError(f"y must have shape {tuple(np.shape(phi)[:-1])} to match phi, got {np.shape(y)}")
+        raise DataError(f"y must have shape {tuple(np.shape(phi)[:-1])} to match phi, got {np.shape(y)}")
     if mask is not None and tuple(np.shape(mask)) != tuple(np.shape(y)):
-        raise ValueError(f"mask must have the shape of y {tuple(np.shape(y))}, got {np.shape(mask)}")
+        raise DataError(f"mask must have the shape of y {tuple(np.shape(y))}, got {np.shape(mask)}")
     _check_finite("phi", phi)
     _check_finite("y", y)
     if noise is not None and not (np.ndim(noise) == 0 and float(noise) > 0):
-        raise ValueError(f"noise must be None (inferred) or a positive scalar, got {noise!r}")
+        raise ModelError(f"noise must be None (inferred) or a positive scalar, got {noise!r}")
     if not isinstance(num_iters, int) or num_iters < 0:
-        raise ValueError(f"num_iters must be a non-negative integer, got {num_iters!r}")
+        raise OptionError(f"num_iters must be a non-negative integer, got {num_iters!r}")
 
 
 def stream_update(state: StreamingState, phi, y, mask=None, *, noise=None,
@@ -1088,9 +1090,9 @@ def stream_draws(rng_key, state: StreamingState, num_draws: int = 1000, *, noise
     (10, 3, 3)
     """
     if not isinstance(state, StreamingState):
-        raise ValueError(f"state must be a StreamingState, got {type(state).__name__}")
+        raise ModelError(f"state must be a StreamingState, got {type(state).__name__}")
     if not isinstance(num_draws, (int, np.integer)) or num_draws < 1:
-        raise ValueError(f"num_draws must be a positive integer, got {num_draws!r}")
+        raise OptionError(f"num_draws must be a positive integer, got {num_draws!r}")
     # host-side NumPy draws seeded from rng_key: cheap, and no compile of JAX's gamma sampler
     seed = np.asarray(jax.random.randint(rng_key, (4,), 0, np.iinfo(np.int32).max))
     gen = np.random.default_rng(seed)

@@ -544,7 +544,7 @@ def _load_data(name: str) -> dict:
         if isinstance(value, list):
             data[key] = np.asarray(value, dtype=np.float64)  # all bundled array data are Stan reals
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"unexpected data entry {key!r} in {name}")
+            raise DataError(f"unexpected data entry {key!r} in {name}")
         else:
             data[key] = value  # int stays int (sizes), float stays float
     return data
@@ -558,7 +558,7 @@ def _load_reference(name: str) -> dict:
     for flat_name in chains[0]:
         match = _DRAW_NAME.match(flat_name)
         if match is None:
-            raise ValueError(f"cannot parse draw name {flat_name!r} in {name}")
+            raise DataError(f"cannot parse draw name {flat_name!r} in {name}")
         base, index = match.group(1), match.group(2)
         key = tuple(int(i) - 1 for i in index.split(",")) if index else ()
         columns.setdefault(base, {})[key] = np.array([c[flat_name] for c in chains], np.float64)
@@ -566,7 +566,7 @@ def _load_reference(name: str) -> dict:
     for base, parts in columns.items():
         shape = tuple(max(k[d] for k in parts) + 1 for d in range(len(next(iter(parts)))))
         if len(parts) != math.prod(shape):
-            raise ValueError(f"{name}: draws of {base} do not fill a {shape} array")
+            raise DataError(f"{name}: draws of {base} do not fill a {shape} array")
         first = next(iter(parts.values()))
         array = np.empty(first.shape + shape, np.float64)
         for key, column in parts.items():

@@ -47,6 +47,8 @@ import numpyro.distributions as dist
 from jax import lax, random
 from numpyro.distributions import constraints
 
+from bayeslik.errors import DataError, ModelError
+
 __all__ = ["MODELS", "gp_regr", "hmm_drive_0", "hmm_drive_1"]
 
 
@@ -77,7 +79,7 @@ class _ForwardHMM(dist.Distribution):
 
     def __init__(self, trans, emission, num_steps, *, validate_args=None):
         if len(emission.event_shape) != 1:
-            raise ValueError("the emission distribution must have event shape (D,)")
+            raise ModelError("the emission distribution must have event shape (D,)")
         self.trans = jnp.asarray(trans)
         self.emission = emission
         self.support = constraints.independent(emission.support, 1)
@@ -119,14 +121,14 @@ class _ForwardHMM(dist.Distribution):
 def _hmm_priors(K, alpha, loc, support):
     """theta1, theta2 ~ Dirichlet(alpha[0]), Dirichlet(alpha[1]); phi, lambda ~ ordered normals."""
     if K != 2:
-        raise ValueError(
+        raise ModelError(
             "the hmm_drive Stan programs hard-code K = 2 states (theta[1] = theta1, theta[2] = theta2)"
         )
     if alpha is None:
-        raise ValueError("the hmm_drive models need alpha (the K x K Dirichlet parameters)")
+        raise DataError("the hmm_drive models need alpha (the K x K Dirichlet parameters)")
     alpha = jnp.asarray(alpha)
     if alpha.shape != (K, K):
-        raise ValueError(f"alpha has shape {alpha.shape}, expected {(K, K)}")
+        raise DataError(f"alpha has shape {alpha.shape}, expected {(K, K)}")
     theta1 = numpyro.sample("theta1", dist.Dirichlet(alpha[0]))
     theta2 = numpyro.sample("theta2", dist.Dirichlet(alpha[1]))
     loc = jnp.asarray(loc)
@@ -138,7 +140,7 @@ def _hmm_priors(K, alpha, loc, support):
 
 def _hmm_observations(N, u, v):
     if (u is None) != (v is None):
-        raise ValueError("give both u and v (or neither, to simulate them)")
+        raise DataError("give both u and v (or neither, to simulate them)")
     if u is None:
         return None
     check_length(u, N, "u")
@@ -270,7 +272,7 @@ def hmm_drive_1(K, N, u=None, v=None, alpha=None, tau=None, rho=None):
         (0.1, 0.1)
     """
     if tau is None or rho is None:
-        raise ValueError("hmm_drive_1 needs tau and rho (the emission standard deviations)")
+        raise DataError("hmm_drive_1 needs tau and rho (the emission standard deviations)")
     obs = _hmm_observations(N, u, v)  # check the data before sampling anything
     theta, phi, lam = _hmm_priors(K, alpha, [0.0, 3.0], constraints.ordered_vector)
     loc = jnp.stack([phi, lam], axis=-1)  # (K, 2): [state, (u, v)]

@@ -100,7 +100,7 @@ import json
 import math
 import warnings
 from importlib import resources
-from typing import Any, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -110,6 +110,8 @@ import numpyro.distributions as dist
 from jax import lax
 from jax.scipy.special import log_ndtr, logsumexp
 from numpyro.distributions import constraints
+
+from bayeslik.errors import DataError, ModelError, OptionError
 
 __all__ = [
     "TAU_FLOOR", "HawkesProcess", "LogNormMixProcess", "StabilityReport",
@@ -138,7 +140,7 @@ def _is_concrete(*xs) -> bool:
 
 
 def validate_events(times, marks, mask, t_start, t_end, num_marks: int, *, strict: bool = True) -> None:
-    """Check a padded dataset in NumPy; ``ValueError`` naming the argument and sequence index.
+    """Check a padded dataset in NumPy; ``DataError`` naming the argument and sequence index.
 
     Rules: ``times``, ``marks``, ``mask`` have one shape (S, N); ``t_start``, ``t_end`` (S,);
     no NaN/inf; ``mask`` is a prefix (True then False) in each row; the real times are strictly
@@ -148,61 +150,61 @@ def validate_events(times, marks, mask, t_start, t_end, num_marks: int, *, stric
     >>> validate_events([[0.5, 2.0]], [[0, 1]], [[True, True]], [0.0], [1.0], 2)
     Traceback (most recent call last):
     ...
-    ValueError: times: sequence 0 has an event at 2 after its t_end 1; the window must contain every event
+    bayeslik.errors.DataError: times: sequence 0 has an event at 2 after its t_end 1; the window must contain every event
     """
     if not isinstance(num_marks, (int, np.integer)) or num_marks < 1:
-        raise ValueError(f"num_marks must be a positive int, got {num_marks!r}")
+        raise ModelError(f"num_marks must be a positive int, got {num_marks!r}")
     times, marks, mask = np.asarray(times), np.asarray(marks), np.asarray(mask)
     t_start, t_end = np.asarray(t_start), np.asarray(t_end)
     if times.ndim != 2:
-        raise ValueError(f"times must have shape (num_sequences, max_events), got {times.shape}; "
-                         "use tpp.pad_sequences to build the padded arrays from a list")
+        raise DataError(f"times must have shape (num_sequences, max_events), got {times.shape}; "
+                        "use tpp.pad_sequences to build the padded arrays from a list")
     S, N = times.shape
     for name, arr, shape in (("marks", marks, (S, N)), ("mask", mask, (S, N)),
                              ("t_start", t_start, (S,)), ("t_end", t_end, (S,))):
         if arr.shape != shape:
-            raise ValueError(f"{name} must have shape {shape} like times {times.shape}, got {arr.shape}")
+            raise DataError(f"{name} must have shape {shape} like times {times.shape}, got {arr.shape}")
     for name, arr in (("times", times), ("marks", marks), ("t_start", t_start), ("t_end", t_end)):
         if arr.dtype.kind not in "biuf":
-            raise ValueError(f"{name} must be numeric, got dtype {arr.dtype}")
+            raise DataError(f"{name} must be numeric, got dtype {arr.dtype}")
         bad = ~np.isfinite(arr.astype(float))
         if bad.any():
             s = int(np.argwhere(bad)[0][0])
-            raise ValueError(f"{name}: sequence {s} has NaN or infinite values; remove them")
+            raise DataError(f"{name}: sequence {s} has NaN or infinite values; remove them")
     if mask.dtype.kind not in "biu" or not np.all((mask == 0) | (mask == 1)):
-        raise ValueError("mask must be boolean (True on real events, False on padding)")
+        raise DataError("mask must be boolean (True on real events, False on padding)")
     mask = mask.astype(bool)
     not_prefix = np.any(~mask[:, :-1] & mask[:, 1:], axis=1)
     if not_prefix.any():
-        raise ValueError(f"mask: sequence {int(np.argmax(not_prefix))} has a real event after a padded "
-                         "slot; the real events must come first in each row")
+        raise DataError(f"mask: sequence {int(np.argmax(not_prefix))} has a real event after a padded "
+                        "slot; the real events must come first in each row")
     bad = t_end <= t_start
     if bad.any():
         s = int(np.argmax(bad))
-        raise ValueError(f"t_end: sequence {s} has t_end {t_end[s]:g} <= t_start {t_start[s]:g}")
+        raise DataError(f"t_end: sequence {s} has t_end {t_end[s]:g} <= t_start {t_start[s]:g}")
     marks_f = marks.astype(float)
     bad = mask & ((marks_f != np.round(marks_f)) | (marks_f < 0) | (marks_f >= num_marks))
     if bad.any():
         s, i = (int(v) for v in np.argwhere(bad)[0])
-        raise ValueError(f"marks: sequence {s} has mark {marks_f[s, i]:g} at event {i}; marks must be "
-                         f"integers in 0..{num_marks - 1} (num_marks={num_marks})")
+        raise DataError(f"marks: sequence {s} has mark {marks_f[s, i]:g} at event {i}; marks must be "
+                        f"integers in 0..{num_marks - 1} (num_marks={num_marks})")
     t = times.astype(float)
     bad = mask & (t < t_start[:, None])
     if bad.any():
         s, i = (int(v) for v in np.argwhere(bad)[0])
-        raise ValueError(f"times: sequence {s} has an event at {t[s, i]:g} before its t_start "
-                         f"{t_start[s]:g}; the window must contain every event")
+        raise DataError(f"times: sequence {s} has an event at {t[s, i]:g} before its t_start "
+                        f"{t_start[s]:g}; the window must contain every event")
     bad = mask & (t > t_end[:, None])
     if bad.any():
         s, i = (int(v) for v in np.argwhere(bad)[0])
-        raise ValueError(f"times: sequence {s} has an event at {t[s, i]:g} after its t_end "
-                         f"{t_end[s]:g}; the window must contain every event")
+        raise DataError(f"times: sequence {s} has an event at {t[s, i]:g} after its t_end "
+                        f"{t_end[s]:g}; the window must contain every event")
     d = np.diff(t, axis=1)
     bad = mask[:, 1:] & ((d <= 0) if strict else (d < 0))
     if bad.any():
         s, i = (int(v) for v in np.argwhere(bad)[0])
-        raise ValueError(f"times: sequence {s} is not {'strictly ' if strict else ''}increasing at event {i + 1} "
-                         f"({t[s, i]:g} then {t[s, i + 1]:g}); sort the events and drop duplicates")
+        raise DataError(f"times: sequence {s} is not {'strictly ' if strict else ''}increasing at event {i + 1} "
+                        f"({t[s, i]:g} then {t[s, i + 1]:g}); sort the events and drop duplicates")
 
 
 def pad_sequences(sequences: Sequence, num_marks: int | None = None, *, max_len: int | None = None,
@@ -220,15 +222,15 @@ def pad_sequences(sequences: Sequence, num_marks: int | None = None, *, max_len:
     ((2, 2), np.int64(3), 2)
     """
     if len(sequences) == 0:
-        raise ValueError("sequences is empty; pass at least one sequence")
+        raise DataError("sequences is empty; pass at least one sequence")
     ts, ms, t0s, t1s = [], [], [], []
     for s, seq in enumerate(sequences):
         if not isinstance(seq, dict):
-            raise ValueError(f"sequences[{s}] must be a dict with 'times', 'marks', 't_start', 't_end'")
+            raise DataError(f"sequences[{s}] must be a dict with 'times', 'marks', 't_start', 't_end'")
         t = np.asarray(seq.get("times", seq.get("arrival_times", [])), dtype=float).reshape(-1)
         m = np.asarray(seq.get("marks", np.zeros(len(t), int))).reshape(-1)
         if len(m) != len(t):
-            raise ValueError(f"sequences[{s}]: {len(t)} times but {len(m)} marks")
+            raise DataError(f"sequences[{s}]: {len(t)} times but {len(m)} marks")
         t0 = float(seq.get("t_start", 0.0))
         t1 = float(seq["t_end"]) if seq.get("t_end") is not None else (float(t[-1]) if len(t) else np.nan)
         ts.append(t), ms.append(m), t0s.append(t0), t1s.append(t1)
@@ -263,7 +265,7 @@ def unpad(data: dict) -> list[dict]:
 def split_sequences(sequences: Sequence, fractions=(0.6, 0.2, 0.2), seed: int = 0) -> tuple[list, ...]:
     """Random split of a list of sequences by sequence (e.g. 60/20/20 train/validation/test)."""
     if not np.isclose(sum(fractions), 1) or min(fractions) < 0:
-        raise ValueError(f"fractions must be non-negative and sum to 1, got {fractions}")
+        raise OptionError(f"fractions must be non-negative and sum to 1, got {fractions}")
     order = np.random.default_rng(seed).permutation(len(sequences))
     cuts = np.round(np.cumsum(fractions)[:-1] * len(sequences)).astype(int)
     return tuple([sequences[i] for i in part] for part in np.split(order, cuts))
@@ -302,7 +304,7 @@ def _decayed_state(dt, inc, decay, method: str = "scan"):
 
         return lax.associative_scan(combine, (a, b), axis=a.ndim - 2)[1]
     if method != "scan":
-        raise ValueError(f"method must be 'associative' or 'scan', got {method!r}")
+        raise OptionError(f"method must be 'associative' or 'scan', got {method!r}")
     lead = a.shape[:-2]
     a_t = jnp.moveaxis(a, -2, 0)
     b_t = jnp.moveaxis(b, -2, 0)
@@ -448,9 +450,9 @@ def _hawkes_priors(num_marks: int, time_scale: float):
 
 def _check_args(times, marks, mask, t_start, t_end, num_marks, time_scale):
     if not isinstance(num_marks, (int, np.integer)) or num_marks < 1:
-        raise ValueError(f"num_marks must be a positive int, got {num_marks!r}")
+        raise ModelError(f"num_marks must be a positive int, got {num_marks!r}")
     if not (isinstance(time_scale, (int, float)) and time_scale > 0):
-        raise ValueError(f"time_scale must be a positive number (about the mean time between events), "
+        raise ModelError(f"time_scale must be a positive number (about the mean time between events), "
                          f"got {time_scale!r}")
     if _is_concrete(times, marks, mask, t_start, t_end):
         validate_events(times, marks, mask, t_start, t_end, int(num_marks), strict=False)
@@ -627,7 +629,7 @@ def _lnm_sample_one(key, params, t_start, t_end, num_slots: int):
 
 def _lnm_priors(num_marks: int, num_components, mark_dependent: bool, time_scale: float):
     if not isinstance(num_components, (int, np.integer)) or num_components < 1:
-        raise ValueError(f"num_components must be a positive int, got {num_components!r}")
+        raise ModelError(f"num_components must be a positive int, got {num_components!r}")
     M, K = int(num_marks), int(num_components)
     Md = M if mark_dependent else 1
     r = 1.0 / time_scale
@@ -711,10 +713,11 @@ def bucket_by_length(data: dict, edges: Sequence[int] = (32, 64, 128, 256)) -> d
 def _buckets(kw: dict, num_buckets: int) -> list[tuple]:
     missing = [f"{k}_{b}" for b in range(num_buckets) for k in _FIELDS if f"{k}_{b}" not in kw]
     if missing:
-        raise ValueError(f"missing bucket arrays {missing[:5]}; build them with tpp.bucket_by_length(data)")
+        raise DataError(f"missing bucket arrays {missing[:5]}; build them with tpp.bucket_by_length(data)")
     extra = sorted(set(kw) - {f"{k}_{b}" for b in range(num_buckets) for k in _FIELDS})
     if extra:
-        raise ValueError(f"unexpected arguments {extra}")
+        raise DataError(f"unexpected arguments {extra}; the bucket arrays are {list(_FIELDS)} with "
+                        f"suffixes _0.._{num_buckets - 1}, from tpp.bucket_by_length(data)")
     return [tuple(kw[f"{k}_{b}"] for k in _FIELDS) for b in range(num_buckets)]
 
 
@@ -759,7 +762,7 @@ def init_params(kind: str, num_marks: int, *, num_components: int = 3, mark_depe
     if kind == "hawkes":
         return {"mu": np.full(M, 0.5 * r / M), "alpha": np.full((M, M), 0.2 / M), "beta": np.full(M, 3 * r)}
     if kind != "lognormmix":
-        raise ValueError(f"kind must be 'hawkes' or 'lognormmix', got {kind!r}")
+        raise OptionError(f"kind must be 'hawkes' or 'lognormmix', got {kind!r}")
     K, Md = int(num_components), (M if mark_dependent else 1)
     spread = np.linspace(-1.0, 1.0, K) if K > 1 else np.zeros(1)
     return {"decay": np.asarray(r), "mark_bias": np.zeros(M), "mark_weight": np.zeros((M, M)),
@@ -781,8 +784,8 @@ def _simulate(sample_one, rng_key, params, t_end, t_start, num_sequences, max_ev
     times = np.asarray(times, np.float64)
     if np.isnan(times).any():
         bad = int(np.argmax(np.isnan(times).any(1)))
-        raise ValueError(f"max_events={max_events} is too small: sequence {bad} has more events "
-                         "(or the process is explosive); raise max_events or shorten t_end")
+        raise OptionError(f"max_events={max_events} is too small: sequence {bad} has more events "
+                          "(or the process is explosive); raise max_events or shorten t_end")
     mask = np.asarray(mask)
     n = max(int(mask.sum(1).max()), 1)
     return {"times": times[:, :n], "marks": np.asarray(marks, np.int32)[:, :n], "mask": mask[:, :n],
@@ -796,7 +799,7 @@ def simulate_hawkes(rng_key, params: dict, t_end: float, *, t_start: float = 0.0
 
     ``params``: ``mu`` (M,), ``alpha`` (M, M), ``beta`` (M,). Returns padded data as
     :func:`pad_sequences` (NumPy, float64 times; run under ``jax_enable_x64`` for float64
-    arithmetic). Raises ``ValueError`` if a sequence needs more than ``max_events`` slots.
+    arithmetic). Raises ``OptionError`` if a sequence needs more than ``max_events`` slots.
 
     >>> import jax
     >>> d = simulate_hawkes(jax.random.key(0), {"mu": [1.0], "alpha": [[0.5]], "beta": [2.0]}, 10.0)
@@ -806,7 +809,7 @@ def simulate_hawkes(rng_key, params: dict, t_end: float, *, t_start: float = 0.0
     params = _as_params(params)
     M = params["mu"].shape[-1]
     if params["alpha"].shape != (M, M) or params["beta"].shape != (M,):
-        raise ValueError(f"params: mu (M,), alpha (M, M), beta (M,) with M={M}; got alpha "
+        raise ModelError(f"params: mu (M,), alpha (M, M), beta (M,) with M={M}; got alpha "
                          f"{params['alpha'].shape}, beta {params['beta'].shape}")
     return _simulate(_ogata_one, rng_key, params, t_end, t_start, num_sequences, max_events, M)
 
@@ -898,7 +901,7 @@ def _which(params: dict) -> str:
         return "hawkes"
     if "mark_bias" in params:
         return "lognormmix"
-    raise ValueError(f"params have neither Hawkes sites {HAWKES_SITES} nor log-normal mixture sites "
+    raise ModelError(f"params have neither Hawkes sites {HAWKES_SITES} nor log-normal mixture sites "
                      f"({sorted(params)})")
 
 
@@ -1142,7 +1145,7 @@ def load(marks: str = "complete") -> dict:
     (360, 3, 18197)
     """
     if marks not in ("complete", "all"):
-        raise ValueError(f"marks must be 'complete' (M>=4.5, 3 classes) or 'all' (5 classes), got {marks!r}")
+        raise OptionError(f"marks must be 'complete' (M>=4.5, 3 classes) or 'all' (5 classes), got {marks!r}")
     with _path("japan_marked_monthly.jsonl.gz").open("rb") as f:
         rows = [json.loads(line) for line in gzip.decompress(f.read()).decode().splitlines() if line]
     lo = 2 if marks == "complete" else 0
@@ -1165,7 +1168,7 @@ def load_synthetic(name: str) -> list[dict]:
     one-kernel Hawkes model is misspecified for ``hawkes2``.
     """
     if name not in ("hawkes1", "hawkes2"):
-        raise ValueError(f"name must be 'hawkes1' or 'hawkes2', got {name!r}")
+        raise OptionError(f"name must be 'hawkes1' or 'hawkes2', got {name!r}")
     with _path(f"{name}.npz").open("rb") as f:
         t = np.load(f)["arrival_times"]
     return [{"times": row.astype(float), "marks": np.zeros(len(row), np.int32), "t_start": 0.0,

@@ -141,7 +141,7 @@ def test_unknown_engine_and_options(no_jit):
         bl.fit(post, bl.engines.NUTS(), num_chains=0)
     with pytest.raises(bl.EngineError, match="chain_method"):
         bl.engines.NUTS(chain_method="parallel-ish")
-    with pytest.raises(TypeError, match="needs a bayeslik.Posterior"):
+    with pytest.raises(bl.EngineError, match="needs a bayeslik.Posterior"):
         bl.fit(normal_model, "nuts")
 
 

@@ -84,7 +84,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bayeslik.engines import kit
-from bayeslik.errors import EngineError, ImproperPriorError, InitializationError, PriorTransformError
+from bayeslik.errors import DataError, EngineError, ImproperPriorError, InitializationError, PriorTransformError
 from bayeslik.fit import Fit
 from bayeslik.weights import bucket, equal_weight_indices, kish_ess, pad_rows
 
@@ -299,8 +299,8 @@ class true_batch_fn:  # noqa: N801 - a callable, named as the hook's documentati
     def __call__(self, u: np.ndarray) -> np.ndarray:
         u = np.asarray(u, dtype=np.float64)
         if u.ndim != 2 or u.shape[1] != self.ndim:
-            raise ValueError(f"batch_fn expects unit-cube points of shape (n, {self.ndim}), "
-                             f"got {u.shape}.")
+            raise DataError(f"batch_fn expects unit-cube points of shape (n, {self.ndim}), "
+                            f"got {u.shape}.")
         self.num_calls += u.shape[0]
         return np.asarray(_map_padded(self._progs, "loglik", u, self._data), dtype=np.float64)
 

@@ -460,7 +460,7 @@ def check_filter_options(model: StateSpaceModel, num_particles: int, method: str
     bayeslik.errors.ModelError: method='guided' needs the model's proposal_sample_fn, proposal_logdensity_fn and transition_logdensity_fn
     """
     if not isinstance(model, StateSpaceModel):
-        raise TypeError(f"model must be a StateSpaceModel, got {type(model).__name__}")
+        raise ModelError(f"model must be a StateSpaceModel, got {type(model).__name__}")
     if not isinstance(num_particles, (int, np.integer)) or isinstance(num_particles, bool) \
             or num_particles < 1:
         raise EngineError(f"num_particles must be a positive int, got {num_particles!r}")
@@ -599,8 +599,8 @@ def particle_filter(rng_key: jax.Array | None, model: StateSpaceModel, params: A
         noise = {k: jnp.asarray(v) for k, v in u.items()}
     else:
         if not _is_key(rng_key):
-            raise TypeError("rng_key must be a jax.random.key (new-style typed key), got "
-                            f"{type(rng_key).__name__}; use jax.random.key(seed)")
+            raise EngineError("rng_key must be a jax.random.key (new-style typed key), got "
+                              f"{type(rng_key).__name__}; use jax.random.key(seed)")
         noise = rng_key
     ys = jax.tree.map(jnp.asarray, ys)
     return _run(st, params, ys, noise, jnp.asarray(ess_threshold, jnp.float32),

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bayeslik.errors import OptionError
 from bayeslik.weights import bucket, pad_rows
 
 __all__ = [
@@ -70,11 +71,11 @@ class Architecture:
 
     def __post_init__(self) -> None:
         if int(self.width) < 1 or int(self.depth) < 1 or not self.learning_rate > 0:
-            raise ValueError(
+            raise OptionError(
                 f"Architecture needs width >= 1, depth >= 1 and learning_rate > 0, got {self}."
             )
         if self.kind not in KINDS:
-            raise ValueError(f"Architecture kind must be one of {KINDS}, got {self.kind!r}.")
+            raise OptionError(f"Architecture kind must be one of {KINDS}, got {self.kind!r}.")
 
 
 class AdditiveMLP(eqx.Module):
@@ -345,7 +346,7 @@ def search_architecture(rng_key: jax.Array, x: np.ndarray, y: np.ndarray, w_trai
     (no restart), as in Hyperband's successive halving.
     """
     if not candidates:
-        raise ValueError("search_architecture needs at least one candidate architecture.")
+        raise OptionError("search_architecture needs at least one candidate architecture.")
     x = np.asarray(x, np.float32)
     y = np.asarray(y, np.float32)
     if scaler is None:

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bayeslik.errors import EngineError
 from bayeslik.filtering import hmm_filter, hmm_loglik, kalman
 from bayeslik.filtering import particle as pf
 from bayeslik.models import arhmm
@@ -210,7 +211,7 @@ def test_bad_input_rejected_before_compiling(no_jit, lg_data):
         pf.particle_filter(None, ssm, p, ys, 10, u=pf.draw_noise(key, ssm, 5, 10))
     with pytest.raises(ValueError, match="same leading time axis"):
         pf.particle_filter(key, ssm, p, {"a": np.zeros(3), "b": np.zeros(4)}, 10)
-    with pytest.raises(TypeError, match="jax.random.key"):
+    with pytest.raises(EngineError, match="jax.random.key"):
         pf.particle_filter(jax.random.PRNGKey(0), ssm, p, ys, 10)
 
 
