@@ -1,14 +1,25 @@
 """The NUTS engine: blackjax's iterative NUTS with Stan's windowed warmup, on a Posterior.
 
-The warmup is Stan's, step for step (``stan::mcmc`` ``stepsize_adaptation``,
-``windowed_adaptation``, ``base_hmc::init_stepsize``): after each metric update the step size is
-found again under the new metric and dual averaging restarts there (see :func:`build_adapt`).
+The algorithm is written as blackjax writes its own, in pure functions of NamedTuple states:
 
-Chains are vectorised with ``vmap`` on one device and split over devices with ``shard_map``
-when there are several. The warmup (Stan's schedule: a fast window for the step size, doubling
-slow windows for the mass matrix, a final fast window) and the sampling run as a few chunks of a
-``lax.scan``, each chunk one call of a function compiled once, so a progress bar can move
-between chunks and an interrupted run keeps every draw made before the interrupt.
+* :func:`init` ``(rng_key, position, logdensity_fn, config) -> ChainState`` starts a chain as
+  Stan does (identity metric, the step size found by Stan's heuristic from 1);
+* :func:`build_kernel` ``(logdensity_fn, config) -> kernel(rng_key, state) -> (ChainState,
+  DrawInfo)`` is one plain NUTS transition at the state's step size and metric;
+* :func:`build_warmup` ``(logdensity_fn, config) -> (init, kernel)`` is Stan's adaptive
+  sampler around that kernel: ``kernel(rng_key, state, stage, window_end) -> (WarmupState,
+  DrawInfo)`` makes one NUTS transition, then adapts by :func:`build_adapt` (dual averaging of
+  the step size, the Welford metric windows, and at each window's end the metric update with the
+  step size found again under the new metric, step for step as Stan's ``stan::mcmc``
+  ``stepsize_adaptation``, ``windowed_adaptation`` and ``base_hmc::init_stepsize``);
+  :func:`warmup_schedule` gives the stages, :func:`end_warmup` the step size to sample with.
+
+``run`` is the engine's logic on the run layer of :mod:`bayeslik.engines.kit`. Chains are
+vectorised with ``vmap`` on one device and split over devices with ``shard_map`` when there are
+several. The warmup and the sampling run as a few chunks of a ``lax.scan``, each chunk one call
+of a function compiled once (warmup and sampling share it: the stage decides what is adapted),
+so a progress bar can move between chunks and an interrupted run keeps every draw made before
+the interrupt.
 
 The compiled functions take the data arrays as an argument and are cached by the Posterior's
 ``cache_key`` (program, non-array arguments, data shapes) and the settings that change the code:
@@ -18,9 +29,7 @@ cross-validation, refits), compiles nothing.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import time
 from dataclasses import dataclass
 from typing import Any, Mapping, NamedTuple
 
@@ -28,15 +37,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bayeslik.convergence import convergence_flags
-from bayeslik.engines._programs import ProgramCache, Programs, draws_fn
+from bayeslik.engines import kit
 from bayeslik.errors import EngineError, InitializationError
-from bayeslik.fit import Cost, Fit, build_datatree
+from bayeslik.fit import Fit
 from bayeslik.inits import default_init
 
-__all__ = ["NUTSConfig", "NUTS", "run", "run_many", "init", "build_step", "build_adapt",
-           "end_warmup", "dual_averaging", "find_reasonable_step_size", "ChainState",
-           "WarmupState", "DualAveragingState", "MetricState", "DrawInfo"]
+__all__ = ["NUTSConfig", "NUTS", "run", "run_many", "init", "build_kernel", "build_warmup",
+           "build_adapt", "end_warmup", "warmup_schedule", "dual_averaging",
+           "find_reasonable_step_size", "ChainState", "DrawInfo", "WarmupState",
+           "DualAveragingState", "INITIAL_STEP_SIZE", "FAST", "SLOW", "SAMPLING"]
 
 
 @dataclass(frozen=True)
@@ -74,29 +83,53 @@ class NUTSConfig:
     num_chunks: int = 20
 
     def __post_init__(self) -> None:
-        def bad(name: str, why: str) -> EngineError:
-            return EngineError(f"NUTS option {name}={getattr(self, name)!r}: {why}")
-
-        for name in ("num_samples", "num_chains", "max_tree_depth", "thinning", "num_chunks"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-                raise bad(name, "must be a positive integer.")
-        if not isinstance(self.num_warmup, (int, np.integer)) or self.num_warmup < 0:
-            raise bad("num_warmup", "must be a non-negative integer.")
-        if not 0.0 < float(self.target_accept) < 1.0:
-            raise bad("target_accept", "must lie strictly between 0 and 1 (0.8 is Stan's default).")
-        if not (isinstance(self.init, Mapping) or self.init in ("auto", "uniform", "prior")):
-            raise bad("init", "must be 'auto', 'uniform', 'prior' or a dict {site: value}.")
-        if not float(self.init_radius) > 0:
-            raise bad("init_radius", "must be positive.")
-        if self.chain_method not in ("vectorized", "sequential"):
-            raise bad("chain_method", "must be 'vectorized' or 'sequential'.")
+        check = kit.Check("NUTS", self)
+        check.integer("num_samples", "num_chains", "max_tree_depth", "thinning", "num_chunks")
+        check.require(isinstance(self.num_warmup, (int, np.integer)) and self.num_warmup >= 0,
+                      "num_warmup", "must be a non-negative integer.")
+        check.number("target_accept", low=0.0, high=1.0, hint="0.8 is Stan's default")
+        check.require(isinstance(self.init, Mapping) or self.init in ("auto", "uniform", "prior"),
+                      "init", "must be 'auto', 'uniform', 'prior' or a dict {site: value}.")
+        check.number("init_radius", low=0.0)
+        check.require(self.chain_method in ("vectorized", "sequential"), "chain_method",
+                      "must be 'vectorized' or 'sequential'.")
 
 
 NUTS = NUTSConfig  # bl.engines.NUTS(num_samples=...) reads better in user code
 
 
-# ---------------------------------------------------------------------------- pure building blocks
+# ---------------------------------------------------------------------------- the algorithm
+class ChainState(NamedTuple):
+    """One NUTS chain: where it is and the metric it moves with.
+
+    ``position`` the point on the unconstrained scale (ndim,); ``logdensity`` and
+    ``logdensity_grad`` the log density there and its gradient (blackjax's ``HMCState``);
+    ``step_size`` the leapfrog step size; ``inverse_mass_matrix`` the inverse metric, (ndim,)
+    diagonal or (ndim, ndim) dense.
+    """
+
+    position: jax.Array
+    logdensity: jax.Array
+    logdensity_grad: jax.Array
+    step_size: jax.Array
+    inverse_mass_matrix: jax.Array
+
+
+class DrawInfo(NamedTuple):
+    """One transition, as kept per iteration: the new ``position`` and its ``logdensity``,
+    whether it ``diverging``, its ``tree_depth`` (trajectory doublings), ``acceptance_rate``
+    (the mean Metropolis acceptance over the trajectory, Stan's accept_stat), ``energy`` (the
+    Hamiltonian at the new point) and ``num_steps`` (leapfrog steps, gradient evaluations)."""
+
+    position: jax.Array
+    logdensity: jax.Array
+    diverging: jax.Array
+    tree_depth: jax.Array
+    acceptance_rate: jax.Array
+    energy: jax.Array
+    num_steps: jax.Array
+
+
 class DualAveragingState(NamedTuple):
     """Stan's step-size adaptation (``stan::mcmc::stepsize_adaptation``), one chain.
 
@@ -110,6 +143,26 @@ class DualAveragingState(NamedTuple):
     x_bar: jax.Array
     mu: jax.Array
     log_step_size: jax.Array
+
+
+class WarmupState(NamedTuple):
+    """One chain during Stan's windowed warmup.
+
+    ``chain`` the :class:`ChainState` (its step size and inverse metric are the ones adapted so
+    far); ``dual_averaging`` the :class:`DualAveragingState` of the step size; ``welford``
+    blackjax's Welford estimate ``(mean, m2, sample_size)`` of the (co)variance of the positions
+    of the current slow window.
+    """
+
+    chain: ChainState
+    dual_averaging: DualAveragingState
+    welford: Any
+
+
+#: Stan's default initial step size; the first dual-averaging restart shrinks towards 10x it
+INITIAL_STEP_SIZE = 1.0
+#: the stages of :func:`warmup_schedule`: adapt the step size; also the metric; nothing (sampling)
+FAST, SLOW, SAMPLING = 0, 1, 2
 
 
 def dual_averaging(target_accept: float, gamma: float = 0.05, t0: float = 10.0,
@@ -197,195 +250,173 @@ def find_reasonable_step_size(rng_key, logdensity_fn, position, logdensity, logd
     return found
 
 
-class WarmupState(NamedTuple):
-    """Stan's windowed adaptation: dual averaging of the step size, Welford mass matrix."""
-
-    ss_state: DualAveragingState
-    imm_state: Any
-    step_size: jax.Array
-    inverse_mass_matrix: jax.Array
-
-
-class ChainState(NamedTuple):
-    """One chain: the NUTS state and the adaptation state."""
-
-    hmc: Any
-    warmup: WarmupState
-
-
-class DrawInfo(NamedTuple):
-    """What is kept per kept iteration, per chain."""
-
-    position: jax.Array
-    lp: jax.Array
-    diverging: jax.Array
-    tree_depth: jax.Array
-    acceptance_rate: jax.Array
-    energy: jax.Array
-    n_steps: jax.Array
-
-
-class MetricState(NamedTuple):
-    """The inverse metric and the Welford estimate of the current slow window."""
-
-    inverse_mass_matrix: jax.Array
-    welford: Any
+def _identity(ndim: int, dtype, dense_mass: bool) -> jax.Array:
+    return jnp.ones(ndim, dtype) if not dense_mass else jnp.eye(ndim, dtype=dtype)
 
 
 def _mass_matrix(dense_mass: bool):
-    """Stan's ``var_adaptation`` / ``covar_adaptation`` as ``(init, update, final)``: Welford
-    (blackjax's estimator) over a window, then ``n/(n+5) * cov + 1e-3 * 5/(n+5) * I``. As Stan's
-    ``sample_variance``, a window of one draw keeps the previous metric as its estimate."""
+    """Stan's ``var_adaptation`` / ``covar_adaptation`` as ``(init, update, final)`` of the
+    Welford state (blackjax's estimator) of a window: ``final(welford, previous)`` is the new
+    inverse metric ``n/(n+5) * cov + 1e-3 * 5/(n+5) * I`` and a fresh Welford state. As Stan's
+    ``sample_variance``, a window of one draw keeps the ``previous`` metric as its estimate."""
     from blackjax.adaptation.mass_matrix import welford_algorithm
 
     w_init, w_update, w_final = welford_algorithm(not dense_mass)
 
-    def init(ndim: int, dtype=None) -> MetricState:
-        eye = jnp.ones(ndim, dtype) if not dense_mass else jnp.eye(ndim, dtype=dtype)
-        return MetricState(eye, w_init(ndim))
+    def final(welford, previous):
+        cov, n, _ = w_final(welford)
+        cov = jnp.where(n > 1, jnp.nan_to_num(cov), previous).astype(previous.dtype)
+        n = jnp.asarray(n, previous.dtype)
+        ident = 1e-3 * (jnp.eye(previous.shape[0], dtype=previous.dtype) if dense_mass else 1.0)
+        return (n / (n + 5.0)) * cov + (5.0 / (n + 5.0)) * ident, w_init(previous.shape[0])
 
-    def update(state: MetricState, position) -> MetricState:
-        return state._replace(welford=w_update(state.welford, position))
-
-    def final(state: MetricState) -> MetricState:
-        cov, n, _ = w_final(state.welford)
-        prev = state.inverse_mass_matrix
-        cov = jnp.where(n > 1, jnp.nan_to_num(cov), prev).astype(prev.dtype)
-        n = jnp.asarray(n, prev.dtype)
-        ident = 1e-3 * (jnp.eye(prev.shape[0], dtype=prev.dtype) if dense_mass else 1.0)
-        imm = (n / (n + 5.0)) * cov + (5.0 / (n + 5.0)) * ident
-        return MetricState(imm, w_init(prev.shape[0]))
-
-    return init, update, final
+    return w_init, w_update, final
 
 
-#: Stan's default initial step size; the first dual-averaging restart shrinks towards 10x it
-INITIAL_STEP_SIZE = 1.0
-
-
-def init(position: jax.Array, logdensity_fn, rng_key: jax.Array, config: NUTSConfig) -> ChainState:
-    """Initial state of one chain, as Stan starts its adaptive sampler: identity metric, dual
-    averaging with ``mu = log(10 * 1)``, and the step size found by Stan's heuristic from 1."""
+def init(rng_key: jax.Array, position: jax.Array, logdensity_fn, config: NUTSConfig) -> ChainState:
+    """A chain at ``position`` as Stan starts its adaptive sampler: the identity metric and the
+    step size found by Stan's heuristic (:func:`find_reasonable_step_size`) from
+    :data:`INITIAL_STEP_SIZE`."""
     import blackjax
 
-    mm_init, _, _ = _mass_matrix(config.dense_mass)
-    da_init, _, _ = dual_averaging(config.target_accept)
     state = blackjax.nuts.init(position, logdensity_fn)
-    imm_state = mm_init(position.shape[0], position.dtype)
-    first = jnp.asarray(INITIAL_STEP_SIZE, position.dtype)
+    inverse_mass_matrix = _identity(position.shape[0], position.dtype, config.dense_mass)
     step_size = find_reasonable_step_size(
         rng_key, logdensity_fn, state.position, state.logdensity, state.logdensity_grad,
-        imm_state.inverse_mass_matrix, first)
-    ss = da_init(first)._replace(log_step_size=jnp.log(step_size))
-    return ChainState(state, WarmupState(ss, imm_state, step_size, imm_state.inverse_mass_matrix))
+        inverse_mass_matrix, jnp.asarray(INITIAL_STEP_SIZE, position.dtype))
+    return ChainState(state.position, state.logdensity, state.logdensity_grad, step_size,
+                      inverse_mass_matrix)
 
 
-SAMPLING = 2  # the stage of kept iterations: no adaptation
+def build_kernel(logdensity_fn, config: NUTSConfig):
+    """``kernel(rng_key, state) -> (ChainState, DrawInfo)``: one NUTS transition (blackjax's
+    iterative NUTS: multinomial sampling, generalised U-turn criterion) at the state's step
+    size and inverse metric, of at most ``2**config.max_tree_depth - 1`` leapfrog steps. No
+    adaptation: that is :func:`build_warmup`'s."""
+    import blackjax
+    from blackjax.mcmc.hmc import HMCState
+
+    nuts_kernel = blackjax.nuts.build_kernel()
+
+    def kernel(rng_key: jax.Array, state: ChainState) -> tuple[ChainState, DrawInfo]:
+        hmc, info = nuts_kernel(
+            rng_key, HMCState(state.position, state.logdensity, state.logdensity_grad),
+            logdensity_fn, state.step_size, state.inverse_mass_matrix,
+            max_num_doublings=config.max_tree_depth)
+        new = state._replace(position=hmc.position, logdensity=hmc.logdensity,
+                             logdensity_grad=hmc.logdensity_grad)
+        return new, DrawInfo(hmc.position, hmc.logdensity, info.is_divergent,
+                             info.num_trajectory_expansions, info.acceptance_rate, info.energy,
+                             info.num_integration_steps)
+
+    return kernel
 
 
 def build_adapt(logdensity_fn, config: NUTSConfig, find_step_size=find_reasonable_step_size):
     """Stan's warmup update after one transition, step for step (``adapt_diag_e_nuts`` /
-    ``adapt_dense_e_nuts``::transition):
+    ``adapt_dense_e_nuts``::transition), as
+    ``adapt(rng_key, state, stage, window_end, accept_stat) -> WarmupState`` where
+    ``state.chain`` is the chain after the transition and ``accept_stat`` its acceptance rate:
 
-    1. ``learn_stepsize``: dual averaging with the transition's acceptance statistic sets the
-       next step size ``exp(x)``;
-    2. ``learn_variance``: in a slow window (stage 1) the position joins the Welford estimate;
-    3. at a slow window's end the regularised (co)variance becomes the inverse metric, the
-       step size is found again by ``init_stepsize`` from the current one under the new metric
-       at the current position, and dual averaging restarts with ``mu = log(10 * found)``.
+    1. ``learn_stepsize``: dual averaging with the acceptance statistic sets the next step size
+       ``exp(x)``;
+    2. ``learn_variance``: in a slow window (stage :data:`SLOW`) the position joins the Welford
+       estimate;
+    3. at a slow window's end (``window_end``) the regularised (co)variance becomes the inverse
+       metric, the step size is found again by ``init_stepsize`` from the current one under the
+       new metric at the current position, and dual averaging restarts with
+       ``mu = log(10 * found)``.
 
-    Returns ``adapt(rng_key, warmup_state, stage, window_end, hmc_state, accept_stat)``.
     ``find_step_size`` is a parameter so tests can follow the logic with a stand-in.
     """
-    _, mm_update, mm_final = _mass_matrix(config.dense_mass)
+    _, w_update, w_final = _mass_matrix(config.dense_mass)
     da_init, da_update, _ = dual_averaging(config.target_accept)
 
-    def adapt(rng_key, ws: WarmupState, stage, window_end, hmc, accept_stat) -> WarmupState:
-        ss = da_update(ws.ss_state, accept_stat)
-        imm = jax.lax.cond(stage == 1, lambda s: mm_update(s, hmc.position), lambda s: s,
-                           ws.imm_state)
+    def adapt(rng_key, state: WarmupState, stage, window_end, accept_stat) -> WarmupState:
+        chain = state.chain
+        da = da_update(state.dual_averaging, accept_stat)
+        welford = jax.lax.cond(stage == SLOW, lambda w: w_update(w, chain.position),
+                               lambda w: w, state.welford)
 
         def end_window(args):
-            ss, imm = args
-            imm = mm_final(imm)
-            inv_mass = imm.inverse_mass_matrix
-            eps = find_step_size(rng_key, logdensity_fn, hmc.position, hmc.logdensity,
-                                 hmc.logdensity_grad, inv_mass, jnp.exp(ss.log_step_size))
-            eps = jnp.asarray(eps, ws.step_size.dtype)
-            ss = da_init(eps)
-            return ss, imm, inv_mass, eps
+            da, welford = args
+            inverse_mass_matrix, welford = w_final(welford, chain.inverse_mass_matrix)
+            eps = find_step_size(rng_key, logdensity_fn, chain.position, chain.logdensity,
+                                 chain.logdensity_grad, inverse_mass_matrix,
+                                 jnp.exp(da.log_step_size))
+            eps = jnp.asarray(eps, chain.step_size.dtype)
+            return da_init(eps), welford, inverse_mass_matrix, eps
 
         def keep(args):
-            ss, imm = args
-            return ss, imm, ws.inverse_mass_matrix, jnp.exp(ss.log_step_size)
+            da, welford = args
+            return da, welford, chain.inverse_mass_matrix, jnp.exp(da.log_step_size)
 
-        ss, imm, inv_mass, eps = jax.lax.cond(window_end, end_window, keep, (ss, imm))
-        return WarmupState(ss, imm, eps, inv_mass)
+        da, welford, inverse_mass_matrix, eps = jax.lax.cond(window_end, end_window, keep,
+                                                             (da, welford))
+        chain = chain._replace(step_size=eps, inverse_mass_matrix=inverse_mass_matrix)
+        return WarmupState(chain, da, welford)
 
     return adapt
 
 
-def build_step(logdensity_fn, config: NUTSConfig):
-    """``step(chain_state, (key, stage, window_end, active)) -> (chain_state, DrawInfo)``.
+def build_warmup(logdensity_fn, config: NUTSConfig, find_step_size=find_reasonable_step_size):
+    """Stan's adaptive NUTS sampler as ``(init, kernel)``:
 
-    One NUTS transition, then Stan's adaptation by stage (see :func:`build_adapt`): 0 adapts
-    the step size only ("fast"), 1 also the metric ("slow"), 2 (``SAMPLING``) nothing.
-    ``active`` False makes the step a no-op (used to pad the last chunk of a phase).
+    * ``init(chain: ChainState) -> WarmupState``: dual averaging shrinking towards
+      ``mu = log(10 * INITIAL_STEP_SIZE)`` from the chain's step size, an empty Welford window;
+    * ``kernel(rng_key, state, stage, window_end) -> (WarmupState, DrawInfo)``: one transition
+      of :func:`build_kernel`'s kernel, then :func:`build_adapt`'s update unless ``stage`` is
+      :data:`SAMPLING` (the kept iterations: nothing is adapted). The key is split in two, for
+      the transition and for the step-size search at a window's end.
+
+    The stages and window ends of a warmup are :func:`warmup_schedule`'s; after it,
+    :func:`end_warmup` sets the step size to sample with.
     """
-    import blackjax
+    kernel = build_kernel(logdensity_fn, config)
+    adapt = build_adapt(logdensity_fn, config, find_step_size)
+    da_init = dual_averaging(config.target_accept)[0]
+    w_init = _mass_matrix(config.dense_mass)[0]
 
-    adapt = build_adapt(logdensity_fn, config)
-    kernel = blackjax.nuts.build_kernel()
+    def init(chain: ChainState) -> WarmupState:
+        first = jnp.asarray(INITIAL_STEP_SIZE, chain.position.dtype)
+        da = da_init(first)._replace(log_step_size=jnp.log(chain.step_size))
+        return WarmupState(chain, da, w_init(chain.position.shape[0]))
 
-    def step(cs: ChainState, x):
-        key, stage, window_end, active = x
+    def warmup_kernel(rng_key, state: WarmupState, stage, window_end):
+        k_move, k_adapt = jax.random.split(rng_key)
+        chain, info = kernel(k_move, state.chain)
+        state = jax.lax.cond(
+            stage == SAMPLING, lambda s: s,
+            lambda s: adapt(k_adapt, s, stage, window_end, info.acceptance_rate),
+            state._replace(chain=chain))
+        return state, info
 
-        def do(cs):
-            k_move, k_adapt = jax.random.split(key)
-            hmc, info = kernel(
-                k_move, cs.hmc, logdensity_fn, cs.warmup.step_size, cs.warmup.inverse_mass_matrix,
-                max_num_doublings=config.max_tree_depth,
-            )
-            ws = jax.lax.cond(
-                stage == SAMPLING,
-                lambda w: w,
-                lambda w: adapt(k_adapt, w, stage, window_end, hmc, info.acceptance_rate),
-                cs.warmup,
-            )
-            return ChainState(hmc, ws), DrawInfo(
-                hmc.position, hmc.logdensity, info.is_divergent, info.num_trajectory_expansions,
-                info.acceptance_rate, info.energy, info.num_integration_steps,
-            )
-
-        def skip(cs):
-            # zeros of the same shapes and dtypes as a real step's (int64 under jax_enable_x64)
-            shapes = jax.eval_shape(do, cs)[1]
-            zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
-            return cs, zeros._replace(position=cs.hmc.position, lp=cs.hmc.logdensity)
-
-        return jax.lax.cond(active, do, skip, cs)
-
-    return step
+    return init, warmup_kernel
 
 
-def end_warmup(cs: ChainState) -> ChainState:
+def end_warmup(state: WarmupState) -> WarmupState:
     """After the warmup, sample with the dual-averaged step size ``exp(x_bar)`` (Stan's
     ``complete_adaptation``)."""
-    ws = cs.warmup
-    return cs._replace(warmup=ws._replace(step_size=jnp.exp(ws.ss_state.x_bar)))
+    step_size = jnp.exp(state.dual_averaging.x_bar)
+    return state._replace(chain=state.chain._replace(step_size=step_size))
 
 
-def _schedule(num_warmup: int, initial_buffer: int = 75, first_window: int = 25,
-              final_buffer: int = 50) -> tuple[np.ndarray, np.ndarray]:
+def warmup_schedule(num_warmup: int, initial_buffer: int = 75, first_window: int = 25,
+                    final_buffer: int = 50) -> tuple[np.ndarray, np.ndarray]:
     """Stan's warmup schedule as (stage, window_end) arrays of length num_warmup.
 
-    Stan's ``windowed_adaptation``, counter for counter: a fast window (stage 0) of
-    ``initial_buffer`` iterations, slow windows (stage 1) of ``first_window`` iterations and then
-    doubling, where a window is stretched to the end of the slow phase when the window after it
-    would not fit (``compute_next_window``), a final fast window of ``final_buffer`` iterations.
-    Fewer than 20 iterations: step size only. Too few for the default windows: 15% / 75% / 10%.
+    Stan's ``windowed_adaptation``, counter for counter: a fast window (stage :data:`FAST`) of
+    ``initial_buffer`` iterations, slow windows (stage :data:`SLOW`) of ``first_window``
+    iterations and then doubling, where a window is stretched to the end of the slow phase when
+    the window after it would not fit (``compute_next_window``), a final fast window of
+    ``final_buffer`` iterations. Fewer than 20 iterations: step size only. Too few for the
+    default windows: 15% / 75% / 10%.
+
+    >>> stage, end = warmup_schedule(200)
+    >>> int((stage == SLOW).sum()), np.flatnonzero(end).tolist()
+    (75, [99, 149])
     """
-    stage = np.zeros(num_warmup, np.int32)
+    stage = np.full(num_warmup, FAST, np.int32)
     end = np.zeros(num_warmup, bool)
     if num_warmup < 20:
         return stage, end
@@ -398,7 +429,7 @@ def _schedule(num_warmup: int, initial_buffer: int = 75, first_window: int = 25,
     for counter in range(num_warmup):
         # adaptation_window(): the counter lies in the slow phase
         if initial_buffer <= counter < num_warmup - final_buffer:
-            stage[counter] = 1
+            stage[counter] = SLOW
         # end_adaptation_window(), then compute_next_window()
         if counter == next_end:
             end[counter] = True
@@ -411,13 +442,24 @@ def _schedule(num_warmup: int, initial_buffer: int = 75, first_window: int = 25,
 
 
 # ---------------------------------------------------------------------------- compiled programs
-class _Programs(Programs):
+def _unless_padding(move, state: WarmupState, active):
+    """``move(state)`` where ``active``; else the state as it is and a zero DrawInfo (at the
+    current point) of the same shapes and dtypes (int64 under jax_enable_x64): pads a chunk."""
+
+    def skip(s):
+        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(move, s)[1])
+        return s, zeros._replace(position=s.chain.position, logdensity=s.chain.logdensity)
+
+    return jax.lax.cond(active, move, skip, state)
+
+
+class _Programs(kit.Programs):
     """The compiled functions of one (Posterior, settings) pair, compiled once and reused.
 
-    ``init``: candidates (chains, tries, ndim) -> (ChainState per chain, index of the first
-    finite candidate per chain, number of finite candidates per chain). ``chunk``: a scan of NUTS
-    steps over a chunk of the schedule. ``post``: constrained values and pointwise
-    log-likelihood of a batch of draws.
+    ``init``: candidates (chains, tries, ndim) -> (WarmupState per chain, index of the first
+    finite candidate per chain, number of finite candidates per chain). ``chunk``: a scan of the
+    warmup kernel over a chunk of the schedule (of :data:`SAMPLING` stages when sampling).
+    ``post``: constrained values and pointwise log-likelihood of a batch of draws.
     """
 
     def __init__(self, posterior, config: NUTSConfig, mesh, batched: bool = False):
@@ -427,18 +469,23 @@ class _Programs(Programs):
         # every Posterior with the same cache_key (same program, same data shapes)
         def init_chain(candidates, key_data, data):
             logdensity = posterior.at(data).logdensity
-            key = jax.random.wrap_key_data(key_data)
             val, grad = jax.vmap(jax.value_and_grad(logdensity))(candidates)
             ok = jnp.isfinite(val) & jnp.all(jnp.isfinite(grad), axis=1)
             first = jnp.argmax(ok)
-            return init(candidates[first], logdensity, key, config), first, ok.sum()
+            chain = init(jax.random.wrap_key_data(key_data), candidates[first], logdensity, config)
+            return build_warmup(logdensity, config)[0](chain), first, ok.sum()
 
-        def chunk(cs, key_data, offset, stage, end, active, data):
-            step = build_step(posterior.at(data).logdensity, config)
+        def chunk(state, key_data, offset, stage, end, active, data):
+            kernel = build_warmup(posterior.at(data).logdensity, config)[1]
+
+            def step(state, x):
+                key, stage, window_end, active = x
+                return _unless_padding(lambda s: kernel(key, s, stage, window_end), state, active)
+
             # the key of step t of a phase is fold_in(phase key, t): no key arrays on the host
             key = jax.random.wrap_key_data(key_data)
             keys = jax.vmap(lambda t: jax.random.fold_in(key, t))(offset + jnp.arange(stage.shape[0]))
-            return jax.lax.scan(step, cs, (keys, stage, end, active))
+            return jax.lax.scan(step, state, (keys, stage, end, active))
 
         # batched: each chain has its own data (a leading axis of one row per chain)
         d = 0 if batched else None
@@ -453,24 +500,24 @@ class _Programs(Programs):
                 vchunk, mesh=mesh, in_specs=(c, c, r, r, r, r, r), out_specs=(c, c), check_vma=False
             )
 
-        post = draws_fn(posterior)
+        post = kit.draws_fn(posterior)
 
         self._fns = {"init": jax.jit(vinit), "chunk": jax.jit(vchunk),
                      "post": jax.jit(jax.vmap(post) if batched else post)}
 
 
-
-_CACHE = ProgramCache(32)
+_CACHE = kit.ProgramCache(32)
 
 
 def _programs(posterior, config: NUTSConfig, mesh, batched: bool = False) -> _Programs:
     """The compiled programs for this Posterior's cache_key and the settings that change the
-    compiled code (least recently used ones are dropped beyond _CACHE_SIZE)."""
+    compiled code (least recently used ones are dropped beyond the cache's size)."""
     static = (config.target_accept, config.max_tree_depth, config.dense_mass, batched)
     key = (posterior.cache_key, static, None if mesh is None else tuple(mesh.devices.flat))
     return _CACHE.get(key, lambda: _Programs(posterior, config, mesh, batched))
 
 
+# ---------------------------------------------------------------------------- starting points
 def _candidates(posterior, rng_key, num_chains: int, init, radius: float, num_tries: int):
     """Starting candidates (chains, tries, ndim): uniform on [-radius, radius], prior draws, or
     a given point jittered by +-radius/20."""
@@ -502,7 +549,89 @@ def _no_start_error(posterior, candidates, num_ok, init: str, radius: float) -> 
     )
 
 
+class _Starts(NamedTuple):
+    """Per chain row (posterior b's chains are rows b*C .. b*C + C-1): the starting candidates
+    (rows, tries, ndim) and the key data of the start, the warmup and the sampling; the init
+    each posterior used."""
+
+    candidates: np.ndarray
+    init_keys: np.ndarray
+    warmup_keys: np.ndarray
+    sample_keys: np.ndarray
+    inits: list
+
+
+def _starts(posteriors, rng_keys, config: NUTSConfig) -> _Starts:
+    C = config.num_chains
+    cands, keys, inits = [], [], []
+    for p, key in zip(posteriors, rng_keys):
+        k_init, *k_phases = jax.random.split(key, 4)
+        inits.append((default_init(p) or "uniform") if config.init == "auto" else config.init)
+        cands.append(_candidates(p, k_init, C, inits[-1], config.init_radius, num_tries=100))
+        keys.append([np.asarray(jax.random.key_data(jax.random.split(k, C))) for k in k_phases])
+    return _Starts(np.concatenate(cands), *(np.concatenate(k) for k in zip(*keys)), inits)
+
+
+def _start(progs, posteriors, starts: _Starts, idx, data, config: NUTSConfig) -> WarmupState:
+    """The warmup states of the chain rows ``idx``, or the error naming a chain with no start."""
+    state, _, num_ok = progs("init", starts.candidates[idx], starts.init_keys[idx], data)
+    num_ok = np.asarray(num_ok)
+    if np.any(num_ok == 0):
+        b = int(idx[np.argmin(num_ok)]) // config.num_chains
+        raise _no_start_error(posteriors[b], np.asarray(starts.candidates[idx]), num_ok,
+                              starts.inits[b], config.init_radius)
+    return state
+
+
 # ---------------------------------------------------------------------------- the run
+class _Layout(NamedTuple):
+    """Where a run's chain rows go: ``own`` the rows this process runs (all, unless several JAX
+    processes split them: ``multi``), ``groups`` the rows that run together (one group, or one
+    chain each when sequential), ``mesh`` the devices a group is split over (or None)."""
+
+    batched: bool
+    multi: bool
+    own: np.ndarray
+    groups: list
+    mesh: Any
+
+
+def _layout(num_posteriors: int, config: NUTSConfig) -> _Layout:
+    C, batched = config.num_chains, num_posteriors > 1
+    sequential = config.chain_method == "sequential" and not batched
+    # several JAX processes (jax.distributed): each runs its own block of chains, then every
+    # process gathers all of them, so each returns the same Fit
+    num_procs, proc = jax.process_count(), jax.process_index()
+    multi = num_procs > 1 and not batched
+    own = np.arange(num_posteriors * C)
+    if multi:
+        if C % num_procs:
+            raise EngineError(
+                f"NUTS option num_chains={C}: the chains are split evenly over the {num_procs} "
+                f"JAX processes (jax.distributed); use a multiple of {num_procs}.")
+        own = np.arange(proc * C // num_procs, (proc + 1) * C // num_procs)
+    mesh, devices = None, jax.local_devices()
+    if not sequential and len(devices) > 1:
+        # the most devices that take equal shares of the chains (4 chains on 8 CPU cores: 4)
+        k = max(d for d in range(1, min(len(devices), len(own)) + 1) if len(own) % d == 0)
+        if k > 1:
+            mesh = jax.sharding.Mesh(np.array(devices[:k]), ("chain",))
+    groups = [[int(c)] for c in own] if sequential else [[int(c) for c in own]]
+    return _Layout(batched, multi, own, groups, mesh)
+
+
+def _data(posteriors, num_chains: int):
+    """The data arrays; batched, one row per chain (posterior b's arrays for its chains)."""
+    if len(posteriors) == 1:
+        return posteriors[0].data_arrays
+    return jax.tree.map(lambda *a: jnp.repeat(jnp.stack(a), num_chains, axis=0),
+                        *[p.data_arrays for p in posteriors])
+
+
+def _take(data, idx, batched: bool):
+    return jax.tree.map(lambda a: a[idx], data) if batched else data
+
+
 def _chunks(total: int, num_chunks: int, multiple: int = 1) -> tuple[int, int]:
     """(chunk length, number of chunks) covering ``total`` steps; length is a multiple."""
     if total == 0:
@@ -512,17 +641,59 @@ def _chunks(total: int, num_chunks: int, multiple: int = 1) -> tuple[int, int]:
     return length, math.ceil(total / length)
 
 
-def _phase(total: int, length: int, n: int, stage: np.ndarray, end: np.ndarray):
-    """The (stage, window_end, active) arrays of each chunk of a phase, padded to length."""
+def _phase(progs, state, keys, stage, end, data, config: NUTSConfig, multiple: int = 1):
+    """Run the chunks of one phase (its ``stage`` and ``end`` arrays, padded to whole chunks);
+    yields (state, DrawInfo as NumPy, number of real iterations) after each chunk."""
+    total = stage.shape[0]
+    length, n = _chunks(total, config.num_chunks, multiple)
     for i in range(n):
         sl = slice(i * length, min((i + 1) * length, total))
         k = sl.stop - sl.start
         pad = length - k
-        yield (sl, np.pad(stage[sl], (0, pad)).astype(np.int32),
-               np.pad(end[sl], (0, pad)).astype(bool), np.arange(length) < k)
+        state, info = progs("chunk", state, keys, np.int32(sl.start),
+                            np.pad(stage[sl], (0, pad)).astype(np.int32),
+                            np.pad(end[sl], (0, pad)).astype(bool), np.arange(length) < k, data)
+        yield state, jax.tree.map(np.asarray, info), k
 
 
-def _gather_processes(info, step_size, rows_kept, num_grad, warm_div):
+def _warmup(progs, state, keys, data, config, idx, work, bar) -> WarmupState:
+    """Stan's warmup of the chain rows ``idx``; counts their gradients and divergences."""
+    stage, end = warmup_schedule(config.num_warmup)
+    for state, info, k in _phase(progs, state, keys, stage, end, data, config):
+        work["num_grad"][idx] += info.num_steps.sum(axis=1)
+        work["warmup_divergences"][idx] += info.diverging.sum(axis=1)
+        bar.update(k * len(idx))
+    return end_warmup(state) if config.num_warmup else state
+
+
+def _sample(progs, state, keys, data, config, idx, work, sink, kept, bar) -> None:
+    """The kept iterations of the chain rows ``idx``, thinned, appended chunk by chunk to
+    ``sink`` (one of ``kept``, whose divergences the bar shows)."""
+    total, T = config.num_samples * config.thinning, config.thinning
+    stage, end = np.full(total, SAMPLING, np.int32), np.zeros(total, bool)
+    for state, info, k in _phase(progs, state, keys, stage, end, data, config, multiple=T):
+        work["num_grad"][idx] += info.num_steps.sum(axis=1)
+        # thinning: keep every T-th iteration, summing the work and divergences between
+        draws = jax.tree.map(lambda a: a[:, T - 1:k:T], info)
+        sink.append(draws._replace(
+            diverging=info.diverging[:, :k].reshape(len(idx), -1, T).any(-1),
+            num_steps=info.num_steps[:, :k].reshape(len(idx), -1, T).sum(-1)))
+        bar.update(k * len(idx))
+        bar.set_postfix(divergences=sum(int(d.diverging.sum()) for kg in kept for d in kg))
+
+
+def _collect(kept, step_sizes, groups):
+    """(DrawInfo (rows, draws), step size per row, the rows) of the groups that kept draws,
+    cut to the draws all of them have (an interrupted run's sequential chains may differ)."""
+    done = [g for g in range(len(groups)) if kept[g]]
+    per_group = [jax.tree.map(lambda *a: np.concatenate(a, axis=1), *kept[g]) for g in done]
+    n = min(d.position.shape[1] for d in per_group)
+    info = jax.tree.map(lambda *a: np.concatenate([x[:, :n] for x in a], axis=0), *per_group)
+    step_size = np.concatenate([np.atleast_1d(step_sizes[g]) for g in done])
+    return info, step_size, np.concatenate([np.array(groups[g]) for g in done])
+
+
+def _gather_processes(info, step_size, rows_kept, work):
     """Every process's chains, in chain order, on every process (jax.distributed runs)."""
     from jax.experimental import multihost_utils
 
@@ -538,11 +709,48 @@ def _gather_processes(info, step_size, rows_kept, num_grad, warm_div):
     order = np.argsort(all_rows, kind="stable")
     info = jax.tree.map(lambda a: a[order], info)
     # each process counted only its own chains' work
-    mine = np.zeros(num_grad.shape, bool)
+    mine = np.zeros(len(work["num_grad"]), bool)
     mine[rows_kept] = True
-    num_grad = gather(np.where(mine, num_grad, 0)).reshape(-1, num_grad.size).sum(0)
-    warm_div = gather(np.where(mine, warm_div, 0)).reshape(-1, warm_div.size).sum(0)
-    return info, step_size[order], all_rows[order], num_grad, warm_div
+    work = {k: gather(np.where(mine, v, 0)).reshape(-1, v.size).sum(0) for k, v in work.items()}
+    return info, step_size[order], all_rows[order], work
+
+
+def _constrained(progs, position, data, posteriors, lay: _Layout, num_chains: int):
+    """{site: (posterior, chain, draw, ...)} constrained values and pointwise log-likelihood of
+    the draws, in one compiled pass."""
+    post, B = posteriors[0], len(posteriors)
+    if lay.batched:
+        zs = jnp.asarray(position.reshape(B, -1, post.ndim))
+        values, pointwise = progs("post", zs, _take(data, np.arange(0, B * num_chains, num_chains),
+                                                    True))
+    else:
+        values, pointwise = progs("post", jnp.asarray(position.reshape(-1, post.ndim)), data)
+    shape3 = (B, position.shape[0] // B, position.shape[1])
+    values = {k: np.asarray(v).reshape(shape3 + v.shape[v.ndim - len(post.sites[k].shape):])
+              for k, v in values.items()}
+    pointwise = {k: np.asarray(v).reshape(shape3 + v.shape[(2 if lay.batched else 1):])
+                 for k, v in pointwise.items()}
+    return values, pointwise
+
+
+def _sample_stats(info: DrawInfo, step_size, config: NUTSConfig) -> dict:
+    return {"diverging": info.diverging, "lp": info.logdensity, "tree_depth": info.tree_depth,
+            "acceptance_rate": info.acceptance_rate, "energy": info.energy,
+            "n_steps": info.num_steps,  # ArviZ's name
+            "step_size": np.broadcast_to(step_size[:, None], info.diverging.shape).copy(),
+            "reached_max_tree_depth": info.tree_depth >= config.max_tree_depth}
+
+
+def _flags(info: DrawInfo, config: NUTSConfig, interrupted: str | None) -> list[str]:
+    flags = []
+    num_div = int(info.diverging.sum())
+    if num_div:
+        flags.append(f"{num_div} divergent transitions after warmup; consider target_accept=0.9 "
+                     "or more, or a reparametrisation")
+    num_deep = int((info.tree_depth >= config.max_tree_depth).sum())
+    if num_deep:
+        flags.append(f"{num_deep} iterations hit max_tree_depth={config.max_tree_depth}")
+    return flags + ([interrupted] if interrupted else [])
 
 
 def run(posterior, rng_key: jax.Array, config: NUTSConfig) -> Fit:
@@ -575,173 +783,45 @@ def run_many(posteriors, rng_keys, config: NUTSConfig) -> list[Fit]:
 
 
 def _run(posteriors, rng_keys, config: NUTSConfig) -> list[Fit]:
-    from tqdm.auto import tqdm
-
-    t_start = time.perf_counter()
-    posterior, B, C = posteriors[0], len(posteriors), config.num_chains
-    batched = B > 1
-    rows = B * C
-    devices = jax.local_devices()
-    sequential = config.chain_method == "sequential" and not batched
-    # several JAX processes (jax.distributed): each runs its own block of chains, then every
-    # process gathers all of them, so each returns the same Fit
-    num_procs, proc = jax.process_count(), jax.process_index()
-    multi = num_procs > 1 and not batched
-    own = np.arange(rows)
-    if multi:
-        if C % num_procs:
-            raise EngineError(
-                f"NUTS option num_chains={C}: the chains are split evenly over the {num_procs} "
-                f"JAX processes (jax.distributed); use a multiple of {num_procs}.")
-        own = np.arange(proc * C // num_procs, (proc + 1) * C // num_procs)
-    mesh = None
-    if not sequential and len(devices) > 1:
-        # the most devices that take equal shares of the chains (4 chains on 8 CPU cores: 4)
-        k = max(d for d in range(1, min(len(devices), len(own)) + 1) if len(own) % d == 0)
-        if k > 1:
-            mesh = jax.sharding.Mesh(np.array(devices[:k]), ("chain",))
-    groups = [[int(c)] for c in own] if sequential else [[int(c) for c in own]]
-    progs = _programs(posterior, config, mesh, batched)
-    compile_before = progs.compile_s
-    if batched:  # one data row per chain: posterior b's arrays for its C chains
-        data = jax.tree.map(lambda *a: jnp.repeat(jnp.stack(a), C, axis=0),
-                            *[p.data_arrays for p in posteriors])
-    else:
-        data = posterior.data_arrays
-
-    def take(d, idx):
-        return jax.tree.map(lambda a: a[idx], d) if batched else d
-
-    W, S, T = config.num_warmup, config.num_samples, config.thinning
-    cands, init_keys, warm_keys, samp_keys = [], [], [], []
-    init_used = []
-    for p, key in zip(posteriors, rng_keys):
-        k_init, k_step, k_warm, k_samp = jax.random.split(key, 4)
-        start = config.init
-        if start == "auto":
-            start = default_init(p) or "uniform"
-        init_used.append(start)
-        cands.append(_candidates(p, k_init, C, start, config.init_radius, num_tries=100))
-        for out, k in ((init_keys, k_step), (warm_keys, k_warm), (samp_keys, k_samp)):
-            out.append(np.asarray(jax.random.key_data(jax.random.split(k, C))))
-    candidates = np.concatenate(cands)
-    init_keys, warm_keys, samp_keys = (np.concatenate(k) for k in (init_keys, warm_keys, samp_keys))
-    w_stage, w_end = _schedule(W)
-    s_stage, s_end = np.full(S * T, SAMPLING, np.int32), np.zeros(S * T, bool)
-    wlen, wn = _chunks(W, config.num_chunks)
-    slen, sn = _chunks(S * T, config.num_chunks, multiple=T)
-
-    name = posterior.name + (f" x{B}" if batched else "")
-    bar = tqdm(total=(W + S * T) * len(own), desc=f"NUTS {name}",
-               disable=not config.progress_bar or proc != 0, unit="it")
-    num_grad = np.ones(rows, np.int64)  # the initial gradient of each chain
-    warm_div = np.zeros(rows, np.int64)
-    kept: list[list[DrawInfo]] = [[] for _ in groups]
-    step_sizes = {}
-    interrupted = False
-    try:
-        for g, chains in enumerate(groups):
+    """The chains of every posterior (rows b*C .. b*C + C-1 for posterior b), run together."""
+    run = kit.Run("nuts", posteriors[0], config)
+    B, C, S = len(posteriors), config.num_chains, config.num_samples
+    lay = _layout(B, config)
+    progs = run.track(_programs(posteriors[0], config, lay.mesh, lay.batched))
+    data, starts = _data(posteriors, C), _starts(posteriors, rng_keys, config)
+    bar = run.progress(total=(config.num_warmup + S * config.thinning) * len(lay.own),
+                       desc=f"NUTS {posteriors[0].name}" + (f" x{B}" if lay.batched else ""),
+                       unit="it", disable=not config.progress_bar or jax.process_index() != 0)
+    # the initial gradient of each chain, then each transition's
+    work = {"num_grad": np.ones(B * C, np.int64), "warmup_divergences": np.zeros(B * C, np.int64)}
+    kept, step_sizes = [[] for _ in lay.groups], {}
+    with run.interruptible(bar):
+        for g, chains in enumerate(lay.groups):
             idx = np.array(chains)
-            d = take(data, idx)
-            cs, _, num_ok = progs("init", candidates[idx], init_keys[idx], d)
-            if np.any(np.asarray(num_ok) == 0):
-                bad = posteriors[int(idx[np.argmin(np.asarray(num_ok))]) // C]
-                b = int(idx[np.argmin(np.asarray(num_ok))]) // C
-                raise _no_start_error(bad, np.asarray(candidates[idx]), num_ok, init_used[b],
-                                      config.init_radius)
-            for sl, st, en, act in _phase(W, wlen, wn, w_stage, w_end):
-                cs, info = progs("chunk", cs, warm_keys[idx], np.int32(sl.start), st, en, act, d)
-                num_grad[idx] += np.asarray(info.n_steps).sum(axis=1)
-                warm_div[idx] += np.asarray(info.diverging).sum(axis=1)
-                bar.update(int(act.sum()) * len(chains))
-            if W:
-                cs = end_warmup(cs)
-            step_sizes[g] = np.asarray(cs.warmup.step_size)
-            for sl, st, en, act in _phase(S * T, slen, sn, s_stage, s_end):
-                cs, info = progs("chunk", cs, samp_keys[idx], np.int32(sl.start), st, en, act, d)
-                info = jax.tree.map(np.asarray, info)
-                num_grad[idx] += info.n_steps.sum(axis=1)
-                k = int(act.sum())
-                # thinning: keep every T-th iteration, summing the work and divergences between
-                draws = jax.tree.map(lambda a: a[:, T - 1:k:T], info)
-                draws = draws._replace(
-                    diverging=info.diverging[:, :k].reshape(len(chains), -1, T).any(-1),
-                    n_steps=info.n_steps[:, :k].reshape(len(chains), -1, T).sum(-1),
-                )
-                kept[g].append(draws)
-                bar.update(k * len(chains))
-                bar.set_postfix(divergences=sum(int(d.diverging.sum()) for kg in kept for d in kg))
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        bar.close()
-
-    # an interrupted run keeps the chains that made draws (sequential chains may not all have)
-    done = [g for g in range(len(groups)) if kept[g]]
-    if not done:
-        raise KeyboardInterrupt("NUTS was interrupted before any draw was kept")
-    per_group = [jax.tree.map(lambda *a: np.concatenate(a, axis=1), *kept[g]) for g in done]
-    n_kept = min(d.position.shape[1] for d in per_group)
-    info = jax.tree.map(lambda *a: np.concatenate([x[:, :n_kept] for x in a], axis=0), *per_group)
-    step_size = np.concatenate([np.atleast_1d(step_sizes[g]) for g in done])
-    rows_kept = np.concatenate([np.array(groups[g]) for g in done])
-    if multi:
-        info, step_size, rows_kept, num_grad, warm_div = _gather_processes(
-            info, step_size, rows_kept, num_grad, warm_div)
-    chains_kept = info.position.shape[0] // B
-
-    # constrained values and pointwise log-likelihood of every draw, in one compiled pass
-    if batched:
-        zs = jnp.asarray(info.position.reshape(B, -1, posterior.ndim))
-        values, pointwise = progs("post", zs, take(data, np.arange(0, rows, C)))
-    else:
-        zs = jnp.asarray(info.position.reshape(-1, posterior.ndim))
-        values, pointwise = progs("post", zs, data)
-    shape3 = (B, chains_kept, n_kept)
-    values = {k: np.asarray(v).reshape(shape3 + v.shape[v.ndim - len(posterior.sites[k].shape):])
-              for k, v in values.items()}
-    pointwise = {k: np.asarray(v).reshape(shape3 + v.shape[(2 if batched else 1):])
-                 for k, v in pointwise.items()}
-    wall = time.perf_counter() - t_start
-    compile_s = progs.compile_s - compile_before
-
+            d = _take(data, idx, lay.batched)
+            state = _start(progs, posteriors, starts, idx, d, config)
+            state = _warmup(progs, state, starts.warmup_keys[idx], d, config, idx, work, bar)
+            step_sizes[g] = np.asarray(state.chain.step_size)
+            _sample(progs, state, starts.sample_keys[idx], d, config, idx, work, kept[g], kept, bar)
+    run.require(any(kept), "NUTS was interrupted before any draw was kept")
+    info, step_size, rows = _collect(kept, step_sizes, lay.groups)
+    if lay.multi:
+        info, step_size, rows, work = _gather_processes(info, step_size, rows, work)
+    values, pointwise = _constrained(progs, info.position, data, posteriors, lay, C)
+    c, n = info.position.shape[0] // B, info.position.shape[1]
+    interrupted = (f"interrupted: kept {n} of {S} draws per chain"
+                   + (f" in {c} of {C} chains" if c < C else "")) if run.interrupted else None
+    batch = {"batch_size": B, "batch_wall_s": run.wall_s} if lay.batched else {}
     fits = []
     for b, post in enumerate(posteriors):
-        r = slice(b * chains_kept, (b + 1) * chains_kept)
-        inf = jax.tree.map(lambda a: a[r], info)
-        sample_stats = {
-            "diverging": inf.diverging, "lp": inf.lp, "tree_depth": inf.tree_depth,
-            "acceptance_rate": inf.acceptance_rate, "energy": inf.energy, "n_steps": inf.n_steps,
-            "step_size": np.broadcast_to(step_size[r][:, None], (chains_kept, n_kept)).copy(),
-            "reached_max_tree_depth": inf.tree_depth >= config.max_tree_depth,
-        }
-        flags = []
-        ndiv = int(inf.diverging.sum())
-        if ndiv:
-            flags.append(f"{ndiv} divergent transitions after warmup; consider target_accept=0.9 "
-                         "or more, or a reparametrisation")
-        maxdepth = int((inf.tree_depth >= config.max_tree_depth).sum())
-        if maxdepth:
-            flags.append(f"{maxdepth} iterations hit max_tree_depth={config.max_tree_depth}")
-        if interrupted:
-            flags.append(f"interrupted: kept {n_kept} of {S} draws per chain"
-                         + (f" in {chains_kept} of {C} chains" if chains_kept < C else ""))
-        flags.extend(convergence_flags({k: v[b] for k, v in values.items()
-                                        if k in post.sites and post.sites[k].kind == "latent"}))
-        idata = build_datatree(
-            post, {k: v[b] for k, v in values.items()}, sample_stats=sample_stats,
-            log_likelihood={k: v[b] for k, v in pointwise.items()},
-            attrs={"inference_library": "bayeslik", "engine": "nuts", "sampling_time": wall / B},
-        )
-        mine = rows_kept[r]
-        grads = int(num_grad[mine].sum())  # the rows of posterior b that kept draws
-        extra = {"num_warmup_divergences": int(warm_div[b * C:(b + 1) * C].sum()),
-                 "num_postprocess_evals": chains_kept * n_kept,
-                 "num_init_evals": C * candidates.shape[1]}
-        if batched:
-            extra.update(batch_size=B, batch_wall_s=wall)
-        cost = Cost(wall_s=wall / B, compile_s=compile_s / B, num_loglik_evals=grads,
-                    num_grad_evals=grads, extra=extra)
-        fits.append(Fit(idata=idata, engine="nuts", config=dataclasses.asdict(config), seed=None,
-                        cost=cost, model=post.name, flags=tuple(flags)))
+        inf = jax.tree.map(lambda a: a[b * c:(b + 1) * c], info)
+        grads = int(work["num_grad"][rows[b * c:(b + 1) * c]].sum())
+        extra = {"num_warmup_divergences": int(work["warmup_divergences"][b * C:(b + 1) * C].sum()),
+                 "num_postprocess_evals": c * n, "num_init_evals": C * starts.candidates.shape[1],
+                 **batch}
+        fits.append(kit.chains_fit(
+            run, {k: v[b] for k, v in values.items()}, posterior=post,
+            sample_stats=_sample_stats(inf, step_size[b * c:(b + 1) * c], config),
+            log_likelihood={k: v[b] for k, v in pointwise.items()}, num_loglik_evals=grads,
+            num_grad_evals=grads, extra=extra, flags=_flags(inf, config, interrupted), share=B))
     return fits

@@ -13,12 +13,7 @@ import pytest
 
 import bayeslik as bl
 from bayeslik.models import reference
-
-K = 4.0  # tolerance in Monte Carlo standard errors
-
-
-def _mcse(fit, var, kind):
-    return np.asarray(azs.mcse(fit.idata, group="posterior", var_names=[var], method=kind)[var])
+from tests.harness import check_moments
 
 
 @pytest.mark.parametrize("name", ["normal_mean", "normal_inverse_gamma", "correlated_gaussian"])
@@ -31,22 +26,14 @@ def test_exact_posterior_within_mcse(name, seed):
                  num_chains=4, progress_bar=False)
     assert not fit.flags, fit.flags
     for var, mean in prob.posterior_mean.items():
-        draws = fit.draws(var).reshape(-1, *np.shape(mean))
-        err_mean = np.abs(draws.mean(0) - mean) / _mcse(fit, var, "mean")
-        err_sd = np.abs(draws.std(0) - prob.posterior_sd[var]) / _mcse(fit, var, "sd")
-        assert np.all(err_mean < K), (var, err_mean)
-        assert np.all(err_sd < K), (var, err_sd)
+        check_moments(fit, mean, prob.posterior_sd[var], site=var)
     rhat = azs.rhat(fit.idata, group="posterior")
     assert max(float(v.max()) for v in rhat.data_vars.values()) < 1.01
-
-
-def test_mcse_check_can_fail(seed):
-    """The same check rejects a posterior whose answer is off by a few standard deviations."""
-    prob = reference.get("normal_mean")
-    fit = bl.fit(prob.posterior(), "nuts", seed=seed, num_warmup=300, num_samples=500,
-                 num_chains=2, progress_bar=False)
-    wrong = prob.posterior_mean["mu"] + 0.1 * prob.posterior_sd["mu"] * 10
-    assert abs(fit.draws("mu").mean() - wrong) / _mcse(fit, "mu", "mean") > K
+    if name == "normal_mean":
+        # the same check rejects an answer off by one posterior standard deviation
+        wrong = prob.posterior_mean["mu"] + prob.posterior_sd["mu"]
+        with pytest.raises(AssertionError, match="mean"):
+            check_moments(fit, wrong, prob.posterior_sd["mu"], site="mu")
 
 
 @pytest.mark.parametrize("num_warmup", [0, 10, 19, 20, 100, 149, 150, 151, 500, 1000, 1234])
@@ -55,9 +42,9 @@ def test_warmup_schedule_shape(num_warmup):
     counter for counter against a port of Stan's windowed_adaptation in test_nuts_warmup.py
     (blackjax's build_schedule, the reference here before, departs from Stan where the window
     after next would not fit: at 151 Stan's second window is one iteration long)."""
-    from bayeslik.engines.nuts import _schedule
+    from bayeslik.engines.nuts import warmup_schedule
 
-    stage, end = _schedule(num_warmup)
+    stage, end = warmup_schedule(num_warmup)
     assert stage.shape == end.shape == (num_warmup,)
     if num_warmup < 20:
         assert not stage.any() and not end.any()
@@ -66,13 +53,13 @@ def test_warmup_schedule_shape(num_warmup):
         assert end[num_warmup - 50 - 1] and stage[75:num_warmup - 50].all()
 
 
-def test_compiled_once_and_reproducible():
+def test_reproducible():
     post = reference.get("normal_mean").posterior()
-    opts = dict(num_warmup=100, num_samples=50, num_chains=2, progress_bar=False)
+    # the settings of the tests below: their compiled chunks are shared
+    opts = dict(num_warmup=100, num_samples=40, num_chains=2, progress_bar=False)
     a = bl.fit(post, "nuts", seed=5, **opts)
     b = bl.fit(post, "nuts", seed=5, **opts)
     c = bl.fit(post, "nuts", seed=6, **opts)
-    assert b.cost.compile_s == 0.0
     np.testing.assert_array_equal(a.draws("mu"), b.draws("mu"))
     assert not np.array_equal(a.draws("mu"), c.draws("mu"))
 
@@ -130,16 +117,16 @@ def test_interrupt_keeps_draws(monkeypatch):
     """A KeyboardInterrupt during sampling returns the draws made so far, flagged."""
     post = reference.get("normal_mean").posterior()
     _interrupt_on(monkeypatch, "chunk", 10 + 3)  # 10 warmup chunks, then the third sampling chunk
-    fit = bl.fit(post, "nuts", num_warmup=50, num_samples=100, num_chains=2, num_chunks=10,
+    fit = bl.fit(post, "nuts", num_warmup=50, num_samples=20, num_chains=2, num_chunks=10,
                  progress_bar=False)
-    assert fit.num_draws == 20
-    assert any("interrupted: kept 20 of 100" in f for f in fit.flags)
+    assert fit.num_draws == 4
+    assert any("interrupted: kept 4 of 20" in f for f in fit.flags)
 
 
 def test_interrupt_of_sequential_chains_keeps_finished_ones(monkeypatch):
     post = reference.get("normal_mean").posterior()
     _interrupt_on(monkeypatch, "init", 3)  # while the third chain is being started
-    fit = bl.fit(post, "nuts", num_warmup=50, num_samples=30, num_chains=4,
+    fit = bl.fit(post, "nuts", num_warmup=100, num_samples=30, num_chains=4,
                  chain_method="sequential", progress_bar=False)
     assert fit.num_chains == 2 and fit.num_draws == 30
     assert any("in 2 of 4 chains" in f for f in fit.flags)
@@ -149,7 +136,7 @@ def test_init_from_a_point_estimate():
     prob = reference.get("normal_inverse_gamma")
     post = prob.posterior()
     fit = bl.fit(post, "nuts", init={"mu": -0.7, "sigma2": 1.3}, num_warmup=0, num_samples=1,
-                 num_chains=3, progress_bar=False, init_radius=0.2)
+                 num_chains=4, progress_bar=False, init_radius=0.2)
     # no warmup, one draw: the chains are still next to the given point
     assert np.all(np.abs(fit.draws("mu") + 0.7) < 1.0)
     assert fit.config["init"] == {"mu": -0.7, "sigma2": 1.3}
@@ -157,12 +144,6 @@ def test_init_from_a_point_estimate():
         bl.fit(post, "nuts", init={"mu": 0.0}, progress_bar=False)
     with pytest.raises(bl.EngineError, match="init="):
         bl.fit(post, "nuts", init="kmeans")
-
-
-def test_progress_bar_runs(capsys):
-    post = reference.get("normal_mean").posterior()
-    bl.fit(post, "nuts", num_warmup=20, num_samples=20, num_chains=1, progress_bar=True)
-    assert "NUTS normal_mean_model" in capsys.readouterr().err
 
 
 def test_chains_spread_over_devices():

@@ -13,8 +13,6 @@ records for a posterior. A fast subset runs in the default suite; the rest is ``
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -22,8 +20,8 @@ import pytest
 import bayeslik as bl
 from bayeslik.convergence import FitWarning
 from bayeslik.models import posteriordb
+from tests.harness import K
 
-K = 4.0
 SD_TOL = 0.10
 
 #: quick posteriors that run in the default suite, one dtype each (the slow run does the rest)
