@@ -35,16 +35,19 @@ ESS of stage t's incremental weights); it is a lower bound when they do not. Sev
 (``num_runs``): ``log Z = log mean_r Z_r`` and its standard error is the larger of
 ``sd_r(log Z_r) / sqrt(R)`` and the one-run estimate divided by sqrt(R).
 
-The compiled functions (initial evaluation, one stage, post-processing) take the data arrays as an
-argument and are cached by the Posterior's ``cache_key``: a second fit of the same Posterior, or of
-the same program with other data of the same shapes, compiles nothing.
+Layers, as in blackjax's ``smc.tempered``: the algorithm is :func:`init` and
+:func:`build_kernel` (``kernel(rng_key, state, params) -> (SMCState, StageInfo)``, one stage),
+whose MCMC move is an argument, a :class:`Move` (:func:`hmc_move`, :func:`rwm_move`, or one of
+your own); :func:`run` drives the kernel from the prior to lambda = 1 on the engine kit
+(:mod:`bayeslik.engines.kit`). The compiled functions (initial evaluation, one stage,
+post-processing) take the data arrays as an argument and are cached by the Posterior's
+``cache_key``: a second fit of the same Posterior, or of the same program with other data of the
+same shapes, compiles nothing.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import time
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -52,15 +55,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bayeslik.engines._programs import ProgramCache, Programs, draws_fn
+from bayeslik.engines import kit
+from bayeslik.engines.kit import Check, ProgramCache, Programs, draws_fn
 from bayeslik.errors import EngineError, InitializationError
-from bayeslik.fit import Cost, Fit, build_datatree
+from bayeslik.fit import Fit
+from bayeslik.weights import RESAMPLING, log_ess, pad_rows
 
-__all__ = ["SMCConfig", "SMC", "SMCState", "StageInfo", "StageParams", "WeightedParticles",
-           "init", "build_stage", "stage_params", "next_temperature", "run"]
+__all__ = ["SMCConfig", "SMC", "SMCState", "StageInfo", "StageParams", "Particle", "Move",
+           "init", "build_kernel", "hmc_move", "rwm_move", "config_move", "dense_shape",
+           "diagonal_shape", "stage_params", "next_temperature", "run"]
 
 _KERNELS = ("hmc", "rwm")
-_RESAMPLING = ("systematic", "stratified", "multinomial", "residual")
 _DEFAULT_ACCEPT = {"hmc": 0.65, "rwm": 0.234}
 
 
@@ -124,45 +129,30 @@ class SMCConfig:
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
-        def bad(name: str, why: str) -> EngineError:
-            return EngineError(f"SMC option {name}={getattr(self, name)!r}: {why}")
-
-        def positive_int(name: str) -> None:
-            v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-                raise bad(name, "must be a positive integer.")
-
-        for name in ("num_particles", "num_runs", "num_leapfrog_steps", "num_mutation_steps",
-                     "max_mutation_steps", "max_stages"):
-            positive_int(name)
-        if self.num_particles < 10:
-            raise bad("num_particles", "must be at least 10 (a few hundred or more is usual).")
-        if self.kernel not in _KERNELS:
-            raise bad("kernel", f"must be one of {list(_KERNELS)}.")
-        if self.resampling not in _RESAMPLING:
-            raise bad("resampling", f"must be one of {list(_RESAMPLING)}.")
-        if not 0.0 < float(self.target_ess) < 1.0:
-            raise bad("target_ess", "must lie strictly between 0 and 1 (0.5 is usual).")
-        if self.target_accept is not None and not 0.0 < float(self.target_accept) < 1.0:
-            raise bad("target_accept", "must lie strictly between 0 and 1, or be None for the "
-                      "kernel's default (0.65 HMC, 0.234 random walk).")
-        if self.max_mutation_steps < self.num_mutation_steps:
-            raise bad("max_mutation_steps", f"must be at least num_mutation_steps="
-                      f"{self.num_mutation_steps}.")
-        if not 0.0 < float(self.corr_threshold) < 1.0:
-            raise bad("corr_threshold", "must lie strictly between 0 and 1 (0.1 is usual).")
-        if not 0.0 <= float(self.min_moved_fraction) <= 1.0:
-            raise bad("min_moved_fraction", "must lie in [0, 1].")
-        if not 0.0 <= float(self.min_unique_fraction) <= 1.0:
-            raise bad("min_unique_fraction", "must lie in [0, 1].")
-        if self.step_size is not None and not float(self.step_size) > 0:
-            raise bad("step_size", "must be positive, or None for the default.")
-        if self.dense_mass not in (None, True, False):
-            raise bad("dense_mass", "must be True, False or None (dense up to 100 dimensions).")
-        if not isinstance(self.adapt, bool):
-            raise bad("adapt", "must be True or False.")
-        if self.on_degenerate not in ("raise", "flag"):
-            raise bad("on_degenerate", "must be 'raise' or 'flag'.")
+        c = Check("SMC", self)
+        c.integer("num_particles", "num_runs", "num_leapfrog_steps", "num_mutation_steps",
+                  "max_mutation_steps", "max_stages")
+        c.require(self.num_particles >= 10, "num_particles",
+                  "must be at least 10 (a few hundred or more is usual).")
+        c.choice("kernel", _KERNELS).choice("resampling", RESAMPLING)
+        c.require(0.0 < float(self.target_ess) < 1.0, "target_ess",
+                  "must lie strictly between 0 and 1 (0.5 is usual).")
+        c.require(self.target_accept is None or 0.0 < float(self.target_accept) < 1.0,
+                  "target_accept", "must lie strictly between 0 and 1, or be None for the "
+                  "kernel's default (0.65 HMC, 0.234 random walk).")
+        c.require(self.max_mutation_steps >= self.num_mutation_steps, "max_mutation_steps",
+                  f"must be at least num_mutation_steps={self.num_mutation_steps}.")
+        c.require(0.0 < float(self.corr_threshold) < 1.0, "corr_threshold",
+                  "must lie strictly between 0 and 1 (0.1 is usual).")
+        for name in ("min_moved_fraction", "min_unique_fraction"):
+            c.require(0.0 <= float(getattr(self, name)) <= 1.0, name, "must lie in [0, 1].")
+        c.require(self.step_size is None or float(self.step_size) > 0, "step_size",
+                  "must be positive, or None for the default.")
+        c.require(self.dense_mass in (None, True, False), "dense_mass",
+                  "must be True, False or None (dense up to 100 dimensions).")
+        c.boolean("adapt")
+        c.require(self.on_degenerate in ("raise", "flag"), "on_degenerate",
+                  "must be 'raise' or 'flag'.")
 
     @property
     def accept_target(self) -> float:
@@ -173,121 +163,62 @@ class SMCConfig:
 SMC = SMCConfig  # bl.engines.SMC(num_particles=...) reads better in user code
 
 
-# ---------------------------------------------------------------------------- pure building blocks
+# ---------------------------------------------------------------------------- states and infos
 class SMCState(NamedTuple):
     """One run's population, equally weighted, targeting pi_temperature.
 
-    ``log_scale`` is the log of the adapted random-walk scale / HMC step size, carried from
-    stage to stage.
+    position : (N, D) the particles, flat unconstrained points.
+    logprior, loglikelihood : (N,) their log prior (Jacobian included) and log-likelihood.
+    temperature : lambda, the power of the likelihood in the target.
+    log_evidence : the log evidence accumulated up to this temperature.
+    log_scale : the log of the adapted random-walk scale / HMC step size, carried from stage to
+        stage.
     """
 
-    position: jax.Array  # (N, D)
-    logprior: jax.Array  # (N,)
-    loglikelihood: jax.Array  # (N,)
+    position: jax.Array
+    logprior: jax.Array
+    loglikelihood: jax.Array
     temperature: jax.Array
     log_evidence: jax.Array
     log_scale: jax.Array
 
 
 class StageInfo(NamedTuple):
-    """What one stage did (scalars unless said otherwise)."""
+    """What one stage did (scalars unless said otherwise).
 
-    temperature: jax.Array  # lambda after the stage
-    ess: jax.Array  # ESS of the incremental weights (particles)
+    temperature : lambda after the stage.
+    ess : ESS (in particles) of the incremental weights.
+    log_evidence_increment : log of the mean incremental weight, added to the log evidence.
+    unique_resampled : fraction of distinct particles after resampling ...
+    unique_mutated : ... and after the mutation.
+    acceptance_rate : mean acceptance probability over the particles and mutation steps.
+    num_mutation_steps : the MCMC steps the stage made.
+    correlation : the largest start/end |correlation| (principal axes, log-likelihood).
+    scale : the scale / step size at the end of the stage.
+    degenerate : bool, too few distinct particles after the mutation.
+    particle_acceptance : (N,) mean acceptance probability per particle.
+    log_weight : (N,) the normalised log weights of the reweighting, of the positions the stage
+        started from (before resampling).
+    """
+
+    temperature: jax.Array
+    ess: jax.Array
     log_evidence_increment: jax.Array
-    unique_resampled: jax.Array  # fraction of distinct particles after resampling
-    unique_mutated: jax.Array  # ... after the mutation
-    acceptance_rate: jax.Array  # mean acceptance probability over the mutation steps
+    unique_resampled: jax.Array
+    unique_mutated: jax.Array
+    acceptance_rate: jax.Array
     num_mutation_steps: jax.Array
-    correlation: jax.Array  # the largest start/end |correlation| (principal axes, loglik)
-    scale: jax.Array  # the scale / step size at the end of the stage
-    degenerate: jax.Array  # bool: too few distinct particles after max_mutation_steps
-    particle_acceptance: jax.Array  # (N,) mean acceptance probability per particle
-
-
-class WeightedParticles(NamedTuple):
-    """The reweighted population of a stage before resampling: positions and normalised log
-    weights."""
-
-    position: jax.Array
+    correlation: jax.Array
+    scale: jax.Array
+    degenerate: jax.Array
+    particle_acceptance: jax.Array
     log_weight: jax.Array
 
 
-def _tempered_value_and_grad(eval_fn: Callable, z: jax.Array, lam: jax.Array):
-    """((logprior, loglikelihood), gradient of logprior + lam * loglikelihood) at one z."""
-    def f(x):
-        lp, ll = eval_fn(x)
-        return lp + lam * ll, (lp, ll)
-
-    (_, (lp, ll)), g = jax.value_and_grad(f, has_aux=True)(z)
-    return (lp, ll), g
-
-
-def _clean(x: jax.Array) -> jax.Array:
-    """NaN log densities count as -inf (rejected moves, zero weights)."""
-    return jnp.where(jnp.isnan(x), -jnp.inf, x)
-
-
-def init(position: jax.Array, eval_fn: Callable, log_scale: float) -> SMCState:
-    """The initial population at temperature 0 from prior draws ``position`` (N, D).
-
-    ``eval_fn(z) -> (logprior, loglikelihood)`` for one flat unconstrained z.
-    """
-    dtype = position.dtype
-    lp, ll = jax.vmap(eval_fn)(position)
-    return SMCState(position, _clean(lp), _clean(ll), jnp.zeros((), dtype), jnp.zeros((), dtype),
-                    jnp.asarray(log_scale, dtype))
-
-
-def _log_ess(lw: jax.Array) -> jax.Array:
-    return 2 * jax.nn.logsumexp(lw) - jax.nn.logsumexp(2 * lw)
-
-
-def _incremental(ll: jax.Array, delta: jax.Array) -> jax.Array:
-    """delta * loglikelihood, with -inf (not NaN) where the likelihood is zero."""
-    return jnp.where(jnp.isneginf(ll), -jnp.inf, delta * ll)
-
-
-def next_temperature(loglikelihood: jax.Array, temperature: jax.Array, target_ess: float,
-                     num_bisections: int = 60) -> jax.Array:
-    """The next lambda: the largest delta in (0, 1 - lambda] with ESS(delta ll) >= target N,
-    by bisection (the ESS falls as delta grows)."""
-    n = loglikelihood.shape[0]
-    log_target = jnp.log(target_ess * n)
-    rest = 1.0 - temperature
-
-    def ok(delta):
-        return _log_ess(_incremental(loglikelihood, delta)) >= log_target
-
-    def bisect(_, bounds):
-        lo, hi = bounds
-        mid = 0.5 * (lo + hi)
-        good = ok(mid)
-        return jnp.where(good, mid, lo), jnp.where(good, hi, mid)
-
-    lo, hi = jax.lax.fori_loop(0, num_bisections, bisect, (jnp.zeros_like(rest), rest))
-    # lo is feasible, or 0 when no delta is (fewer than target_ess * N particles have a non-zero
-    # likelihood): then a tiny step drops those particles and the run moves on
-    delta = jnp.maximum(lo, jnp.minimum(rest, 1e-9))
-    return jnp.where(ok(rest), 1.0, jnp.minimum(temperature + delta, 1.0))
-
-
-def _resampler(name: str):
-    from blackjax.smc import resampling
-
-    return getattr(resampling, name)
-
-
-def _weighted_moments(z: jax.Array, log_w: jax.Array):
-    w = jnp.exp(log_w - jax.nn.logsumexp(log_w))
-    mean = w @ z
-    dz = z - mean
-    cov = (dz * w[:, None]).T @ dz
-    return mean, cov
-
-
 class StageParams(NamedTuple):
-    """The settings a stage takes as (traced) arguments: changing them compiles nothing."""
+    """The settings a stage takes as (traced) arguments: changing them compiles nothing.
+    Fields as in :class:`SMCConfig` (``target_accept`` resolved, ``corr_threshold`` raised to
+    the noise floor, ``adapt`` a bool array); see :func:`stage_params`."""
 
     target_ess: jax.Array
     target_accept: jax.Array
@@ -310,31 +241,119 @@ def stage_params(config: SMCConfig) -> StageParams:
                        np.bool_(config.adapt))
 
 
-def build_stage(eval_fn: Callable, kernel: str = "hmc", num_leapfrog_steps: int = 10,
-                dense_mass: bool | None = None, resampling: str = "systematic") -> Callable:
-    """``stage(rng_key, state, params) -> (SMCState, StageInfo, WeightedParticles)``: one
-    reweight / resample / move step of adaptive tempered SMC for
-    ``eval_fn(z) -> (logprior, loglikelihood)``; ``params`` is a :class:`StageParams`."""
-    L = num_leapfrog_steps
-    resample = _resampler(resampling)
-    gain = 1.0  # log-scale change per unit of (acceptance - target), per step
+# ---------------------------------------------------------------------------- the moves
+class Particle(NamedTuple):
+    """One particle as a move sees it: ``position`` (D,), its ``logprior`` and
+    ``loglikelihood``, and ``aux``, what the move carries besides (HMC: the gradient of the
+    tempered log density; the random walk: an empty array)."""
 
-    def rwm_move(key, z, lp, ll, lam, scale, chol):
-        k1, k2 = jax.random.split(key)
+    position: jax.Array
+    logprior: jax.Array
+    loglikelihood: jax.Array
+    aux: jax.Array
+
+
+class Move(NamedTuple):
+    """An MCMC move that leaves the tempered target ``p(z) L(z)^lambda`` invariant: the argument
+    of :func:`build_kernel`. Built by :func:`hmc_move` or :func:`rwm_move`, or by hand.
+
+    precondition(cov, adapt) -> shape : the move's shape for a stage from the weighted
+        covariance ``cov`` (D, D) of the reweighted particles; ``adapt`` (a traced bool) False
+        asks for the untuned shape (identity). Any array; the steps of the stage get it.
+    init(position, eval_fn, temperature) -> aux : one particle's ``aux`` (see :class:`Particle`)
+        after resampling, at the stage's temperature.
+    step(rng_key, particle, eval_fn, temperature, scale, shape) -> (Particle, accepted,
+        acceptance_probability) : one move of one particle (mapped over the population);
+        ``scale`` is the adapted step size / scale, tuned toward ``target_accept`` from the mean
+        acceptance probability.
+
+    ``eval_fn(z) -> (logprior, loglikelihood)`` at one flat unconstrained ``z``.
+    """
+
+    precondition: Callable
+    init: Callable
+    step: Callable
+
+
+def _clean(x: jax.Array) -> jax.Array:
+    """NaN log densities count as -inf (rejected moves, zero weights)."""
+    return jnp.where(jnp.isnan(x), -jnp.inf, x)
+
+
+def _tempered_value_and_grad(eval_fn: Callable, z: jax.Array, lam: jax.Array):
+    """((logprior, loglikelihood), gradient of logprior + lam * loglikelihood) at one z."""
+    def f(x):
+        lp, ll = eval_fn(x)
+        return lp + lam * ll, (lp, ll)
+
+    (_, (lp, ll)), g = jax.value_and_grad(f, has_aux=True)(z)
+    return (lp, ll), g
+
+
+def _floor(cov: jax.Array) -> jax.Array:
+    return 1e-10 + 1e-8 * jnp.mean(jnp.diag(cov))
+
+
+def dense_shape(cov: jax.Array, adapt: jax.Array) -> jax.Array:
+    """The Cholesky factor of ``cov`` (regularised; its diagonal's square root where the factor
+    fails), or the identity unless ``adapt``: a :attr:`Move.precondition`."""
+    dim, dtype = cov.shape[0], cov.dtype
+    var, floor = jnp.diag(cov), _floor(cov)
+    chol = jnp.linalg.cholesky(cov + floor * jnp.eye(dim, dtype=dtype))
+    chol = jnp.where(jnp.all(jnp.isfinite(chol)), chol, jnp.diag(jnp.sqrt(var + floor)))
+    return jnp.where(adapt, chol, jnp.eye(dim, dtype=dtype))
+
+
+def diagonal_shape(cov: jax.Array, adapt: jax.Array) -> jax.Array:
+    """The standard deviations of ``cov`` (regularised), or ones unless ``adapt``."""
+    return jnp.where(adapt, jnp.sqrt(jnp.diag(cov) + _floor(cov)), jnp.ones(cov.shape[0], cov.dtype))
+
+
+def _metropolis(key, log_acc, new: tuple, old: tuple):
+    accept = jnp.log(jax.random.uniform(key, (), log_acc.dtype)) < log_acc
+    chosen = jax.tree.map(lambda a, b: jnp.where(accept, a, b), new, old)
+    return chosen, accept, jnp.minimum(1.0, jnp.exp(log_acc))
+
+
+def rwm_move() -> Move:
+    """The Gaussian random walk ``z + scale * chol @ eps``, ``chol`` the Cholesky factor of the
+    particles' covariance (:func:`dense_shape`)."""
+
+    def init(position, eval_fn, temperature):
+        return jnp.zeros((0,), position.dtype)
+
+    def step(rng_key, particle, eval_fn, lam, scale, chol):
+        z, lp, ll, aux = particle
+        k1, k2 = jax.random.split(rng_key)
         prop = z + scale * (chol @ jax.random.normal(k1, z.shape, z.dtype))
         lp1, ll1 = eval_fn(prop)
         lp1, ll1 = _clean(lp1), _clean(ll1)
         log_acc = jnp.nan_to_num(lp1 + lam * ll1 - (lp + lam * ll), nan=-jnp.inf)
-        accept = jnp.log(jax.random.uniform(k2, (), z.dtype)) < log_acc
-        new = jax.tree.map(lambda a, b: jnp.where(accept, a, b), (prop, lp1, ll1), (z, lp, ll))
-        return new, accept, jnp.minimum(1.0, jnp.exp(log_acc))
+        (z, lp, ll), accept, prob = _metropolis(k2, log_acc, (prop, lp1, ll1), (z, lp, ll))
+        return Particle(z, lp, ll, aux), accept, prob
 
-    def hmc_move(key, z, lp, ll, g, lam, eps, chol, dense):
+    return Move(dense_shape, init, step)
+
+
+def hmc_move(num_leapfrog_steps: int = 10, dense_mass: bool | None = None) -> Move:
+    """HMC with ``num_leapfrog_steps`` leapfrog steps of the step size ``scale`` jittered by
+    +-20%; the inverse mass matrix is the particles' covariance (``dense_mass`` True), its
+    diagonal (False), or dense up to 100 dimensions (None)."""
+
+    def precondition(cov, adapt):
+        dense = dense_mass if dense_mass is not None else cov.shape[0] <= 100
+        return (dense_shape if dense else diagonal_shape)(cov, adapt)
+
+    def init(position, eval_fn, temperature):
+        return _tempered_value_and_grad(eval_fn, position, temperature)[1]
+
+    def step(rng_key, particle, eval_fn, lam, eps, chol):
         # inverse mass matrix chol @ chol.T (the particles' covariance, or its diagonal: then
         # chol is the vector of standard deviations); momentum p ~ N(0, (chol chol^T)^-1)
-        k1, k2, k3 = jax.random.split(key, 3)
+        z, lp, ll, g = particle
+        k1, k2, k3 = jax.random.split(rng_key, 3)
         eta = jax.random.normal(k1, z.shape, z.dtype)
-        if dense:
+        if chol.ndim == 2:
             p0 = jax.scipy.linalg.solve_triangular(chol.T, eta, lower=False)
 
             def velocity(p):
@@ -360,30 +379,102 @@ def build_stage(eval_fn: Callable, kernel: str = "hmc", num_leapfrog_steps: int 
             p = p + 0.5 * e * g_
             return (x, p, lp_, ll_, g_), None
 
-        (x, p, lp1, ll1, g1), _ = jax.lax.scan(leapfrog, (z, p0, lp, ll, g), None, length=L)
+        (x, p, lp1, ll1, g1), _ = jax.lax.scan(leapfrog, (z, p0, lp, ll, g), None,
+                                               length=num_leapfrog_steps)
         lp1, ll1 = _clean(lp1), _clean(ll1)
         log_acc = (lp1 + lam * ll1 - kinetic(p)) - (lp + lam * ll - kinetic(p0))
         log_acc = jnp.where(jnp.all(jnp.isfinite(g1)), jnp.nan_to_num(log_acc, nan=-jnp.inf),
                             -jnp.inf)
-        accept = jnp.log(jax.random.uniform(k3, (), z.dtype)) < log_acc
-        new = jax.tree.map(lambda a, b: jnp.where(accept, a, b), (x, lp1, ll1, g1), (z, lp, ll, g))
-        return new, accept, jnp.minimum(1.0, jnp.exp(log_acc))
+        new, accept, prob = _metropolis(k3, log_acc, (x, lp1, ll1, g1), (z, lp, ll, g))
+        return Particle(*new), accept, prob
 
-    def max_corr(z0, ll0, z, ll, axes):
-        # |correlation| across the particles between start and now, along the principal axes
-        # of the population (its slowest directions) and of the log-likelihood (what the next
-        # weights are made of); absolute, as HMC can anti-correlate positions, and a
-        # coordinate anti-correlated is correlated in its square
-        f0 = jnp.concatenate([(z0 - z0.mean(0)) @ axes, ll0[:, None]], axis=1)
-        f1 = jnp.concatenate([(z - z.mean(0)) @ axes, ll[:, None]], axis=1)
-        d0, d1 = f0 - f0.mean(0), f1 - f1.mean(0)
-        v0, v1 = (d0**2).mean(0), (d1**2).mean(0)
-        c = jnp.abs((d0 * d1).mean(0) / jnp.sqrt(v0 * v1))
-        # a coordinate on which the population has collapsed has not decorrelated
-        c = jnp.where((v0 > 0) & (v1 > 0) & jnp.isfinite(c), c, 1.0)
-        return jnp.max(c)
+    return Move(precondition, init, step)
 
-    def stage(rng_key, state: SMCState, params: StageParams):
+
+def config_move(config: SMCConfig) -> Move:
+    """The built-in move ``config.kernel`` names, with the config's settings."""
+    if config.kernel == "hmc":
+        return hmc_move(config.num_leapfrog_steps, config.dense_mass)
+    return rwm_move()
+
+
+# ---------------------------------------------------------------------------- the algorithm
+def init(position: jax.Array, eval_fn: Callable, log_scale: float) -> SMCState:
+    """The initial population at temperature 0 from prior draws ``position`` (N, D).
+
+    ``eval_fn(z) -> (logprior, loglikelihood)`` for one flat unconstrained z.
+    """
+    dtype = position.dtype
+    lp, ll = jax.vmap(eval_fn)(position)
+    return SMCState(position, _clean(lp), _clean(ll), jnp.zeros((), dtype), jnp.zeros((), dtype),
+                    jnp.asarray(log_scale, dtype))
+
+
+def _incremental(ll: jax.Array, delta: jax.Array) -> jax.Array:
+    """delta * loglikelihood, with -inf (not NaN) where the likelihood is zero."""
+    return jnp.where(jnp.isneginf(ll), -jnp.inf, delta * ll)
+
+
+def next_temperature(loglikelihood: jax.Array, temperature: jax.Array, target_ess: float,
+                     num_bisections: int = 60) -> jax.Array:
+    """The next lambda: the largest delta in (0, 1 - lambda] with ESS(delta ll) >= target N,
+    by bisection (the ESS falls as delta grows)."""
+    n = loglikelihood.shape[0]
+    log_target = jnp.log(target_ess * n)
+    rest = 1.0 - temperature
+
+    def ok(delta):
+        return log_ess(_incremental(loglikelihood, delta)) >= log_target
+
+    def bisect(_, bounds):
+        lo, hi = bounds
+        mid = 0.5 * (lo + hi)
+        good = ok(mid)
+        return jnp.where(good, mid, lo), jnp.where(good, hi, mid)
+
+    lo, hi = jax.lax.fori_loop(0, num_bisections, bisect, (jnp.zeros_like(rest), rest))
+    # lo is feasible, or 0 when no delta is (fewer than target_ess * N particles have a non-zero
+    # likelihood): then a tiny step drops those particles and the run moves on
+    delta = jnp.maximum(lo, jnp.minimum(rest, 1e-9))
+    return jnp.where(ok(rest), 1.0, jnp.minimum(temperature + delta, 1.0))
+
+
+def _resampler(name: str):
+    # blackjax's schemes, not bayeslik.weights': theirs draw other indices at the same key
+    from blackjax.smc import resampling
+
+    return getattr(resampling, name)
+
+
+def _weighted_cov(z: jax.Array, log_w: jax.Array) -> jax.Array:
+    w = jnp.exp(log_w - jax.nn.logsumexp(log_w))
+    dz = z - w @ z
+    return (dz * w[:, None]).T @ dz
+
+
+def _max_corr(z0, ll0, z, ll, axes):
+    """|correlation| across the particles between start and now, along the principal axes of the
+    population (its slowest directions) and of the log-likelihood (what the next weights are
+    made of); absolute, as HMC can anti-correlate positions, and a coordinate anti-correlated is
+    correlated in its square. A coordinate on which the population collapsed counts as 1."""
+    f0 = jnp.concatenate([(z0 - z0.mean(0)) @ axes, ll0[:, None]], axis=1)
+    f1 = jnp.concatenate([(z - z.mean(0)) @ axes, ll[:, None]], axis=1)
+    d0, d1 = f0 - f0.mean(0), f1 - f1.mean(0)
+    v0, v1 = (d0**2).mean(0), (d1**2).mean(0)
+    c = jnp.abs((d0 * d1).mean(0) / jnp.sqrt(v0 * v1))
+    return jnp.max(jnp.where((v0 > 0) & (v1 > 0) & jnp.isfinite(c), c, 1.0))
+
+
+def build_kernel(eval_fn: Callable, move: Move, resampling: str = "systematic") -> Callable:
+    """``kernel(rng_key, state, params) -> (SMCState, StageInfo)``: one stage (reweight,
+    resample, move) of adaptive tempered SMC for ``eval_fn(z) -> (logprior, loglikelihood)``,
+    moving the particles with ``move`` (a :class:`Move`); ``params`` is a :class:`StageParams`,
+    ``resampling`` one of :data:`bayeslik.weights.RESAMPLING`."""
+    resample = _resampler(resampling)
+    gain = 1.0  # log-scale change per unit of (acceptance - target), per step
+    W = 20  # the window over which a levelled-off correlation is detected
+
+    def kernel(rng_key, state: SMCState, params: StageParams):
         target_acc, adapt = params.target_accept, params.adapt
         min_steps, max_steps = params.num_mutation_steps, params.max_mutation_steps
         corr_thr, min_unique = params.corr_threshold, params.min_unique_fraction
@@ -395,31 +486,19 @@ def build_stage(eval_fn: Callable, kernel: str = "hmc", num_leapfrog_steps: int 
         lam = next_temperature(state.loglikelihood, lam0, params.target_ess).astype(dtype)
         lw = _incremental(state.loglikelihood, lam - lam0)
         log_inc = jax.nn.logsumexp(lw) - jnp.log(n).astype(dtype)
-        ess = jnp.exp(_log_ess(lw))
+        ess = jnp.exp(log_ess(lw))
         log_w = lw - jax.nn.logsumexp(lw)
-        weighted = WeightedParticles(state.position, log_w)
 
         idx = resample(k_res, jnp.exp(log_w), n)
         unique_res = jnp.zeros(n, jnp.int32).at[idx].set(1).sum() / n
         z0, lp0, ll0 = state.position[idx], state.logprior[idx], state.loglikelihood[idx]
 
-        # the mutation's shape from the reweighted population
-        _, cov = _weighted_moments(state.position, log_w)
-        var = jnp.diag(cov)
-        floor = 1e-10 + 1e-8 * jnp.mean(var)
-        dense = kernel == "rwm" or (dense_mass if dense_mass is not None else dim <= 100)
-        if dense:
-            chol = jnp.linalg.cholesky(cov + floor * jnp.eye(dim, dtype=dtype))
-            chol = jnp.where(jnp.all(jnp.isfinite(chol)), chol, jnp.diag(jnp.sqrt(var + floor)))
-            chol = jnp.where(adapt, chol, jnp.eye(dim, dtype=dtype))
-        else:
-            chol = jnp.where(adapt, jnp.sqrt(var + floor), jnp.ones(dim, dtype))
-        _, axes = jnp.linalg.eigh(cov + floor * jnp.eye(dim, dtype=dtype))
+        # the mutation's shape and the population's principal axes from the reweighted particles
+        cov = _weighted_cov(state.position, log_w)
+        shape = move.precondition(cov, adapt)
+        _, axes = jnp.linalg.eigh(cov + _floor(cov) * jnp.eye(dim, dtype=dtype))
         axes = jnp.where(jnp.all(jnp.isfinite(axes)), axes, jnp.eye(dim, dtype=dtype))
-        if kernel == "hmc":
-            _, g0 = jax.vmap(lambda x: _tempered_value_and_grad(eval_fn, x, lam))(z0)
-        else:
-            g0 = jnp.zeros((n, 0), dtype)
+        aux0 = jax.vmap(lambda x: move.init(x, eval_fn, lam))(z0)
 
         def unique_frac(moved):
             unmoved_groups = jnp.zeros(n, jnp.int32).at[idx].max((~moved).astype(jnp.int32))
@@ -428,8 +507,6 @@ def build_stage(eval_fn: Callable, kernel: str = "hmc", num_leapfrog_steps: int 
         # a correlation still above twice the threshold that fell by less than 10% over the last
         # W steps has levelled off (e.g. particles that stay in their mode): more steps would
         # not bring it under the threshold (nearer the threshold, noise could fake a plateau)
-        W = 20
-
         def cond(c):
             step, moved, hist, corr, uniq = c[0], c[-4], c[-3], c[-2], c[-1]
             plateau = ((step >= min_steps + W) & (corr > 0.9 * hist[step % W])
@@ -444,33 +521,27 @@ def build_stage(eval_fn: Callable, kernel: str = "hmc", num_leapfrog_steps: int 
             key, sub = jax.random.split(key)
             keys = jax.random.split(sub, n)
             scale = jnp.exp(log_scale)
-            if kernel == "rwm":
-                (z, lp, ll), acc, prob = jax.vmap(rwm_move, in_axes=(0, 0, 0, 0, None, None, None))(
-                    keys, pos[0], pos[1], pos[2], lam, scale, chol)
-                pos = (z, lp, ll, pos[3])
-            else:
-                pos, acc, prob = jax.vmap(
-                    hmc_move, in_axes=(0, 0, 0, 0, 0, None, None, None, None))(
-                    keys, *pos, lam, scale, chol, dense)
+            pos, acc, prob = jax.vmap(lambda k, p: move.step(k, p, eval_fn, lam, scale, shape))(
+                keys, pos)
             mean_acc = prob.mean()
             log_scale = jnp.where(adapt, log_scale + gain * (mean_acc - target_acc), log_scale)
             moved = moved | acc
             return (step + 1, key, log_scale, pos, acc_sum + prob, moved, hist,
-                    max_corr(z0, ll0, pos[0], pos[2], axes), unique_frac(moved))
+                    _max_corr(z0, ll0, pos.position, pos.loglikelihood, axes), unique_frac(moved))
 
-        start = (jnp.zeros((), jnp.int32), k_mut, state.log_scale, (z0, lp0, ll0, g0),
+        start = (jnp.zeros((), jnp.int32), k_mut, state.log_scale, Particle(z0, lp0, ll0, aux0),
                  jnp.zeros(n, dtype), jnp.zeros(n, bool), jnp.ones(W, dtype), jnp.ones((), dtype),
                  unique_res.astype(dtype))
         steps, _, log_scale, pos, acc_sum, moved, _, corr, uniq = jax.lax.while_loop(
             cond, body, start)
-        degenerate = uniq < min_unique
-        new_state = SMCState(pos[0], pos[1], pos[2], lam, state.log_evidence + log_inc, log_scale)
+        new_state = SMCState(pos.position, pos.logprior, pos.loglikelihood, lam,
+                             state.log_evidence + log_inc, log_scale)
         particle_acc = acc_sum / jnp.maximum(steps, 1)
         info = StageInfo(lam, ess, log_inc, unique_res, uniq, particle_acc.mean(), steps, corr,
-                         jnp.exp(log_scale), degenerate, particle_acc)
-        return new_state, info, weighted
+                         jnp.exp(log_scale), uniq < min_unique, particle_acc, log_w)
+        return new_state, info
 
-    return stage
+    return kernel
 
 
 def default_log_scale(config: SMCConfig, ndim: int) -> float:
@@ -484,12 +555,14 @@ def default_log_scale(config: SMCConfig, ndim: int) -> float:
 class _Programs(Programs):
     """The compiled functions of one (Posterior, settings) pair, compiled once per shape.
 
-    ``init``: prior draws (N, D) -> SMCState at temperature 0. ``stage``: one stage.
-    ``post``: constrained values and pointwise log-likelihood of a batch of points.
+    ``init``: prior draws (N, D) -> SMCState at temperature 0. ``stage``: one stage, its key
+    folded from the run's key data and the stage index. ``post``: constrained values and
+    pointwise log-likelihood of a batch of points.
     """
 
     def __init__(self, posterior, config: SMCConfig):
         super().__init__()
+        move = config_move(config)
 
         def eval_fn_of(data):
             evaluate = posterior.at(data).evaluate
@@ -503,16 +576,12 @@ class _Programs(Programs):
         def init_fn(position, log_scale, data):
             return init(position, eval_fn_of(data), log_scale)
 
-        def stage_fn(state, key_data, stage_index, params, data):
+        def stage_fn(key_data, stage_index, state, params, data):
             key = jax.random.fold_in(jax.random.wrap_key_data(key_data), stage_index)
-            stage = build_stage(eval_fn_of(data), config.kernel, config.num_leapfrog_steps,
-                                config.dense_mass, config.resampling)
-            return stage(key, state, params)
+            return build_kernel(eval_fn_of(data), move, config.resampling)(key, state, params)
 
-        post = draws_fn(posterior)
-
-        self._fns = {"init": jax.jit(init_fn), "stage": jax.jit(stage_fn), "post": jax.jit(post)}
-
+        self._fns = {"init": jax.jit(init_fn), "stage": jax.jit(stage_fn),
+                     "post": jax.jit(draws_fn(posterior))}
 
 
 _CACHE = ProgramCache(32)
@@ -523,14 +592,139 @@ _STATIC = ("kernel", "num_leapfrog_steps", "dense_mass", "resampling")
 
 def _programs(posterior, config: SMCConfig) -> _Programs:
     static = tuple((k, getattr(config, k)) for k in _STATIC)
-    key = (posterior.cache_key, static)
-    return _CACHE.get(key, lambda: _Programs(posterior, config))
+    return _CACHE.get((posterior.cache_key, static), lambda: _Programs(posterior, config))
 
 
 # ---------------------------------------------------------------------------- the run
 _STAGE_FIELDS = ("temperature", "ess", "log_evidence_increment", "unique_resampled",
                  "unique_mutated", "acceptance_rate", "num_mutation_steps", "correlation", "scale",
                  "degenerate")
+
+
+class _Completed(NamedTuple):
+    """A run that reached lambda = 1: its final state, the positions and info of its last
+    stage (the last reweighting), and its stage rows {field: (num_stages,)}."""
+
+    state: SMCState
+    weighted_position: np.ndarray
+    last: StageInfo
+    history: dict
+
+
+def run(posterior, rng_key: jax.Array, config: SMCConfig) -> Fit:
+    """Run adaptive tempered SMC on ``posterior`` and return a Fit with the log evidence.
+
+    The Fit has the equal-weight final particles in ``posterior`` (one chain per run), the
+    weighted particles of the last reweighting with their ``log_weight`` in the group
+    ``particles``, and the stage history in the group ``smc_stages`` (dims chain x stage).
+
+    >>> import bayeslik as bl
+    >>> from bayeslik.models import reference
+    >>> prob = reference.get("normal_mean")
+    >>> fit = bl.fit(prob.posterior(), "smc", num_particles=500, progress_bar=False)
+    >>> bool(abs(fit.log_evidence - prob.log_evidence) < 5 * fit.log_evidence_err)
+    True
+    """
+    posterior.require_proper_prior("tempered SMC (it starts from prior draws)")
+    N, R, D = config.num_particles, config.num_runs, posterior.ndim
+    Check("SMC", config).require(
+        config.kernel != "rwm" or not config.adapt or N > D + 1, "num_particles",
+        f"the random-walk proposal covariance is estimated from the particles and needs more "
+        f"than ndim+1={D + 1} of them; use many more (hundreds).")
+    run = kit.Run("smc", posterior, config)
+    progs = run.track(_programs(posterior, config))
+    bar = run.progress(total=R, desc=f"SMC {posterior.name}",
+                       bar_format="{desc}: {percentage:3.0f}%|{bar}| lambda {n:.3f}/{total} "
+                                  "[{elapsed}<{remaining}{postfix}]")
+    runs: list[_Completed] = []
+    tally = {"evals": 0, "grads": 0, "degenerate": 0}
+    with run.interruptible(bar):
+        for r, key in enumerate(jax.random.split(rng_key, R)):
+            runs.append(_tempered_run(key, run, progs, r, bar, tally))
+    if tally["degenerate"] > 1:
+        run.flag(f"{tally['degenerate']} degenerate stages in all (the first is described "
+                 "above); the log evidence is not to be trusted")
+    if run.interrupted:
+        run.require(bool(runs), "SMC was interrupted before its first run reached lambda=1: a "
+                    "partial tempered run has neither a log evidence nor particles that target "
+                    "the posterior, so nothing was kept.")
+        run.flag(f"interrupted: kept {len(runs)} of {R} completed runs")
+    run.flag(_stuck_flag([c.history for c in runs], config))
+    R = len(runs)
+    draws, weighted, pointwise = _constrained(progs, posterior, runs)
+    log_z = np.array([float(c.state.log_evidence) for c in runs])
+    var_single = np.array([float(np.sum(1.0 / c.history["ess"] - 1.0 / N)) for c in runs])
+    log_evidence, err, method = _evidence(log_z, var_single)
+    if not np.isfinite(log_evidence):
+        run.flag("the log evidence is not finite: every particle had zero likelihood weight")
+    return kit.weighted_fit(
+        run, draws, group="particles", weighted=weighted,
+        log_weight=np.stack([c.last.log_weight for c in runs]),
+        log_evidence=log_evidence, log_evidence_err=err, log_likelihood=pointwise,
+        sample_stats={"lp": np.stack([np.asarray(c.state.logprior + c.state.loglikelihood)
+                                      for c in runs]),
+                      "acceptance_rate": np.stack([c.last.particle_acceptance for c in runs])},
+        group_attrs={"log_evidence_err_method": method, "log_evidence_runs": log_z,
+                     "log_evidence_err_runs": np.sqrt(var_single), "num_particles": N,
+                     "num_runs": R},
+        num_loglik_evals=tally["evals"], num_grad_evals=tally["grads"],
+        extra={"num_stages": [len(c.history["temperature"]) for c in runs],
+               "num_postprocess_evals": 2 * R * N},
+        more_groups={"smc_stages": _stage_dataset([c.history for c in runs])})
+
+
+def _tempered_run(rng_key: jax.Array, run: kit.Run, progs: _Programs, r: int, bar,
+                  tally: dict) -> _Completed:
+    """Run ``r`` from prior draws to lambda = 1, adding its costs and degenerate stages to
+    ``tally`` as it goes (an interrupted run's work is counted too)."""
+    posterior, config = run.posterior, run.config
+    N, R, data = config.num_particles, config.num_runs, posterior.data_arrays
+    params = stage_params(config)
+    k_prior, k_run = jax.random.split(rng_key)
+    state = progs("init", posterior.sample_prior(k_prior, N),
+                  np.float32(default_log_scale(config, posterior.ndim)), data)
+    tally["evals"] += N
+    if not (np.isfinite(np.asarray(state.loglikelihood)).any()
+            and np.isfinite(np.asarray(state.logprior)).any()):
+        raise InitializationError(
+            f"SMC on model '{posterior.name}': none of {N} prior draws has a finite log "
+            "prior and log-likelihood. Check that the data lie in the support of the "
+            "likelihood for parameters the prior allows, and that the model has no "
+            "log(0) or division by zero.")
+    key_data = np.asarray(jax.random.key_data(k_run))
+    hmc = config.kernel == "hmc"
+    per_step = config.num_leapfrog_steps if hmc else 1
+    rows: list[dict] = []
+    lam = 0.0
+    while lam < 1.0:
+        if len(rows) >= config.max_stages:
+            # always an error: short of lambda=1 there is neither evidence nor posterior
+            raise EngineError(
+                f"SMC on model '{posterior.name}' did not reach lambda=1 within "
+                f"max_stages={config.max_stages} stages in run {r + 1} (lambda={lam:.4g}): "
+                "the likelihood is too sharp for the particle population. Raise "
+                "max_stages or num_particles, or lower target_ess.")
+        start = state.position
+        state, info = progs("stage", key_data, np.int32(len(rows)), state, params, data)
+        info = jax.tree.map(np.asarray, info)
+        row = {f: getattr(info, f).item() for f in _STAGE_FIELDS}
+        rows.append(row)
+        steps = int(row["num_mutation_steps"])
+        tally["evals"] += N * steps * per_step + (N if hmc else 0)
+        tally["grads"] += N * steps * per_step + N if hmc else 0
+        bar.update(row["temperature"] - lam)
+        lam = row["temperature"]
+        bar.set_postfix_str(f"run {r + 1}/{R} stage {len(rows)} steps {steps} "
+                            f"acc {row['acceptance_rate']:.2f}")
+        if row["degenerate"]:
+            msg = _degenerate_message(posterior, r, len(rows) - 1, row, config)
+            if config.on_degenerate == "raise":
+                raise EngineError(msg)
+            tally["degenerate"] += 1
+            if tally["degenerate"] == 1:
+                run.flag(msg)
+    return _Completed(state, np.asarray(start), info,
+                      {f: np.array([s[f] for s in rows]) for f in _STAGE_FIELDS})
 
 
 def _degenerate_message(posterior, run: int, stage: int, info: dict, config: SMCConfig) -> str:
@@ -564,117 +758,6 @@ def _stuck_flag(histories, config: SMCConfig) -> str | None:
             "do not cross; otherwise raise max_mutation_steps or num_particles.")
 
 
-def run(posterior, rng_key: jax.Array, config: SMCConfig) -> Fit:
-    """Run adaptive tempered SMC on ``posterior`` and return a Fit with the log evidence.
-
-    The Fit has the equal-weight final particles in ``posterior`` (one chain per run), the
-    weighted particles of the last reweighting with their ``log_weight`` in the group
-    ``particles``, and the stage history in the group ``smc_stages`` (dims chain x stage).
-
-    >>> import bayeslik as bl
-    >>> from bayeslik.models import reference
-    >>> prob = reference.get("normal_mean")
-    >>> fit = bl.fit(prob.posterior(), "smc", num_particles=500, progress_bar=False)
-    >>> bool(abs(fit.log_evidence - prob.log_evidence) < 5 * fit.log_evidence_err)
-    True
-    """
-    from tqdm.auto import tqdm
-
-    t_start = time.perf_counter()
-    posterior.require_proper_prior("tempered SMC (it starts from prior draws)")
-    N, R, D = config.num_particles, config.num_runs, posterior.ndim
-    if config.kernel == "rwm" and config.adapt and N <= D + 1:
-        raise EngineError(
-            f"SMC option num_particles={N}: the random-walk proposal covariance is estimated from "
-            f"the particles and needs more than ndim+1={D + 1} of them; use many more (hundreds)."
-        )
-    progs = _programs(posterior, config)
-    compile_before = progs.compile_s
-    data = posterior.data_arrays
-    log_scale0 = np.float32(default_log_scale(config, D))
-    run_keys = jax.random.split(rng_key, R)
-    params = stage_params(config)
-
-    bar = tqdm(total=R, desc=f"SMC {posterior.name}", disable=not config.progress_bar,
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| lambda {n:.3f}/{total} "
-                          "[{elapsed}<{remaining}{postfix}]")
-    finals: list[SMCState] = []
-    weighted_last: list[WeightedParticles] = []
-    histories: list[dict[str, np.ndarray]] = []
-    final_acc: list[np.ndarray] = []
-    flags: list[str] = []
-    num_evals = 0
-    num_grads = 0
-    per_step = config.num_leapfrog_steps if config.kernel == "hmc" else 1
-    interrupted = None
-    num_degenerate = 0
-    try:
-        for r in range(R):
-            k_prior, k_run = jax.random.split(run_keys[r])
-            z = posterior.sample_prior(k_prior, N)
-            state = progs("init", z, log_scale0, data)
-            num_evals += N
-            ll0 = np.asarray(state.loglikelihood)
-            if not np.isfinite(ll0).any() or not np.isfinite(np.asarray(state.logprior)).any():
-                raise InitializationError(
-                    f"SMC on model '{posterior.name}': none of {N} prior draws has a finite log "
-                    "prior and log-likelihood. Check that the data lie in the support of the "
-                    "likelihood for parameters the prior allows, and that the model has no "
-                    "log(0) or division by zero."
-                )
-            key_data = np.asarray(jax.random.key_data(k_run))
-            stages: list[dict] = []
-            lam = 0.0
-            while lam < 1.0:
-                if len(stages) >= config.max_stages:
-                    # always an error: short of lambda=1 there is neither evidence nor posterior
-                    raise EngineError(
-                        f"SMC on model '{posterior.name}' did not reach lambda=1 within "
-                        f"max_stages={config.max_stages} stages in run {r + 1} (lambda={lam:.4g}): "
-                        "the likelihood is too sharp for the particle population. Raise "
-                        "max_stages or num_particles, or lower target_ess.")
-                state, info, weighted = progs("stage", state, key_data, np.int32(len(stages)),
-                                              params, data)
-                info = jax.tree.map(np.asarray, info)
-                row = {f: info._asdict()[f].item() for f in _STAGE_FIELDS}
-                stages.append(row)
-                steps = int(row["num_mutation_steps"])
-                hmc = config.kernel == "hmc"
-                num_evals += N * steps * per_step + (N if hmc else 0)
-                num_grads += N * steps * per_step + N if hmc else 0
-                bar.update(row["temperature"] - lam)
-                lam = row["temperature"]
-                bar.set_postfix_str(f"run {r + 1}/{R} stage {len(stages)} steps {steps} "
-                                    f"acc {row['acceptance_rate']:.2f}")
-                if row["degenerate"]:
-                    msg = _degenerate_message(posterior, r, len(stages) - 1, row, config)
-                    if config.on_degenerate == "raise":
-                        raise EngineError(msg)
-                    num_degenerate += 1
-                    if num_degenerate == 1:
-                        flags.append(msg)
-            finals.append(state)
-            weighted_last.append(jax.tree.map(np.asarray, weighted))
-            final_acc.append(np.asarray(info.particle_acceptance))
-            histories.append({f: np.array([s[f] for s in stages]) for f in _STAGE_FIELDS})
-    except KeyboardInterrupt:
-        interrupted = len(finals)
-    finally:
-        bar.close()
-    if num_degenerate > 1:
-        flags.append(f"{num_degenerate} degenerate stages in all (the first is described above); "
-                     "the log evidence is not to be trusted")
-    if interrupted is not None:
-        if not finals:
-            raise KeyboardInterrupt(
-                "SMC was interrupted before its first run reached lambda=1: a partial tempered run "
-                "has neither a log evidence nor particles that target the posterior, so nothing "
-                "was kept.")
-        flags.append(f"interrupted: kept {len(finals)} of {R} completed runs")
-    return _build_fit(posterior, config, progs, compile_before, t_start, finals, weighted_last,
-                      histories, final_acc, flags, num_evals, num_grads)
-
-
 def _evidence(log_z: np.ndarray, var_single: np.ndarray) -> tuple[float, float, str]:
     """(log Z, its standard error, the method) from per-run estimates and one-run variances."""
     R = log_z.size
@@ -686,74 +769,37 @@ def _evidence(log_z: np.ndarray, var_single: np.ndarray) -> tuple[float, float, 
     return lz, max(empirical, single), "runs" if empirical >= single else "ess"
 
 
-def _build_fit(posterior, config, progs, compile_before, t_start, finals, weighted_last, histories,
-               final_acc, flags, num_evals, num_grads) -> Fit:
-    R, N, D = len(finals), config.num_particles, posterior.ndim
-    stuck = _stuck_flag(histories, config)
-    if stuck:
-        flags.append(stuck)
-    data = posterior.data_arrays
-    z_final = np.stack([np.asarray(s.position) for s in finals])  # (R, N, D)
-    z_weighted = np.stack([w.position for w in weighted_last])
-    log_weight = np.stack([w.log_weight for w in weighted_last])
+def _constrained(progs: _Programs, posterior, runs: list[_Completed]):
+    """(draws, weighted values, pointwise log-likelihood of the draws), {name: (R, N, ...)}: the
+    final particles and the last reweighting's, constrained in one batch."""
+    R, D = len(runs), posterior.ndim
+    z_final = np.stack([np.asarray(c.state.position) for c in runs])  # (R, N, D)
+    z_weighted = np.stack([c.weighted_position for c in runs])
     zs = jnp.asarray(np.concatenate([z_final, z_weighted]).reshape(-1, D))
-    values, pointwise = progs("post", zs, data)
+    values, pointwise = progs("post", zs, posterior.data_arrays)
 
     def split(tree, part):
-        return {k: np.asarray(v).reshape(2, R, N, *v.shape[1:])[part] for k, v in tree.items()}
+        return {k: np.asarray(v).reshape(2, R, -1, *v.shape[1:])[part] for k, v in tree.items()}
 
-    draws, weighted_values = split(values, 0), split(values, 1)
-    pointwise = split(pointwise, 0)
-    lp = np.stack([np.asarray(s.logprior + s.loglikelihood) for s in finals])
+    return split(values, 0), split(values, 1), split(pointwise, 0)
 
-    log_z = np.array([float(s.log_evidence) for s in finals])
-    var_single = np.array([float(np.sum(1.0 / h["ess"] - 1.0 / N)) for h in histories])
-    log_evidence, err, method = _evidence(log_z, var_single)
-    if not np.isfinite(log_evidence):
-        flags.append("the log evidence is not finite: every particle had zero likelihood weight")
+
+def _stage_dataset(histories: list[dict]):
+    """The stage history, dims (chain, stage), runs with fewer stages padded with NaN / -1."""
+    import xarray as xr
 
     num_stages = max(len(h["temperature"]) for h in histories)
-
-    def pad(a, fill):
-        out = np.full(num_stages, fill, dtype=a.dtype)
-        out[: a.size] = a
-        return out
-
     stage_vars = {}
     for f in _STAGE_FIELDS:
         dtype, fill = {"degenerate": (bool, False), "num_mutation_steps": (np.int64, -1)}.get(
             f, (np.float64, np.nan))
-        stage_vars[f] = (("chain", "stage"),
-                         np.stack([pad(h[f].astype(dtype), fill) for h in histories]))
-    evidence_attrs = {
-        "log_evidence": log_evidence, "log_evidence_err": err, "log_evidence_err_method": method,
-        "log_evidence_runs": log_z, "log_evidence_err_runs": np.sqrt(var_single),
-        "num_particles": N, "num_runs": R,
-    }
-    wall = time.perf_counter() - t_start
-    idata = build_datatree(
-        posterior, draws,
-        sample_stats={"lp": lp, "acceptance_rate": np.stack(final_acc)},
-        log_likelihood=pointwise,
-        extra_groups={"particles": {**weighted_values, "log_weight": log_weight}},
-        attrs={"inference_library": "bayeslik", "engine": "smc", "sampling_time": wall,
-               "log_evidence": log_evidence, "log_evidence_err": err},
-    )
-    import xarray as xr
-
-    idata["particles"].attrs.update(evidence_attrs)
-    stages = xr.Dataset(stage_vars, coords={"chain": np.arange(R), "stage": np.arange(num_stages)})
+        stage_vars[f] = (("chain", "stage"), np.stack([pad_rows(h[f].astype(dtype), num_stages,
+                                                                fill) for h in histories]))
+    stages = xr.Dataset(stage_vars, coords={"chain": np.arange(len(histories)),
+                                            "stage": np.arange(num_stages)})
     stages.attrs["description"] = ("per stage of each run (chain): the temperature reached, the "
                                    "ESS of the incremental weights, the log evidence increment, "
                                    "distinct fractions after resampling and after mutation, mean "
                                    "acceptance, mutation steps, largest start/end correlation, "
                                    "scale/step size; NaN/-1 pad runs with fewer stages")
-    idata["smc_stages"] = xr.DataTree(stages)
-    compile_s = progs.compile_s - compile_before
-    cost = Cost(wall_s=wall, compile_s=compile_s, num_loglik_evals=int(num_evals),
-                num_grad_evals=int(num_grads) if config.kernel == "hmc" else 0,
-                extra={"num_stages": [len(h["temperature"]) for h in histories],
-                       "num_postprocess_evals": 2 * R * N})
-    return Fit(idata=idata, engine="smc", config=dataclasses.asdict(config), seed=None, cost=cost,
-               log_evidence=log_evidence, log_evidence_err=err, model=posterior.name,
-               flags=tuple(flags))
+    return stages
