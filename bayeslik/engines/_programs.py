@@ -13,12 +13,15 @@ used beyond its size.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 from typing import Any, Callable, Hashable
 
 import jax
 import numpy as np
+
+from bayeslik.weights import bucket, pad_rows
 
 
 class Programs:
@@ -28,17 +31,36 @@ class Programs:
         self.compile_s = 0.0
         self._fns: dict[str, Any] = {}
         self._compiled: dict[tuple, Any] = {}
+        self._lock = threading.Lock()  # dynesty's pool threads call the nested programs
 
     def __call__(self, name: str, *args):
         sig = (name,) + tuple((np.shape(a), str(getattr(a, "dtype", type(a))))
                               for a in jax.tree.leaves(args))
-        exe = self._compiled.get(sig)
-        if exe is None:
-            t0 = time.perf_counter()
-            exe = self._fns[name].lower(*args).compile()
-            self.compile_s += time.perf_counter() - t0
-            self._compiled[sig] = exe
+        with self._lock:
+            exe = self._compiled.get(sig)
+            if exe is None:
+                t0 = time.perf_counter()
+                exe = self._fns[name].lower(*args).compile()
+                self.compile_s += time.perf_counter() - t0
+                self._compiled[sig] = exe
         return exe(*args)
+
+    def map_padded(self, name: str, rows: Any, *args: Any, smallest: int = 1,
+                   largest: int | None = None, fill: Any = None):
+        """``self(name, rows, *args)`` on any number of ``rows`` with a handful of compiled
+        shapes: in chunks of at most ``largest`` rows, each padded to a power of two (at least
+        ``smallest``; :func:`bayeslik.weights.bucket`) with ``fill`` (default: a copy of the
+        first row, a valid point), the results (a pytree of arrays with the rows leading) cut
+        back and concatenated. The program must treat rows independently."""
+        rows = np.asarray(rows)
+        n = rows.shape[0]
+        step = n if largest is None else int(largest)
+        outs = []
+        for start in range(0, max(n, 1), max(step, 1)):
+            chunk = rows[start:start + step]
+            out = self(name, pad_rows(chunk, bucket(chunk.shape[0], smallest), fill=fill), *args)
+            outs.append(jax.tree.map(lambda a, k=chunk.shape[0]: np.asarray(a)[:k], out))
+        return jax.tree.map(lambda *a: np.concatenate(a, axis=0), *outs)
 
 
 class ProgramCache:

@@ -72,9 +72,7 @@ from __future__ import annotations
 import os
 import pickle
 import threading
-import time
 import warnings
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
@@ -84,9 +82,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from bayeslik.engines import kit
+from bayeslik.engines.kit import ProgramCache, Programs
 from bayeslik.errors import DataError, EngineError, ImproperPriorError, InitializationError, PriorTransformError
 from bayeslik.fit import Fit
-from bayeslik.weights import bucket, equal_weight_indices, kish_ess, pad_rows
+from bayeslik.weights import equal_weight_indices, kish_ess
 
 __all__ = ["NestedConfig", "Nested", "run", "true_batch_fn"]
 
@@ -199,15 +198,13 @@ _MAX_BUCKET = 64  # likelihood batches: padded to 1, 2, 4, ..., 64 points, chunk
 _MAX_POST = 4096  # post-processing batches (lax.map inside)
 
 
-class _Programs:
+class _Programs(Programs):
     """Jitted functions of unit-cube points for one Posterior, each compiled once per padded
     batch size: ``loglik`` (n,) log-likelihoods, ``values`` constrained values per site, and
     ``draws`` (values, pointwise log-likelihood)."""
 
     def __init__(self, posterior):
-        self.compile_s = 0.0
-        self._compiled: dict[tuple, Any] = {}
-        self._lock = threading.Lock()
+        super().__init__()
         pt = posterior.prior_transform
 
         def loglik(u, data):
@@ -230,37 +227,15 @@ class _Programs:
 
         self._fns = {"loglik": jax.jit(loglik), "values": jax.jit(values), "draws": jax.jit(draws)}
 
-    def __call__(self, name: str, u: np.ndarray, data: dict):
-        sig = (name, u.shape, str(u.dtype))
-        with self._lock:
-            exe = self._compiled.get(sig)
-            if exe is None:
-                t0 = time.perf_counter()
-                exe = self._fns[name].lower(u, data).compile()
-                self.compile_s += time.perf_counter() - t0
-                self._compiled[sig] = exe
-        return exe(u, data)
 
-
-_CACHE: "OrderedDict[int, tuple[Any, _Programs]]" = OrderedDict()
-_CACHE_SIZE = 16
+# Keyed by the Posterior object itself, not its cache_key: the prior transform closes over the
+# Posterior's own arguments, so only the likelihood could be shared between datasets.
+_CACHE = ProgramCache(16)
 
 
 def _programs(posterior) -> _Programs:
-    """The compiled programs of this Posterior object (least recently used dropped beyond 16).
-
-    Keyed by the object, not its cache_key: the prior transform closes over the Posterior's own
-    arguments, so only the likelihood could be shared between datasets."""
-    key = id(posterior)
-    hit = _CACHE.get(key)
-    if hit is not None and hit[0] is posterior:
-        _CACHE.move_to_end(key)
-        return hit[1]
-    progs = _Programs(posterior)
-    _CACHE[key] = (posterior, progs)
-    while len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return progs
+    """The compiled programs of this Posterior object (least recently used dropped beyond 16)."""
+    return _CACHE.get(posterior, lambda: _Programs(posterior))
 
 
 def _float_dtype():
@@ -269,17 +244,10 @@ def _float_dtype():
 
 def _map_padded(progs: _Programs, name: str, u: np.ndarray, data: dict, smallest: int = 1,
                 largest: int = _MAX_BUCKET):
-    """Apply a program to any number of points in chunks of at most ``largest``, each padded
-    to a power of two with the cube's centre 0.5 (a valid point), as JAX's float type (so few
-    sizes are ever compiled); the results (a pytree of arrays) are concatenated and cut to
-    len(u)."""
-    n = u.shape[0]
-    outs = []
-    for start in range(0, max(n, 1), largest):
-        chunk = np.asarray(u[start:start + largest], _float_dtype())
-        out = progs(name, pad_rows(chunk, bucket(chunk.shape[0], smallest), fill=0.5), data)
-        outs.append(jax.tree.map(lambda a, k=chunk.shape[0]: np.asarray(a)[:k], out))
-    return jax.tree.map(lambda *a: np.concatenate(a, axis=0), *outs)
+    """A program on any number of unit-cube points, as JAX's float type, in padded chunks of
+    at most ``largest`` (padding: the cube's centre 0.5, a valid point)."""
+    return progs.map_padded(name, np.asarray(u, _float_dtype()), data, smallest=smallest,
+                            largest=largest, fill=0.5)
 
 
 class true_batch_fn:  # noqa: N801 - a callable, named as the hook's documentation names it

@@ -57,7 +57,7 @@ from bayeslik.engines import kit
 from bayeslik.engines._programs import ProgramCache, Programs, draws_fn
 from bayeslik.errors import EngineError, ImproperPriorError, InitializationError
 from bayeslik.fit import Fit
-from bayeslik.weights import bucket, equal_weight_indices, kish_ess, pad_rows
+from bayeslik.weights import equal_weight_indices, kish_ess
 
 __all__ = ["NSSConfig", "NSS", "run", "DeadPoints", "log_weights", "evidence"]
 
@@ -285,14 +285,7 @@ def _dead_points(chunks: list, live, ndim: int) -> DeadPoints:
 def _constrained(progs: _Programs, zs: np.ndarray, data) -> tuple[dict, dict]:
     """Constrained values and pointwise log-likelihood of the points ``zs`` (n, ndim), in
     chunks of at most 4096 padded to a power of two (at least 256)."""
-    vals, pw = [], []
-    for s in range(0, zs.shape[0], 4096):
-        part = zs[s:s + 4096]
-        v, p = progs("draws", pad_rows(part, bucket(part.shape[0], smallest=256)), data)
-        vals.append(jax.tree.map(lambda a, m=len(part): np.asarray(a)[:m], v))
-        pw.append(jax.tree.map(lambda a, m=len(part): np.asarray(a)[:m], p))
-    cat = lambda *a: np.concatenate(a)  # noqa: E731
-    return jax.tree.map(cat, *vals), jax.tree.map(cat, *pw)
+    return progs.map_padded("draws", zs, data, smallest=256, largest=4096)
 
 
 def _flags(config: NSSConfig, steps: int, ess: float, hit_max: bool,

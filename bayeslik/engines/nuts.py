@@ -724,7 +724,9 @@ def _constrained(progs, position, data, posteriors, lay: _Layout, num_chains: in
         values, pointwise = progs("post", zs, _take(data, np.arange(0, B * num_chains, num_chains),
                                                     True))
     else:
-        values, pointwise = progs("post", jnp.asarray(position.reshape(-1, post.ndim)), data)
+        # padded to a power of two (at least 256): a new number of draws compiles nothing
+        values, pointwise = progs.map_padded("post", position.reshape(-1, post.ndim), data,
+                                             smallest=256)
     shape3 = (B, position.shape[0] // B, position.shape[1])
     values = {k: np.asarray(v).reshape(shape3 + v.shape[v.ndim - len(post.sites[k].shape):])
               for k, v in values.items()}

@@ -369,13 +369,8 @@ def _constrained(progs: _Programs, zs: np.ndarray, block: int = 1024) -> dict:
     """{site: (C, S, ...)} constrained values of the draws zs (C, S, d), in fixed blocks of
     rows (one compile whatever the number of draws)."""
     C, S, d = zs.shape
-    flat = zs.reshape(-1, d)
-    parts = []
-    for i in range(0, len(flat), block):
-        rows = np.zeros((block, d), flat.dtype)
-        rows[: len(flat[i:i + block])] = flat[i:i + block]
-        parts.append(jax.tree.map(np.asarray, progs("constrain", jnp.asarray(rows))))
-    values = {k: np.concatenate([b[k] for b in parts])[: len(flat)] for k in parts[0]}
+    values = progs.map_padded("constrain", zs.reshape(-1, d), smallest=block, largest=block,
+                              fill=0.0)
     return {k: v.reshape((C, S) + v.shape[1:]) for k, v in values.items()}
 
 
