@@ -151,52 +151,42 @@ class SurrogateOptions:
     guard_min_ess_fraction: float = 0.5
 
     def __post_init__(self) -> None:
-        def bad(name: str, need: str) -> None:
-            raise EngineError(
-                f"surrogate option {name}={getattr(self, name)!r} is invalid: it must be {need}."
-            )
+        from bayeslik.engines.kit import Check  # here: bayeslik.engines imports this module
 
-        if self.num_initial is not None and int(self.num_initial) < 20:
-            bad("num_initial", "None (2 x num_live) or an int >= 20")
-        if self.inputs not in ("physical", "cube"):
-            bad("inputs", '"physical" or "cube"')
-        if int(self.train_size) < 50:
-            bad("train_size", "an int >= 50")
-        if not 0 <= self.top_fraction < 1:
-            bad("top_fraction", "in [0, 1)")
-        if not 0.05 <= self.val_fraction <= 0.5:
-            bad("val_fraction", "in [0.05, 0.5]")
-        if not 0 <= self.contour_quantile < 1:
-            bad("contour_quantile", "in [0, 1)")
-        if not 0 <= self.clip_quantile < self.contour_quantile:
-            bad("clip_quantile", "in [0, contour_quantile)")
-        if not self.rel_tol >= 0:
-            bad("rel_tol", ">= 0")
-        if self.full_accuracy_nats is not None and not self.full_accuracy_nats >= 0:
-            bad("full_accuracy_nats", "None or >= 0 (nats)")
+        check = Check("Surrogate", self)
+        check.integer("num_initial", minimum=20, optional=True, hint="None is 2 x num_live")
+        check.choice("inputs", ("physical", "cube"))
+        check.integer("train_size", minimum=50)
+        check.number("top_fraction", low=0.0, high=1.0, low_open=False)
+        check.number("val_fraction", low=0.05, high=0.5, low_open=False, high_open=False)
+        check.number("contour_quantile", low=0.0, high=1.0, low_open=False)
+        check.number("clip_quantile", low=0.0, high=self.contour_quantile, low_open=False,
+                     hint="below contour_quantile")
+        check.number("rel_tol", low=0.0, low_open=False)
+        check.number("full_accuracy_nats", low=0.0, low_open=False, optional=True, hint="nats")
         for name in ("rmse_max", "spread_max", "fallback_rmse", "guard_max_correction"):
-            if not getattr(self, name) > 0:
-                bad(name, "> 0 (nats)")
-        if self.fallback_rmse < self.rmse_max:
-            bad("fallback_rmse", f">= rmse_max ({self.rmse_max})")
-        for name in ("recheck_every", "recheck_window", "retrain_every", "num_members",
-                     "train_steps", "search_min_steps"):
-            if int(getattr(self, name)) < 1:
-                bad(name, "a positive int")
-        if int(self.guard_num_points) < 0 or int(self.guard_num_points) == 1:
-            bad("guard_num_points", "0 (no guard) or an int >= 2")
-        if not 0 <= self.guard_min_ess_fraction <= 1:
-            bad("guard_min_ess_fraction", "in [0, 1]")
+            check.number(name, low=0.0, hint="nats")
+        check.require(self.fallback_rmse >= self.rmse_max, "fallback_rmse",
+                      f"must be >= rmse_max ({self.rmse_max}).")
+        check.integer("recheck_every", "recheck_window", "retrain_every", "num_members",
+                      "train_steps", "search_min_steps")
+        check.integer("guard_num_points", minimum=0)
+        check.require(self.guard_num_points != 1, "guard_num_points",
+                      "must be 0 (no guard) or an integer >= 2.")
+        check.number("guard_min_ess_fraction", low=0.0, high=1.0, low_open=False,
+                     high_open=False)
         for name in ("kinds", "widths", "depths", "learning_rates"):
             v = getattr(self, name)
-            if not isinstance(v, tuple) or not v:
-                bad(name, "a non-empty tuple (tuples keep the config hashable)")
-        if any(k not in _net.KINDS for k in self.kinds):
-            bad("kinds", f"a tuple of {_net.KINDS}")
-        if any(int(w) < 1 for w in self.widths) or any(int(d) < 1 for d in self.depths):
-            bad("widths", "positive ints (and depths too)")
-        if any(not lr > 0 for lr in self.learning_rates):
-            bad("learning_rates", "positive floats")
+            check.require(isinstance(v, tuple) and bool(v), name,
+                          "must be a non-empty tuple (tuples keep the config hashable).")
+        check.require(all(k in _net.KINDS for k in self.kinds), "kinds",
+                      f"must be a tuple of {_net.KINDS}.")
+        check.require(all(_positive_int(w) for w in self.widths), "widths",
+                      "must be positive integers.")
+        check.require(all(_positive_int(d) for d in self.depths), "depths",
+                      "must be positive integers.")
+        check.require(all(isinstance(lr, (int, float)) and lr > 0 for lr in self.learning_rates),
+                      "learning_rates", "must be positive numbers.")
 
     def full_accuracy(self, ndim: int) -> float:
         """``full_accuracy_nats``, or its default for ``ndim`` parameters: ``ndim / 2 + 3
@@ -208,6 +198,10 @@ class SurrogateOptions:
     def candidates(self) -> list[_net.Architecture]:
         return [_net.Architecture(int(w), int(d), float(lr), k) for k in self.kinds
                 for w in self.widths for d in self.depths for lr in self.learning_rates]
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
 
 
 def _features_fn(posterior) -> Callable[[np.ndarray], np.ndarray] | None:
