@@ -35,6 +35,7 @@ from numpyro.distributions import constraints
 from numpyro.distributions.transforms import biject_to
 from numpyro.distributions.util import sum_rightmost
 
+from bayeslik import icdf as _icdf  # at import: its module-level jits are no first-use surprise
 from bayeslik.errors import DataError, ImproperPriorError, ModelError
 
 __all__ = ["Posterior", "PosteriorBase", "SiteInfo", "Evaluation", "PosteriorFunctions"]
@@ -818,8 +819,6 @@ class PosteriorBase:
         return self._prior_transform
 
     def _make_prior_transform(self) -> Callable:
-        from bayeslik import icdf as _icdf
-
         self.require_proper_prior("a unit-cube prior transform")
         trace, _ = self._trace_at(self._inspection_point)
         for name in self._latent_names:
