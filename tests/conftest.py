@@ -10,6 +10,13 @@ import pytest
 
 SEED = int(os.environ.get("BAYESLIK_TEST_SEED", "0"))
 
+# Checkpoint keys (bayeslik.checkpoints) of this test session, in a directory of its own, never
+# the user's ~/.config/bayeslik; set in the environment so child processes use it too.
+if "BAYESLIK_CONFIG_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["BAYESLIK_CONFIG_DIR"] = tempfile.mkdtemp(prefix="bayeslik-test-config-")
+
 
 @pytest.fixture
 def seed() -> int:

@@ -29,6 +29,10 @@ Checkpoint and resume
     rebuilds its compiled functions on unpickle. ``resume=True`` restores the sampler from the
     file (if it exists) and continues from its last checkpoint: only the work since that
     checkpoint is lost. The checkpointed program must be importable (a module-level function).
+    Every checkpoint is signed, fingerprinted and locked (:mod:`bayeslik.checkpoints`): a file
+    is unpickled only after its HMAC under this user's key and its fingerprint (program, data,
+    the settings that change the run, package versions) are checked, and from the very bytes
+    that were checked; a second run on a locked path is refused.
 
 The likelihood hook (``loglikelihood_wrapper``), for likelihood surrogates
     ``run(posterior, rng_key, config, *, loglikelihood_wrapper=None)``. Internally every
@@ -69,6 +73,7 @@ Example
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import threading
@@ -81,6 +86,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bayeslik import checkpoints
 from bayeslik.engines import kit
 from bayeslik.engines.kit import ProgramCache, Programs
 from bayeslik.errors import DataError, EngineError, ImproperPriorError, InitializationError, PriorTransformError
@@ -120,9 +126,11 @@ class NestedConfig:
         in wall time at about 5% more likelihood calls (benchmarks/nested_suite.py
         --batching).
     checkpoint_file : a file to pickle the sampler into every ``checkpoint_every`` seconds and at
-        the end (None: no checkpoints).
+        the end (None: no checkpoints); signed (``<file>.sig``) and locked (``<file>.lock``)
+        while a run writes it, see :mod:`bayeslik.checkpoints`.
     resume : continue from ``checkpoint_file`` if it exists (otherwise start a fresh run that
-        checkpoints there).
+        checkpoints there); only a checkpoint whose signature and fingerprint (program, data,
+        settings, versions) match this run is loaded.
     progress_bar : dynesty's tqdm bar.
     pfrac, maxbatch, nlive_batch : dynamic runs: the posterior fraction of the weight function
         (0.8 by default: mostly posterior, some evidence), at most maxbatch batches (None:
@@ -500,27 +508,34 @@ def run(posterior, rng_key: jax.Array, config: NestedConfig, *,
     if not isinstance(config, NestedConfig):
         raise EngineError(f"run needs a NestedConfig, got {type(config).__name__}.")
     _check_posterior(posterior, config)
-    ckpt = _checkpoint_file(posterior, config)
-    resuming = bool(config.resume and ckpt is not None and os.path.exists(ckpt))
-
-    run = kit.Run("nested", posterior, config)
-    k_dyn, k_wrap, k_draw, k_err = jax.random.split(rng_key, 4)
-    true_fn = run.track(true_batch_fn(posterior))
     wrapper = loglikelihood_wrapper
-    batch_fn = true_fn if wrapper is None else wrapper(true_fn, posterior, k_wrap)
-    call, pool, batcher = _likelihood_call(batch_fn, config.queue_size)
-    start = None
+    ckpt = _checkpoint_file(posterior, config, wrapper)
+    if ckpt is not None:
+        ckpt.acquire()  # up front: the directory is writable, no other run writes the file
+    pool, start = None, None
     try:
+        # verified (signature and fingerprint) before anything is compiled or unpickled
+        saved = ckpt.read_verified() if config.resume and os.path.exists(ckpt.path) else None
+        run = kit.Run("nested", posterior, config)
+        k_dyn, k_wrap, k_draw, k_err = jax.random.split(rng_key, 4)
+        true_fn = run.track(true_batch_fn(posterior))
+        batch_fn = true_fn if wrapper is None else wrapper(true_fn, posterior, k_wrap)
+        call, pool, batcher = _likelihood_call(batch_fn, config.queue_size)
         with run.interruptible():
-            start = (_restored_sampler(posterior, config, ckpt, call, true_fn, pool) if resuming
+            start = (_restored_sampler(posterior, config, saved, ckpt.path, call, true_fn, pool)
+                     if saved is not None
                      else _new_sampler(posterior, config, call, true_fn, batch_fn,
                                        _np_rng(k_dyn), pool))
-            _run_nested(run, start, config, ckpt, resuming)
+            _run_nested(run, start, config, ckpt, saved is not None)
         if run.interrupted:
             _finish_interrupted(run, start, config)
     finally:
         if pool is not None:
             pool.shutdown()
+        if start is not None:
+            start.sampler.__dict__.pop("save", None)
+        if ckpt is not None:
+            ckpt.release()
 
     res = _read_results(start.sampler, config, k_err)
     final = _finalize(wrapper, res)
@@ -550,9 +565,18 @@ def run(posterior, rng_key: jax.Array, config: NestedConfig, *,
 
 
 # ---------------------------------------------------------------------------- run helpers
-def _checkpoint_file(posterior, config: NestedConfig) -> str | None:
-    """The checkpoint path (None: no checkpoints), once the program and its arguments are known
-    to pickle (they are what the checkpoint stores; see :class:`_Likelihood`)."""
+# NestedConfig fields that do not change what a run computes: a resume may change them
+_RUN_SETTINGS = ("progress_bar", "checkpoint_every", "resume", "checkpoint_file",
+                 "max_iterations", "max_calls")
+_PACKAGES = ("bayeslik", "dynesty", "jax", "numpyro")
+
+
+def _checkpoint_file(posterior, config: NestedConfig,
+                     wrapper: Callable | None) -> checkpoints.CheckpointFile | None:
+    """The signed, locked checkpoint (None: no checkpoints), once the program and its arguments
+    are known to pickle (they are what the checkpoint stores; see :class:`_Likelihood`). Its
+    fingerprint: the program, the data, every NestedConfig field but ``_RUN_SETTINGS``, the
+    likelihood wrapper (its type and ``options``, if a dataclass) and the package versions."""
     if config.checkpoint_file is None:
         return None
     try:
@@ -564,7 +588,23 @@ def _checkpoint_file(posterior, config: NestedConfig) -> str | None:
             f"'{posterior.name}' and its arguments, which failed ({type(e).__name__}: {e}). "
             "Define the model as a module-level function (not a lambda or a closure)."
         ) from e
-    return os.fspath(config.checkpoint_file)
+    settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+                if f.name not in _RUN_SETTINGS}
+    if wrapper is not None:
+        settings["loglikelihood_wrapper"] = _wrapper_settings(wrapper)
+    return checkpoints.CheckpointFile(
+        config.checkpoint_file, checkpoints.fingerprint(posterior, settings, _PACKAGES),
+        owner="Nested")
+
+
+def _wrapper_settings(wrapper) -> dict:
+    """The likelihood wrapper in the fingerprint: the function's (or the object's class's)
+    qualified name and, if it has dataclass ``options`` (the surrogate's), their values."""
+    kind = wrapper if hasattr(wrapper, "__qualname__") else type(wrapper)
+    options = getattr(wrapper, "options", None)
+    return {"type": f"{kind.__module__}.{kind.__qualname__}",
+            "options": (dataclasses.asdict(options) if dataclasses.is_dataclass(options)
+                        and not isinstance(options, type) else None)}
 
 
 def _likelihood_call(batch_fn: Callable, queue: int):
@@ -619,14 +659,13 @@ def _new_sampler(posterior, config: NestedConfig, call: Callable, true_fn: true_
     return _Start(sampler, live, nlive, 0, 0)
 
 
-def _restored_sampler(posterior, config: NestedConfig, ckpt: str, call: Callable,
+def _restored_sampler(posterior, config: NestedConfig, saved: bytes, ckpt: str, call: Callable,
                       true_fn: true_batch_fn, pool) -> _Start:
-    """The sampler pickled in ``ckpt``, with this run's (batched, wrapped) likelihood attached in
-    place of the unpickled one. Refused (EngineError) when the file holds the other kind of run
-    (static / dynamic) or was written for another program or other latent sites."""
-    import dynesty
-
-    sampler = dynesty.utils.restore_sampler(ckpt, pool=pool)
+    """The sampler pickled in ``saved`` (the verified bytes of the checkpoint ``ckpt``), with
+    this run's (batched, wrapped) likelihood attached in place of the unpickled one. Refused
+    (EngineError) when the file holds the other kind of run (static / dynamic) or was written
+    for another program or other latent sites (the signed fingerprint already says so)."""
+    sampler = _unpickle_sampler(saved, ckpt, pool)
     is_dynamic = hasattr(sampler, "batch_sampler")
     if bool(config.dynamic) != is_dynamic:
         raise EngineError(
@@ -646,12 +685,57 @@ def _restored_sampler(posterior, config: NestedConfig, ckpt: str, call: Callable
     return _Start(sampler, None, 0, resumed_from, calls_before)
 
 
-def _run_nested(run: kit.Run, start: _Start, config: NestedConfig, ckpt: str | None,
-                resuming: bool) -> None:
-    """Run (or continue) dynesty to its stopping rule, checkpointing to ``ckpt``; dynesty keeps
-    its own progress bar (``print_progress``)."""
+_DYNESTY_FORMAT = 1  # dynesty.utils.save_sampler's format_version
+
+
+def _unpickle_sampler(saved: bytes, ckpt: str, pool):
+    """dynesty.utils.restore_sampler's steps, from the verified bytes instead of the file (so
+    nothing unpickles bytes other than those checked): the sampler of the saved dict, with the
+    pool's map and the saved queue size set in it and in its inner samplers."""
+    state = pickle.loads(saved)
+    if not (isinstance(state, dict) and state.get("format_version") == _DYNESTY_FORMAT
+            and "sampler" in state):
+        raise EngineError(f"resume: {ckpt!r} is not a dynesty checkpoint of format "
+                          f"{_DYNESTY_FORMAT}; start afresh with resume=False.")
+    sampler = state["sampler"]
+    samplers = [sampler]
+    if hasattr(sampler, "sampler"):  # dynamic: the initial and batch samplers too
+        samplers += [s for s in (sampler.sampler, sampler.batch_sampler) if s is not None]
+    queue = getattr(sampler, "queue_size", 1)  # the batch setting is in the fingerprint
+    for s in samplers:
+        s.mapper = map if pool is None else pool.map
+        s.pool = pool
+        s.queue_size = queue if pool is not None else 1
+    return sampler
+
+
+def _sign_checkpoints(sampler, ckpt: checkpoints.CheckpointFile) -> None:
+    """Make every checkpoint dynesty writes (it calls ``sampler.save(path)``) go through
+    ``ckpt``: the same dict as dynesty.utils.save_sampler, pickled, written with mode 0o600 and
+    signed. The hook is an instance attribute, kept out of the pickle."""
+    import dynesty
+
+    def save(fname):
+        del sampler.__dict__["save"]
+        try:
+            data = pickle.dumps({"sampler": sampler, "version": dynesty.__version__,
+                                 "format_version": _DYNESTY_FORMAT})
+        finally:
+            sampler.save = save
+        ckpt.write(data)
+
+    sampler.save = save
+
+
+def _run_nested(run: kit.Run, start: _Start, config: NestedConfig,
+                ckpt: checkpoints.CheckpointFile | None, resuming: bool) -> None:
+    """Run (or continue) dynesty to its stopping rule, checkpointing to ``ckpt`` (signed);
+    dynesty keeps its own progress bar (``print_progress``)."""
+    if ckpt is not None:
+        _sign_checkpoints(start.sampler, ckpt)
     run_kw = dict(maxiter=config.max_iterations, maxcall=config.max_calls,
-                  print_progress=config.progress_bar, checkpoint_file=ckpt,
+                  print_progress=config.progress_bar,
+                  checkpoint_file=None if ckpt is None else ckpt.path,
                   checkpoint_every=config.checkpoint_every)
     with warnings.catch_warnings(record=True) as caught:
         # dynesty's own warnings (e.g. a very large bootstrap enlargement factor, which it
