@@ -1,10 +1,13 @@
 """The "pmmh" engine: its posterior against exact answers (a linear Gaussian model whose
 likelihood the Kalman filter gives exactly) and against NUTS on the AR-HMM with the states
-marginalised; its Fit; its errors."""
+marginalised; its Fit; its errors. The linear Gaussian problem is tests/harness.py's; the checks
+every engine shares (compile once, progress bar, Ctrl-C, save/load, schema, the wrong posterior
+kind) are in test_contract.py."""
 
 from __future__ import annotations
 
 import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +20,8 @@ from bayeslik.engines import pmmh
 from bayeslik.errors import EngineError, ModelError
 from bayeslik.filtering import kalman
 from bayeslik.filtering import particle as pf
+from tests.harness import (K, check_moments, linear_gaussian_params, linear_gaussian_prior,
+                           linear_gaussian_problem)
 
 #: BAYESLIK_TEST_SEED (see tests/conftest.py) shifts every key of this file
 SEED = int(os.environ.get("BAYESLIK_TEST_SEED", "0"))
@@ -29,30 +34,26 @@ def _key(i: int) -> jax.Array:
 T = 50
 
 
-def lg_prior():
-    numpyro.sample("phi", dist.Uniform(-1.0, 1.0))
-
-
-def lg_params(v):
-    return {"m0": jnp.zeros(1), "P0": jnp.eye(1), "F": v["phi"] * jnp.eye(1),
-            "Q": 0.5 * jnp.eye(1), "H": jnp.eye(1), "R": 0.5 * jnp.eye(1)}
+def _lg_posterior(ys, ssm=None):
+    """A StateSpacePosterior of the harness's linear Gaussian model on data ``ys``."""
+    ssm = pf.linear_gaussian_ssm(1) if ssm is None else ssm
+    return pmmh.StateSpacePosterior(linear_gaussian_prior, ssm, ys, params_fn=linear_gaussian_params)
 
 
 @pytest.fixture(scope="module")
 def lg_post():
-    p = lg_params({"phi": jnp.float32(0.7)})
-    _, ys = pf.simulate_ssm(_key(3), pf.linear_gaussian_ssm(1), p, T,
-                            lambda k, q, x, t: x + jnp.sqrt(0.5) * jax.random.normal(k, (1,)))
-    return pmmh.StateSpacePosterior(lg_prior, pf.linear_gaussian_ssm(1), np.asarray(ys),
-                                    params_fn=lg_params)
+    """The harness's linear Gaussian problem (phi = 0.7), T steps simulated from key 3 + SEED."""
+    return linear_gaussian_problem(T=T, phi=0.7, seed=3 + SEED)[0]
 
 
 @pytest.fixture(scope="module")
 def lg_exact(lg_post):
     """Posterior mean and sd of phi by quadrature of prior x Kalman likelihood (float64 sums)."""
     grid = np.linspace(-0.9995, 0.9995, 4001)
-    ll = np.asarray(jax.vmap(lambda f: kalman._filter(lg_params({"phi": f}), lg_post.ys).log_likelihood)(
-        jnp.asarray(grid, jnp.float32)), np.float64)
+    def loglik(f):
+        return kalman._filter(linear_gaussian_params({"phi": f}), lg_post.ys).log_likelihood
+
+    ll = np.asarray(jax.vmap(loglik)(jnp.asarray(grid, jnp.float32)), np.float64)
     w = np.exp(ll - ll.max())
     w /= w.sum()
     m = (w * grid).sum()
@@ -71,24 +72,18 @@ def test_pmmh_matches_the_exact_posterior(lg_fit, lg_exact):
     m, sd = lg_exact
     d = lg_fit.draws("phi")
     s = az.summary(lg_fit.idata, var_names=["phi"])
-    se, ess = float(s.loc["phi", "mcse_mean"]), float(s.loc["phi", "ess_bulk"])
+    ess = float(s.loc["phi", "ess_bulk"])
     # the MCSE below is trustworthy from a bulk ESS of about 100 (Vehtari et al. 2021); this
-    # chain makes ~150-250 from 4000 draws (pseudo-marginal noise, sd of log p-hat ~ 1)
+    # chain makes ~150-350 from 4000 draws (pseudo-marginal noise, sd of log p-hat ~ 1)
     assert ess > 100 and float(s.loc["phi", "r_hat"]) < 1.05, s
-    assert abs(d.mean() - m) < 4 * se, (d.mean(), m, se)
-    # sd of a sample of ESS draws: relative standard error ~ 1/sqrt(2 ESS)
-    assert abs(d.std() - sd) < 4 * sd / np.sqrt(2 * ess), (d.std(), sd, ess)
+    # mean and sd within K of ArviZ's MCSE
+    check_moments(lg_fit, m, sd, site="phi")
+    # and the sd as that of a sample of ESS draws: relative standard error ~ 1/sqrt(2 ESS)
+    assert abs(d.std() - sd) < K * sd / np.sqrt(2 * ess), (d.std(), sd, ess)
 
 
-def test_pmmh_fit_contents(lg_fit, lg_post, tmp_path):
-    from bayeslik.fit import load_fit
-
+def test_pmmh_fit_contents(lg_fit, lg_post):
     fit = lg_fit
-    fit.save(str(tmp_path / "pmmh.nc"))
-    back = load_fit(str(tmp_path / "pmmh.nc"))
-    assert back.engine == "pmmh" and back.cost.num_loglik_evals == fit.cost.num_loglik_evals
-    assert np.array_equal(back.draws("phi"), fit.draws("phi"))
-    assert fit.engine == "pmmh" and fit.seed == 1 + SEED
     ss = fit.idata["sample_stats"]
     for name in ("acceptance_rate", "accepted", "lp", "log_likelihood_estimate"):
         assert ss[name].shape == (4, 1000), name
@@ -100,15 +95,11 @@ def test_pmmh_fit_contents(lg_fit, lg_post, tmp_path):
     assert fit.cost.extra["num_particle_steps"] == fit.cost.num_loglik_evals * 100 * T
     assert fit.cost.extra["loglik_sd_at_posterior_mean"] > 0
     assert np.allclose(fit.idata["observed_data"]["y"].values, np.asarray(lg_post.ys))
-    # a second run of the same posterior compiles nothing
-    again = bl.fit(lg_post, "pmmh", seed=2 + SEED, num_warmup=10, num_samples=10, num_chains=4,
-                   num_particles=100, progress_bar=False)
-    assert again.cost.compile_s == 0.0
 
 
 def test_pmmh_flags_low_acceptance(lg_post, lg_fit):
     # no warmup and a proposal 100 times too wide: almost nothing is accepted, and the Fit says
-    # so (same static settings as lg_fit: nothing is compiled)
+    # so (same static settings as lg_fit, other numbers of iterations: nothing is compiled)
     fit = bl.fit(lg_post, "pmmh", num_warmup=0, num_samples=100, num_chains=4, num_particles=100,
                  initial_scale=30.0, progress_bar=False)
     assert fit.cost.compile_s == 0.0
@@ -125,16 +116,9 @@ def test_config_errors_before_compiling(no_jit, lg_post):
         pmmh.PMMHConfig(target_accept=1.5)
     with pytest.raises(EngineError, match="PMMH option resampling='bogus': must be one of"):
         pmmh.PMMHConfig(resampling="bogus")
-    # a plain Posterior: the engine says what it needs
-    def model(y):
-        mu = numpyro.sample("mu", dist.Normal(0, 1))
-        numpyro.sample("y", dist.Normal(mu, 1), obs=y)
-
-    with pytest.raises(EngineError, match="StateSpacePosterior"):
-        bl.fit(bl.Posterior(model, y=np.zeros(3)), "pmmh")
     # correlated filters need a reparametrised model
     ssm = pf.linear_gaussian_ssm(1)._replace(init_transform_fn=None)
-    post = pmmh.StateSpacePosterior(lg_prior, ssm, np.zeros((5, 1)), params_fn=lg_params)
+    post = _lg_posterior(np.zeros((5, 1)), ssm)
     with pytest.raises(EngineError, match="correlated=False"):
         bl.fit(post, "pmmh")
 
@@ -146,8 +130,7 @@ def test_state_space_posterior_checks(no_jit):
 
     with pytest.raises(ModelError, match="observed/factor site"):
         pmmh.StateSpacePosterior(with_obs, pf.linear_gaussian_ssm(1), np.zeros((5, 1)))
-    post = pmmh.StateSpacePosterior(lg_prior, pf.linear_gaussian_ssm(1), np.zeros((5, 1)),
-                                    params_fn=lg_params)
+    post = _lg_posterior(np.zeros((5, 1)))
     # a sibling of Posterior: the prior half only, no likelihood-side functions at all
     assert not isinstance(post, bl.Posterior)
     for name in ("loglikelihood", "logdensity", "pointwise_loglikelihood", "evaluate", "at"):
@@ -160,7 +143,7 @@ def test_state_space_posterior_checks(no_jit):
 @pytest.mark.slow
 def test_pmmh_matches_nuts_on_the_arhmm():
     """PMMH on the AR-HMM (K = 2, T = 80) with the state sequence filtered by particles, against
-    NUTS on the same model with the states summed out exactly: every posterior mean within 4
+    NUTS on the same model with the states summed out exactly: every posterior mean within K
     combined MCSEs."""
     import arviz as az
 
@@ -188,15 +171,14 @@ def test_pmmh_matches_nuts_on_the_arhmm():
         for row in sn.index:
             diff = abs(sn.loc[row, "mean"] - sp.loc[row, "mean"])
             se = np.hypot(sn.loc[row, "mcse_mean"], sp.loc[row, "mcse_mean"])
-            assert diff < 4 * se, (row, sn.loc[row, "mean"], sp.loc[row, "mean"], se)
+            assert diff < K * se, (row, sn.loc[row, "mean"], sp.loc[row, "mean"], se)
             assert sp.loc[row, "ess_bulk"] > 100, (row, sp.loc[row, "ess_bulk"])
 
 
 def test_other_engines_refuse_the_intractable_likelihood(no_jit):
     """Every engine but pmmh refuses a StateSpacePosterior at bl.fit, and pmmh refuses a
     Posterior: an EngineError naming the kinds, before anything is compiled (no_jit)."""
-    post = pmmh.StateSpacePosterior(lg_prior, pf.linear_gaussian_ssm(1), np.zeros((5, 1)),
-                                    params_fn=lg_params)
+    post = _lg_posterior(np.zeros((5, 1)))
     from bayeslik.api import engine_spec
 
     names = [n for n in bl.engines.available() if n in bl.engines.__all__ and n != "pmmh"]

@@ -17,6 +17,7 @@ from bayeslik.filtering import hmm_filter, hmm_loglik, kalman
 from bayeslik.filtering import particle as pf
 from bayeslik.models import arhmm
 from bayeslik.models import arhmm_statespace as arhmm_ss
+from tests.harness import K
 
 #: BAYESLIK_TEST_SEED (see tests/conftest.py) shifts every key of this file
 SEED = int(os.environ.get("BAYESLIK_TEST_SEED", "0"))
@@ -44,7 +45,7 @@ def _repeat(fn, seed, num):
     return jax.tree.map(np.asarray, jax.vmap(fn)(jax.random.split(_key(seed), num)))
 
 
-def _ratio_check(lls, exact, k=4.0):
+def _ratio_check(lls, exact, k=K):
     """The likelihood estimate is unbiased: mean(exp(ll - exact)) = 1 within k standard errors."""
     r = np.exp(np.asarray(lls, np.float64) - exact)
     se = r.std(ddof=1) / np.sqrt(len(r))
@@ -264,10 +265,10 @@ def test_stochastic_volatility_variance_falls_as_one_over_n(sv_data):
     assert 1.7 < ratio < 9.3, ratio
     a, b = lls[1000][: R // 2], lls[1000][R // 2:]
     se = np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
-    assert abs(a.mean() - b.mean()) < 4 * se
+    assert abs(a.mean() - b.mean()) < K * se
     # the 4-fold larger filter is the better one: its mean estimate of log p(y) is higher
     # (the log of an unbiased estimate is biased low by about var/2)
-    assert lls[1000].mean() > lls[250].mean() - 4 * np.sqrt(lls[1000].var() / R + lls[250].var() / R)
+    assert lls[1000].mean() > lls[250].mean() - K * np.sqrt(lls[1000].var() / R + lls[250].var() / R)
 
 
 def test_stochastic_volatility_filtered_intervals_cover(sv_data):
@@ -285,7 +286,7 @@ def test_stochastic_volatility_filtered_intervals_cover(sv_data):
 
     cover, ll = _repeat(one, 40, 40)
     se = cover.std(ddof=1) / np.sqrt(len(cover))
-    assert abs(cover.mean() - 0.9) < 4 * se, (cover.mean(), se)
+    assert abs(cover.mean() - 0.9) < K * se, (cover.mean(), se)
     assert np.all(np.isfinite(ll))
 
 
@@ -296,30 +297,30 @@ def cmapss_unit():
 
     d = cmapss.load()
     hi = cmapss.HealthIndicator.fit(d["train"])
-    K = 4
+    num_states = 4
     seqs = hi.sequences(d["train"])
-    init = arhmm.init_params(seqs[1][:, None], K, left_to_right=True)
-    trans = np.zeros((K, K), np.float32)
-    for k in range(K - 1):
+    init = arhmm.init_params(seqs[1][:, None], num_states, left_to_right=True)
+    trans = np.zeros((num_states, num_states), np.float32)
+    for k in range(num_states - 1):
         trans[k, k:] = init[f"trans_{k}"]
     trans[-1, -1] = 1.0
-    params = {"pi": np.eye(K, dtype=np.float32)[0], "trans": trans, "b": init["b0"][:, None],
-              "A": init["A"], "sigma": init["sigma"]}
-    te = cmapss.degradation_data(d["test"], hi, K, run_to_failure=False)
+    params = {"pi": np.eye(num_states, dtype=np.float32)[0], "trans": trans,
+              "b": init["b0"][:, None], "A": init["A"], "sigma": init["sigma"]}
+    te = cmapss.degradation_data(d["test"], hi, num_states, run_to_failure=False)
     i = 0
     n = te["length"][i]
     unit = {"y": te["y"][i, :n], "labels": te["labels"][i, :n]}
-    return params, unit, te, K
+    return params, unit, te, num_states
 
 
 def test_online_rul_matches_the_exact_filter(cmapss_unit):
     from bayeslik.models import cmapss
 
-    params, unit, te, K = cmapss_unit
+    params, unit, te, num_states = cmapss_unit
     out = arhmm_ss.online_rul(_key(0), params, unit["y"], labels=unit["labels"],
                         num_particles=2000)
     T = len(unit["y"])
-    assert out["state_probs"].shape == (T, K) and out["rul_pmf"].shape == (T, 415)
+    assert out["state_probs"].shape == (T, num_states) and out["rul_pmf"].shape == (T, 415)
     li, lt, lo = arhmm.hmm_inputs({k: jnp.asarray(v) for k, v in params.items()}, unit["y"],
                                   labels=unit["labels"], left_to_right=True)
     exact = np.exp(np.asarray(hmm_filter(li, lt, lo).log_filtered))
@@ -329,7 +330,8 @@ def test_online_rul_matches_the_exact_filter(cmapss_unit):
     assert np.all(np.abs(out["state_probs"] - exact) < 5 * se), np.abs(out["state_probs"] - exact).max()
     # the last cycle's RUL distribution agrees with cmapss.rul_distribution (exact filter)
     data1 = {k: te[k][:1] for k in ("y", "mask", "labels")}
-    pmf_exact = cmapss.rul_distribution({k: np.asarray(v)[None] for k, v in params.items()}, data1, K)[0]
+    pmf_exact = cmapss.rul_distribution({k: np.asarray(v)[None] for k, v in params.items()}, data1,
+                                        num_states)[0]
     tv = 0.5 * np.abs(out["rul_pmf"][-1] - pmf_exact).sum()
     assert tv < 0.5 * np.abs(out["state_probs"][-1] - exact[-1]).sum() + 1e-4, tv
     # and the same rule applied to the exact probabilities reproduces it to float precision

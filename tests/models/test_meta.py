@@ -28,8 +28,7 @@ from scipy.special import logsumexp
 
 import bayeslik as bl
 from bayeslik.models import meta
-
-K = 4.0  # tolerance in standard errors / posterior sds
+from tests.harness import K  # the tolerance, in standard errors / posterior sds
 
 
 # --------------------------------------------------------------------------------- helpers
