@@ -147,7 +147,7 @@ class PMMHInfo(NamedTuple):
 
     acceptance_rate: jax.Array
     accepted: jax.Array
-    proposal_loglik: jax.Array
+    proposal_loglikelihood: jax.Array
 
 
 def _loglik_fn(posterior: StateSpacePosterior, config: PMMHConfig) -> Callable:
@@ -434,12 +434,12 @@ def run(posterior: StateSpacePosterior, rng_key: jax.Array, config: PMMHConfig) 
     runs = C * (sum(o[1].shape[1] for o in warm) + zs.shape[1]) + C * config.num_init_tries \
         + num_checks
     extra = {"num_particle_filters": runs, "num_particle_steps": runs * N * T,
-             "num_particles": N, "num_steps": T, "loglik_sd_at_posterior_mean": ll_sd,
+             "num_particles": N, "num_steps": T, "loglikelihood_sd_at_posterior_mean": ll_sd,
              "acceptance_rate": float(info.accepted.mean()), "warmup_acceptance_rate": warm_rate,
              "step_scale": np.exp(np.asarray(box["states"].log_scale)).tolist()}
     sample_stats = {"acceptance_rate": info.acceptance_rate, "accepted": info.accepted,
-                    "lp": lps + lls, "log_likelihood_estimate": lls,
-                    "proposal_log_likelihood_estimate": info.proposal_loglik}
+                    "lp": lps + lls, "loglikelihood_estimate": lls,
+                    "proposal_loglikelihood_estimate": info.proposal_loglikelihood}
     return kit.chains_fit(run, _constrained(progs, zs), sample_stats=sample_stats,
                           num_loglik_evals=runs, num_grad_evals=0, extra=extra,
                           attrs={"num_particles": N, "correlated": int(config.correlated)})

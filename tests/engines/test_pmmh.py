@@ -85,7 +85,7 @@ def test_pmmh_matches_the_exact_posterior(lg_fit, lg_exact):
 def test_pmmh_fit_contents(lg_fit, lg_post):
     fit = lg_fit
     ss = fit.idata["sample_stats"]
-    for name in ("acceptance_rate", "accepted", "lp", "log_likelihood_estimate"):
+    for name in ("acceptance_rate", "accepted", "lp", "loglikelihood_estimate"):
         assert ss[name].shape == (4, 1000), name
     acc = float(ss["accepted"].mean())
     assert 0.1 <= acc <= 0.35, acc  # the adaptation's target is 0.2
@@ -93,7 +93,7 @@ def test_pmmh_fit_contents(lg_fit, lg_post):
     # candidates + 80 (one batch) for the spread of the estimate at the posterior mean
     assert fit.cost.num_loglik_evals == 4 * 1500 + 80 + 80
     assert fit.cost.extra["num_particle_steps"] == fit.cost.num_loglik_evals * 100 * T
-    assert fit.cost.extra["loglik_sd_at_posterior_mean"] > 0
+    assert fit.cost.extra["loglikelihood_sd_at_posterior_mean"] > 0
     assert np.allclose(fit.idata["observed_data"]["y"].values, np.asarray(lg_post.ys))
 
 
