@@ -3,6 +3,13 @@
 A Fit round-trips through netCDF with nothing lost: the DataTree is written as is and the
 engine facts (engine, settings, seed, evidence, cost, flags) go into the root group's attributes
 as JSON.
+
+Saving is atomic: the file is written to a temporary file in the target's directory, flushed to
+disk and renamed over the target, so a failed or killed save leaves the previous file as it was
+(and a reader that has it open keeps reading the old bytes). The target is checked before
+anything is written. Loading reads the whole file into memory and closes it; it refuses, before
+reading any data, a file whose variables would take more than ``max_bytes``, and reports a
+damaged or foreign file as a :class:`~bayeslik.errors.DataError` naming the file.
 """
 
 from __future__ import annotations
@@ -10,17 +17,24 @@ from __future__ import annotations
 import datetime as _dt
 import html
 import json
-from dataclasses import asdict, dataclass, field
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
 import numpy as np
 import xarray as xr
 
-from bayeslik.errors import DataError
+from bayeslik.errors import DataError, OptionError
 
-__all__ = ["Cost", "Fit", "load_fit", "build_datatree"]
+__all__ = ["Cost", "Fit", "load_fit", "build_datatree", "check_save_path"]
 
 _ATTR = "bayeslik_fit"
+#: load_fit's default limit on the memory the variables of a file may take once read.
+MAX_LOAD_BYTES = 8 * 2**30
 
 
 @dataclass(frozen=True)
@@ -135,12 +149,18 @@ class Fit:
             "bayeslik_version": _version(),
         }
 
-    def save(self, path: str) -> None:
+    def save(self, path: str | os.PathLike) -> None:
         """Write the Fit to one netCDF file; ``bayeslik.load_fit(path)`` reads it back whole.
+
+        The write is atomic: a temporary file in the same directory, flushed to disk, then
+        renamed onto ``path``. If it fails (a full disk, an interrupt) the previous file at
+        ``path`` is unchanged, the temporary file is removed, and the Fit is still in memory.
+        A missing or unwritable directory raises OptionError before anything is written.
 
         >>> fit.save("eight_schools.nc")            # doctest: +SKIP
         >>> same = bl.load_fit("eight_schools.nc")  # doctest: +SKIP
         """
+        target = check_save_path(path, nbytes=_tree_nbytes(self.idata))
         tree = self.idata.copy()
         facts = self._facts()
         # netCDF reads a one-element array attribute back as a scalar: record which were arrays
@@ -150,7 +170,7 @@ class Fit:
             for node in tree.subtree
         }
         tree.attrs = {**tree.attrs, _ATTR: json.dumps(facts)}
-        tree.to_netcdf(path, engine="h5netcdf")
+        _atomic_write(tree, target, shown=os.fspath(path))
 
     # ------------------------------------------------------------------ summaries
     def summary(self, var_names: list[str] | None = None, **kwargs: Any):
@@ -219,33 +239,248 @@ def _version() -> str:
         return "unknown"
 
 
-def load_fit(path: str) -> Fit:
+def load_fit(path: str | os.PathLike, *, max_bytes: int = MAX_LOAD_BYTES) -> Fit:
     """Read a Fit written by :meth:`Fit.save`.
+
+    The file is read whole into memory and closed (it can be saved over at once). Before any
+    data is read, the sizes its variables declare are added up: a file that would take more
+    than ``max_bytes`` (default 8 GiB) is refused; raise the limit to read a larger one. A file
+    that is not a readable netCDF/HDF5 file, is truncated, or lacks or garbles bayeslik's
+    attribute raises DataError naming the file and the fault. A file from a newer bayeslik
+    loads: Cost fields unknown here are kept in ``cost.extra``, other unknown facts are
+    ignored, each with a warning naming them.
 
     >>> fit = bl.load_fit("eight_schools.nc")  # doctest: +SKIP
     """
-    tree = xr.open_datatree(path, engine="h5netcdf")
-    tree = tree.load()
+    shown = os.fspath(path)
+    try:
+        tree = xr.open_datatree(path, engine="h5netcdf")
+    except (FileNotFoundError, IsADirectoryError):
+        raise
+    except Exception as e:
+        raise DataError(
+            f"{shown!r} cannot be read as a netCDF (HDF5) file ({type(e).__name__}: {e}); it is "
+            "damaged (e.g. truncated) or not a file written by Fit.save."
+        ) from None
+    try:
+        _check_load_size(tree, shown, max_bytes)
+        try:
+            tree.load()
+        except Exception as e:
+            raise DataError(
+                f"{shown!r}: reading its data failed ({type(e).__name__}: {e}); the file is "
+                "damaged (e.g. truncated)."
+            ) from None
+    finally:
+        tree.close()
     attrs = dict(tree.attrs)
     if _ATTR not in attrs:
-        raise DataError(f"{path!r} is not a bayeslik Fit (no '{_ATTR}' attribute in its root group).")
-    facts = json.loads(attrs.pop(_ATTR))
+        raise DataError(f"{shown!r} is not a bayeslik Fit (no '{_ATTR}' attribute in its root group).")
+    facts = _read_facts(attrs.pop(_ATTR), shown)
     tree.attrs = attrs
     for node_path, names in facts.get("one_element_attrs", {}).items():
-        node = tree[node_path]
+        try:
+            node = tree[node_path]
+        except KeyError:
+            raise DataError(f"{shown!r}: its '{_ATTR}' attribute names a group {node_path!r} "
+                            "that the file does not have; the file is damaged.") from None
         node.attrs = {k: (np.atleast_1d(v) if k in names else v) for k, v in node.attrs.items()}
-    cost = Cost(**facts["cost"])
     return Fit(
         idata=tree,
         engine=facts["engine"],
         config=_tuples(facts["config"]),
         seed=facts["seed"],
-        cost=cost,
+        cost=_read_cost(facts["cost"], shown, facts.get("bayeslik_version")),
         log_evidence=facts["log_evidence"],
         log_evidence_err=facts["log_evidence_err"],
         model=facts.get("model", ""),
         flags=tuple(facts.get("flags", ())),
     )
+
+
+# ---------------------------------------------------------------------------- saving
+def _tree_nbytes(tree: xr.DataTree) -> int:
+    """The bytes the variables of every group declare (shape x item size; nothing is read)."""
+    total = 0
+    for node in tree.subtree:
+        for var in node.to_dataset(inherit=False).variables.values():
+            total += math.prod(var.shape) * var.dtype.itemsize
+    return total
+
+
+def check_save_path(path: str | os.PathLike, nbytes: int = 0) -> str:
+    """Check that a Fit can be saved at ``path`` before anything is written (a run can call it
+    before it starts): its directory exists and is writable, ``path`` is not a directory nor a
+    read-only file, and the disk has room for ``nbytes``. Return the path the file is written
+    to (symbolic links resolved). A bad path raises OptionError naming it."""
+    shown = os.fspath(path)
+    target = os.path.realpath(shown)
+    folder = os.path.dirname(target)
+    keep = "Nothing was written"
+
+    def refuse(why: str) -> OptionError:
+        return OptionError(f"cannot save the Fit to {shown!r}: {why}. {keep}; the Fit is still "
+                           "in memory and can be saved elsewhere (fit.save(other_path)).")
+
+    if not os.path.isdir(folder):
+        raise refuse(f"its directory {folder!r} does not exist (create it first)")
+    if os.path.isdir(target):
+        raise refuse("it is a directory; give a file name (e.g. 'run.nc')")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise refuse(f"its directory {folder!r} is not writable")
+    if os.path.exists(target) and not os.access(target, os.W_OK):
+        raise refuse("the file exists and is read-only (remove it or change its permissions)")
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    if free is not None and nbytes > free:
+        raise refuse(f"the Fit takes about {_size(nbytes)} and the disk holding {folder!r} "
+                     f"has only {_size(free)} free")
+    return target
+
+
+def _size(n: float) -> str:
+    """A byte count for a message: '812 B', '3.4 MiB', '320.0 GiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""  # pragma: no cover
+
+
+def _default_mode() -> int:
+    """The permissions a plain ``open(path, "w")`` would give a new file (0o666 less umask)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _atomic_write(tree: xr.DataTree, target: str, shown: str) -> None:
+    """Write ``tree`` to a temporary file beside ``target``, fsync it, rename it onto target."""
+    folder, name = os.path.split(target)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise OptionError(
+            f"cannot save the Fit to {shown!r}: no file can be created in {folder!r} "
+            f"({e.strerror or e}). Nothing was written; the Fit is still in memory and can be "
+            "saved elsewhere (fit.save(other_path))."
+        ) from None
+    os.close(fd)
+    try:
+        mode = os.stat(target).st_mode & 0o7777 if os.path.exists(target) else _default_mode()
+        os.chmod(tmp, mode)
+        tree.to_netcdf(tmp, engine="h5netcdf")
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except BaseException as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            msg = (f"saving the Fit to {shown!r} failed ({e.strerror or e}); the previous file "
+                   "there (if any) is unchanged, and the Fit is still in memory: save it elsewhere "
+                   "(fit.save(other_path)).")
+            raise (OSError(e.errno, msg, shown) if e.errno else OSError(msg)) from e
+        raise
+    try:  # make the rename itself durable (POSIX; a no-op where directories cannot be opened)
+        dfd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+# ---------------------------------------------------------------------------- loading
+_REQUIRED = ("engine", "config", "seed", "cost", "log_evidence", "log_evidence_err")
+_KNOWN = frozenset(_REQUIRED) | {"model", "flags", "bayeslik_version", "one_element_attrs"}
+
+
+def _check_load_size(tree: xr.DataTree, shown: str, max_bytes: int) -> None:
+    """Refuse, before reading them, variables that would take more than ``max_bytes``."""
+    sizes = [(math.prod(var.shape) * var.dtype.itemsize, f"{node.path.rstrip('/')}/{vname}",
+              tuple(var.shape))
+             for node in tree.subtree
+             for vname, var in node.to_dataset(inherit=False).variables.items()]
+    total = sum(n for n, _, _ in sizes)
+    if total > max_bytes:
+        n, biggest, shape = max(sizes)
+        raise DataError(
+            f"{shown!r} declares variables that would take {_size(total)} in memory (the "
+            f"largest, {biggest!r}, {_size(n)} with shape {shape}), more than the limit of "
+            f"{_size(max_bytes)}; "
+            "nothing was read. If the file is trusted and the memory is there, pass a larger "
+            "max_bytes= to load_fit."
+        )
+
+
+def _read_facts(raw: Any, shown: str) -> dict:
+    """The engine facts in a file's root attribute, checked (DataError naming what is wrong)."""
+    bad = f"{shown!r}: its '{_ATTR}' attribute"
+    try:
+        facts = json.loads(raw)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{bad} is not valid JSON ({e}); the file is damaged.") from None
+    if not isinstance(facts, dict):
+        raise DataError(f"{bad} holds a JSON {type(facts).__name__}, not an object; the file is "
+                        "damaged or not written by Fit.save.")
+    missing = [k for k in _REQUIRED if k not in facts]
+    if missing:
+        raise DataError(f"{bad} lacks {missing}; the file is damaged or not written by Fit.save.")
+    types = {"engine": str, "config": dict, "cost": dict, "model": str, "flags": list,
+             "one_element_attrs": dict}
+    wrong = [k for k, t in types.items() if k in facts and not isinstance(facts[k], t)]
+    for k in ("seed", "log_evidence", "log_evidence_err"):
+        v = facts[k]
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            wrong.append(k)
+    if wrong:
+        raise DataError(f"{bad} has values of the wrong type for {wrong}; the file is damaged.")
+    unknown = sorted(set(facts) - _KNOWN)
+    if unknown:
+        warnings.warn(
+            f"{shown!r} was written by bayeslik {facts.get('bayeslik_version', '?')} (this is "
+            f"{_version()}); its facts {unknown} are unknown here and were ignored.", stacklevel=3)
+    return facts
+
+
+def _read_cost(raw: dict, shown: str, written_by: Any) -> Cost:
+    """The Cost of a file; fields unknown here (a newer bayeslik's) are kept in ``extra``."""
+    known = {f.name for f in fields(Cost)}
+    if "wall_s" not in raw:
+        raise DataError(f"{shown!r}: the cost in its '{_ATTR}' attribute lacks 'wall_s'; the "
+                        "file is damaged.")
+    extra = raw.get("extra", {})
+    if not isinstance(extra, dict):
+        raise DataError(f"{shown!r}: cost.extra in its '{_ATTR}' attribute is not an object; "
+                        "the file is damaged.")
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        extra = {**{k: raw[k] for k in unknown}, **extra}
+        warnings.warn(
+            f"{shown!r} was written by bayeslik {written_by or '?'} (this is {_version()}): its "
+            f"Cost fields {unknown} are unknown here; they are kept in cost.extra.", stacklevel=3)
+    try:
+        return Cost(**{k: v for k, v in raw.items() if k in known and k != "extra"}, extra=extra)
+    except TypeError as e:  # pragma: no cover - every field has a name and a default but wall_s
+        raise DataError(f"{shown!r}: the cost in its '{_ATTR}' attribute is unusable ({e}).") from None
 
 
 def build_datatree(

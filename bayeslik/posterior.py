@@ -605,6 +605,13 @@ class PosteriorBase:
                     name, "deterministic", shape, shape, "Deterministic", _site_dims(site, shape, 0)
                 )
                 continue
+            if site["type"] == "param":
+                raise ModelError(
+                    f"site '{name}' is a numpyro.param: bayeslik's engines infer sample sites "
+                    "only, so it would be held at its initial value. Make it a sample site with "
+                    f"a prior (numpyro.sample('{name}', <prior>)), or pass its value as data (an "
+                    "argument of the model)."
+                )
             if site["type"] != "sample":
                 continue
             fn = site["fn"]
