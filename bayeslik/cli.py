@@ -147,16 +147,53 @@ def _read_data(path: str | None, data: dict) -> dict:
     return {**data, **new}
 
 
+def _check_out(path: str | None, folder: bool) -> None:
+    """--out is checked before the run: a bad target must not cost a finished run. A file
+    needs a writable existing directory; a folder (made if missing) its nearest existing
+    ancestor writable."""
+    if not path:
+        return
+    path = os.path.abspath(path)
+    if folder:
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise _UsageError(f"--out {path!r} is a file; give a folder (nothing was run)")
+        where = path
+        while not os.path.exists(where):
+            where = os.path.dirname(where)
+    else:
+        if os.path.isdir(path):
+            raise _UsageError(f"--out {path!r} is a directory; give a file name such as "
+                              "fit.nc (nothing was run)")
+        where = os.path.dirname(path)
+        if not os.path.isdir(where):
+            raise _UsageError(f"--out {path!r}: the directory {where!r} does not exist; create "
+                              "it first (nothing was run)")
+    if not os.access(where, os.W_OK):
+        raise _UsageError(f"--out {path!r}: {where!r} is not writable (nothing was run)")
+
+
 def _cmd_fit(args) -> int:
+    import tempfile
+
     import bayeslik as bl
+    from bayeslik.errors import BayeslikError
 
     options = _options(args.set)
+    _check_out(args.out, folder=False)
     model, data, _ = _load_model(args.model)
     post = bl.Posterior(model, **_read_data(args.data, data))
     fit = bl.fit(post, args.engine, seed=args.seed, **options)
     print(fit)
     if args.out:
-        fit.save(args.out)
+        try:
+            fit.save(args.out)
+        except (OSError, BayeslikError) as e:  # the run is done: keep it somewhere
+            fd, rescue = tempfile.mkstemp(prefix="bayeslik-fit-", suffix=".nc")
+            os.close(fd)
+            fit.save(rescue)
+            print(f"could not save {args.out}: {e}\nthe fit is saved at {rescue} instead",
+                  file=sys.stderr)
+            return 1
         print(f"saved {args.out}")
     return 0
 
@@ -173,6 +210,7 @@ def _cmd_compare(args) -> int:
             raise _UsageError(f"--set {key}=...: compare options are ENGINE.OPTION=VALUE with "
                               f"ENGINE among {args.engines}")
         per_engine.setdefault(engine, {})[option] = value
+    _check_out(args.out, folder=True)
     ref = truth if truth is not None and args.data is None else None
     cmp = bl.compare(post, args.engines, reference=ref, seeds=args.seeds,
                      engine_options=per_engine, progress_bar=not args.quiet)

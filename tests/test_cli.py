@@ -139,3 +139,46 @@ def test_demo_rejects_an_unknown_cmapss_engine(capsys):
     with pytest.raises(SystemExit) as e:
         main(["demo", "--cmapss-engines", "nuts", "hmc"])
     assert e.value.code == 2 and "invalid choice: 'hmc'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("target, why", [
+    ("missing/fit.nc", "does not exist"),
+    ("", "is a directory"),
+])
+def test_bad_out_is_refused_before_the_run(tmp_path, capsys, monkeypatch, target, why):
+    def no_run(*a, **k):
+        raise AssertionError("bl.fit ran although --out was unusable")
+
+    monkeypatch.setattr(bl, "fit", no_run)
+    assert main(["fit", "normal_mean", "--out", str(tmp_path / target)] + SMALL) == 2
+    assert why in capsys.readouterr().err
+
+
+def test_out_that_is_a_file_is_refused_for_compare(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bl, "compare", lambda *a, **k: (_ for _ in ()).throw(
+        AssertionError("bl.compare ran although --out was unusable")))
+    (tmp_path / "taken").write_text("x")
+    assert main(["compare", "normal_mean", "--engines", "nuts", "--out",
+                 str(tmp_path / "taken")]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_a_save_that_fails_after_the_run_keeps_the_fit(tmp_path, capsys, monkeypatch):
+    from bayeslik.fit import Fit
+
+    real = Fit.save
+    calls = []
+
+    def failing_once(self, path):
+        calls.append(path)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        return real(self, path)
+
+    monkeypatch.setattr(Fit, "save", failing_once)
+    assert main(["fit", "normal_mean", "--out", str(tmp_path / "fit.nc")] + SMALL) == 1
+    err = capsys.readouterr().err
+    assert "No space left" in err and "saved at" in err
+    rescue = calls[1]
+    assert bl.load_fit(rescue).draws("mu").size == 100
+    os.remove(rescue)
