@@ -20,11 +20,13 @@ value}``: it is called with the arguments the Posterior was built with.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
-from bayeslik.errors import ModelError
+import numpy as np
 
-__all__ = ["set_default_init", "default_init", "ATTRIBUTE"]
+from bayeslik.errors import EngineError, ModelError
+
+__all__ = ["set_default_init", "default_init", "check_init", "ATTRIBUTE"]
 
 #: the attribute of a model function that holds its default-init hook
 ATTRIBUTE = "default_init"
@@ -67,3 +69,91 @@ def default_init(posterior) -> dict | None:
             + ("; " if missing and extra else "") + (f"unknown {extra}" if extra else "")
             + ". Fix the model's init function.")
     return dict(point)
+
+
+def check_init(posterior, init: Mapping, label: str = "engine") -> None:
+    """Check a starting point ``init`` {latent site: constrained value} given to an engine
+    (``label``: its name in messages, e.g. "NUTS") before anything runs: every key a latent site
+    of ``posterior``, every value a finite number array of the site's shape inside its support
+    (where the support depends on other sites, at the values given for them). Raises
+    :class:`~bayeslik.errors.EngineError` naming the site; missing sites are left to the
+    engine (``posterior.unconstrain`` names them).
+
+    >>> import numpyro, numpyro.distributions as dist, jax.numpy as jnp, bayeslik as bl
+    >>> def model(y):
+    ...     sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+    ...     numpyro.sample("y", dist.Normal(0.0, sigma), obs=y)
+    >>> check_init(bl.Posterior(model, y=jnp.ones(3)), {"sigma": -1.0}, "NUTS")
+    Traceback (most recent call last):
+    ...
+    bayeslik.errors.EngineError: NUTS option init: init['sigma'] = -1 is outside the support of site 'sigma' (HalfNormal, support Positive(lower_bound=0.0)); give a value inside it.
+    """
+    import jax.numpy as jnp
+    from numpyro import handlers
+
+    latent = list(posterior.latent_names)
+    where = f"{label} option init"
+    unknown = [k for k in init if k not in latent]
+    if unknown:
+        sites = posterior.sites
+        kinds = [f"{k!r} ({sites[k].kind} site)" if k in sites else repr(k) for k in unknown]
+        verb = "is not a latent site" if len(unknown) == 1 else "are not latent sites"
+        raise EngineError(f"{where}: {', '.join(kinds)} {verb} of model '{posterior.name}'; the "
+                          f"latent sites are {latent}.")
+    values = {}
+    for name, value in init.items():
+        try:
+            arr = np.asarray(value, dtype=float)
+        except (TypeError, ValueError):
+            raise EngineError(f"{where}: init[{name!r}] = {value!r} is not a number or an array "
+                              "of numbers.") from None
+        shape = tuple(posterior.sites[name].shape)
+        if arr.shape != shape:
+            raise EngineError(f"{where}: init[{name!r}] has shape {arr.shape}, but site {name!r} "
+                              f"has shape {shape}.")
+        if not np.all(np.isfinite(arr)):
+            raise EngineError(f"{where}: init[{name!r}] = {_brief(arr)} is not finite.")
+        values[name] = jnp.asarray(arr)
+
+    def check(site: dict) -> Any:
+        name = site["name"]
+        if site["type"] != "sample" or site["is_observed"] or name not in values:
+            return None
+        fn, value = site["fn"], values[name]
+        try:
+            ok = bool(np.all(np.asarray(fn.support(value))))
+        except Exception:  # a support that cannot be checked elementwise: the engine will tell
+            ok = True
+        if not ok:
+            raise EngineError(
+                f"{where}: init[{name!r}] = {_brief(value)} is outside the support of site "
+                f"{name!r} ({_dist_name(fn)}, support {fn.support}); give a value inside it.")
+        return value
+
+    model = handlers.substitute(handlers.seed(posterior.model, rng_seed=0), substitute_fn=check)
+    try:
+        handlers.trace(model).get_trace(*posterior.args, **posterior.data)
+    except EngineError:
+        raise
+    except Exception:  # the model fails at this point for other reasons: the engine reports it
+        return
+
+
+def _brief(value: Any) -> str:
+    """A short rendering of a value for a message: '-1', '[1, 2]', '<shape (9,), -1..3>'."""
+    a = np.asarray(value, dtype=float)
+    if a.size == 1:
+        return f"{a.item():.3g}"
+    if a.size <= 4:
+        return "[" + ", ".join(f"{x:.3g}" for x in a.ravel()) + "]"
+    return f"<shape {a.shape}, {np.nanmin(a):.3g}..{np.nanmax(a):.3g}>"
+
+
+def _dist_name(fn: Any) -> str:
+    """A distribution's family name, seen through expand/mask/to_event wrappers."""
+    for _ in range(8):
+        if type(fn).__name__ not in ("ExpandedDistribution", "MaskedDistribution", "Independent") \
+                or not hasattr(fn, "base_dist"):
+            break
+        fn = fn.base_dist
+    return type(fn).__name__

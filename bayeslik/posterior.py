@@ -95,6 +95,10 @@ def _is_numeric_array(x: Any) -> bool:
     return False
 
 
+def _is_array_like(x: Any) -> bool:
+    return isinstance(x, (np.ndarray, jax.Array, np.generic)) and not isinstance(x, np.str_)
+
+
 def _as_jax(x: Any) -> Any:
     if isinstance(x, np.ndarray) and x.dtype.kind in "biuf":
         return jnp.asarray(x)
@@ -113,9 +117,61 @@ def _check_finite(name: str, value: Any, what: str) -> None:
         raise DataError(
             f"{what} '{name}' contains {num_nan} NaN and {num_inf} infinite value(s) "
             f"(first at index {first} of shape {arr.shape}). Remove or impute them before binding "
-            f"the data, or pass a mask and observe only the finite entries "
-            f"(numpyro.handlers.mask / `obs_mask=` in numpyro.sample)."
+            f"the data (drop those entries and the matching entries of the other arrays, or fill "
+            f"in estimates). {_MISSING_ADVICE}"
         )
+
+
+#: How to keep the shape of data with missing entries, in a way a Posterior accepts: every data
+#: array must be finite, even where masked (a NaN under a mask still makes NaN gradients).
+_MISSING_ADVICE = (
+    "To keep the shape, replace them by a finite placeholder inside the distribution's support "
+    "(e.g. np.where(ok, y, np.mean(y[ok]))), pass the mask `ok` (True = observed) as another "
+    "argument of the model and observe under `with numpyro.handlers.mask(mask=ok):`; "
+    "`obs_mask=` in numpyro.sample does not fit here (it adds a parameter for every entry, and "
+    "those of the observed entries have no prior: flat, improper directions)."
+)
+
+
+def _check_argument(name: str, value: Any, what: str) -> Any:
+    """Refuse data the engines would misread (a numpy masked array, whose mask would be ignored;
+    complex values); return the value to bind (a masked array with nothing masked as its data)."""
+    if isinstance(value, np.ma.MaskedArray):
+        masked = np.ma.getmaskarray(value)
+        if not masked.any():
+            return np.ma.getdata(value)
+        first = tuple(int(i) for i in np.argwhere(masked)[0]) if masked.ndim else ()
+        raise DataError(
+            f"{what} '{name}' is a numpy masked array with {int(masked.sum())} masked entr"
+            f"{'y' if masked.sum() == 1 else 'ies'} (first at index {first} of shape "
+            f"{masked.shape}); bayeslik would ignore the mask and use the values under it. Drop "
+            f"the masked entries ({name}.compressed(), and the matching entries of the other "
+            f"arrays), or impute them. To keep the shape, pass {name}.filled(<a value inside "
+            f"the support, e.g. np.mean({name})>) and the mask `ok = ~np.ma.getmaskarray({name})` "
+            "(True = observed) as another argument of the model, and observe under "
+            "`with numpyro.handlers.mask(mask=ok):`. Do not pass the filled array alone: its "
+            "placeholders would be taken as data."
+        )
+    kind = None
+    if isinstance(value, complex):
+        kind = "c"
+    elif isinstance(value, (np.ndarray, jax.Array, np.generic)):
+        try:
+            kind = np.dtype(value.dtype).kind
+        except TypeError:  # e.g. a PRNG key array
+            kind = None
+    elif isinstance(value, (list, tuple)) and len(value) > 0:
+        try:
+            kind = np.asarray(value).dtype.kind
+        except Exception:  # ragged lists etc. are the model's business
+            kind = None
+    if kind == "c":
+        raise DataError(
+            f"{what} '{name}' is complex-valued ({np.asarray(value).dtype}); bayeslik's "
+            "densities are real. Pass the real quantity the model needs (np.real, np.abs, "
+            "np.angle), or the real and imaginary parts as two real arguments."
+        )
+    return value
 
 
 def _site_dims(site: dict, shape: tuple[int, ...], event_ndim: int) -> tuple[str, ...]:
@@ -303,6 +359,70 @@ def _dependent_outputs(closed_jaxpr: Any) -> list[bool]:
     return [is_var(v) and v in dep for v in jaxpr.outvars]
 
 
+def _log_density(site: dict | None) -> np.ndarray | None:
+    """The observed site's log density of its value, eagerly at the traced point (None if it
+    cannot be evaluated)."""
+    if site is None:
+        return None
+    try:
+        with _validation_off():
+            return np.asarray(site["fn"].log_prob(site["value"]))
+    except Exception:
+        return None
+
+
+def _bounds(support: Any) -> list:
+    """The finite bounds a value of a continuous support can sit on (its closed ends)."""
+    while hasattr(support, "base_constraint"):
+        support = support.base_constraint
+    if isinstance(support, type(constraints.simplex)):
+        return [0.0, 1.0]
+    out = []
+    for attr in ("lower_bound", "upper_bound"):
+        b = getattr(support, attr, None)
+        if isinstance(b, (jax.Array, np.ndarray, float, int)):
+            out.append(b)
+    return out
+
+
+def _check_boundary(site: dict, twin: dict | None) -> None:
+    """Refuse observed values on a closed end of a continuous site's support where its density
+    is 0 or infinite (y = 0 or 1 for a Beta, a zero in a Dirichlet observation): in the support,
+    so the support check lets them through, but the log-likelihood is -inf or +inf there. A value
+    counts where it sits on a bound and its log density is not finite at one of the two
+    inspection points (the site's arguments at those points)."""
+    name, fn, value = site["name"], site["fn"], np.asarray(site["value"])
+    bounds = _bounds(fn.support)
+    if not bounds:
+        return
+    lps = [lp for lp in (_log_density(site), _log_density(twin)) if lp is not None]
+    event_ndim = len(fn.event_shape)
+    batch = value.shape[: value.ndim - event_ndim]
+    try:
+        not_finite = np.zeros(batch, bool)
+        for lp in lps:
+            not_finite |= np.broadcast_to(~np.isfinite(lp), batch)
+        on_bound = np.zeros(value.shape, bool)
+        for b in bounds:
+            on_bound |= np.asarray(value == np.asarray(b), bool)
+    except ValueError:  # shapes that do not line up: the density will tell
+        return
+    if event_ndim:
+        on_bound = on_bound.reshape(batch + (-1,)).any(-1)
+    bad = not_finite & on_bound
+    if not bad.any():
+        return
+    first = tuple(int(i) for i in np.argwhere(bad)[0]) if bad.ndim else ()
+    raise DataError(
+        f"observed site '{name}' has {int(bad.sum())} value(s) on the boundary of the support "
+        f"{fn.support} of {_dist_name(fn)}, where its density is 0 or infinite (first at index "
+        f"{first}: {_brief(value[first] if value.ndim else value)}); the log-likelihood is -inf "
+        "or +inf there, so no engine can start or the posterior is degenerate. Move such values "
+        "strictly inside the support (e.g. np.clip(y, eps, 1 - eps) for a Beta, with eps below "
+        "the data's resolution), or model them separately (a zero- or one-inflated likelihood)."
+    )
+
+
 class _validation_off:
     """numpyro's argument validation off for a block; both switches restored exactly after
     (``numpyro.validation_enabled`` restores only the module flag)."""
@@ -356,6 +476,9 @@ class PosteriorBase:
     def __init__(self, model: Callable, *args: Any, **kwargs: Any) -> None:
         if not callable(model):
             raise ModelError(f"`model` must be a NumPyro program (a callable), got {type(model).__name__}.")
+        args = tuple(_check_argument(f"args[{i}]", a, "positional argument")
+                     for i, a in enumerate(args))
+        kwargs = {k: _check_argument(k, v, "argument") for k, v in kwargs.items()}
         for i, a in enumerate(args):
             if _is_numeric_array(a):
                 _check_finite(f"args[{i}]", a, "positional argument")
@@ -374,7 +497,13 @@ class PosteriorBase:
             **{k: v for k, v in self._kwargs.items() if isinstance(v, jax.Array)},
         }
 
-        trace, twin, abstract = self._inspection_traces()
+        try:
+            trace, twin, abstract = self._inspection_traces()
+        except (AssertionError, AttributeError) as e:  # numpyro's plate assert; x.shape of a float
+            err = self._early_failure(e)
+            if err is None:
+                raise
+            raise err from e
         self._sites = self._inspect(trace, twin, abstract)
         latent = [s for s in self._sites.values() if s.kind == "latent"]
         if not latent:
@@ -423,6 +552,52 @@ class PosteriorBase:
         seeded = handlers.seed(model, rng_seed=0)
         return handlers.trace(seeded).get_trace(*self._args, **self._kwargs), values
 
+    def _named_arguments(self) -> dict[str, Any]:
+        return {**{f"args[{i}]": a for i, a in enumerate(self._args)}, **self._kwargs}
+
+    def _argument_hints(self) -> str:
+        """Sentences naming empty and scalar array arguments, the usual causes of a failing run."""
+        named = self._named_arguments()
+        empty = {k: np.shape(v) for k, v in named.items()
+                 if _is_array_like(v) and 0 in np.shape(v)}
+        scalar = [k for k, v in named.items() if _is_array_like(v) and np.ndim(v) == 0]
+        hints = []
+        if empty:
+            hints.append(
+                f"argument(s) {list(empty)} are empty (shape(s) {list(empty.values())}): a "
+                "plate or an observed site over them has nothing to hold; pass at least one "
+                "observation, or leave the empty argument out if the model allows it.")
+        if scalar:
+            hints.append(
+                f"argument(s) {scalar} are scalars (shape ()): if the model expects an array, "
+                "pass np.atleast_1d(...) of them.")
+        return (" " + " ".join(hints)) if hints else ""
+
+    def _early_failure(self, e: Exception) -> DataError | None:
+        """The DataError for numpyro's "size of plate should be positive" assertion or for an
+        attribute a scalar argument lacks (``y.shape`` of a float); None for other errors."""
+        named = self._named_arguments()
+        if isinstance(e, AssertionError) and "size of plate should be positive" in str(e):
+            sizes = [f"{k}={v!r}" for k, v in named.items()
+                     if isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v <= 0]
+            return DataError(
+                f"model '{self.name}': a plate has size 0 or less (numpyro: size of plate should "
+                "be positive), so there is nothing to observe."
+                + (f" The size arguments {sizes} must be positive." if sizes else "")
+                + (self._argument_hints() or " Check the arguments that set the plate sizes.")
+            )
+        if isinstance(e, AttributeError):
+            msg = str(e)
+            culprits = [k for k, v in named.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)
+                        and msg.startswith(f"'{type(v).__name__}' object has no attribute")]
+            if culprits:
+                return DataError(
+                    f"running model '{self.name}' on the given data failed with AttributeError: "
+                    f"{msg}. Argument(s) {culprits} are Python scalars, and the model uses them "
+                    "as arrays: pass an array (np.atleast_1d(...)) if that is what it expects.")
+        return None
+
     def _shape_error(self, e: Exception) -> DataError:
         shapes = ", ".join(
             f"{k}: {np.shape(v)}" for k, v in self._kwargs.items() if _is_numeric_array(v)
@@ -430,7 +605,7 @@ class PosteriorBase:
         return DataError(
             f"running model '{self.name}' on the given data failed with "
             f"{type(e).__name__}: {e}\nThe array arguments have shapes {{{shapes}}}; check that "
-            "they agree with each other and with what the model expects."
+            "they agree with each other and with what the model expects." + self._argument_hints()
         )
 
     def _abstract_run(self) -> _Abstract | None:
@@ -681,6 +856,14 @@ class PosteriorBase:
             )
         if not fn.is_discrete and not np.issubdtype(np.asarray(value).dtype, np.number):
             raise DataError(f"observed site '{name}' holds non-numeric data ({np.asarray(value).dtype}).")
+        if np.asarray(value).dtype.kind == "c":
+            raise DataError(f"observed site '{name}' holds complex values ({np.asarray(value).dtype}); "
+                            "bayeslik's densities are real: observe a real quantity.")
+        if 0 in vshape:
+            raise DataError(
+                f"observed site '{name}' has no values (shape {vshape}): its likelihood would be "
+                "empty and the posterior just the prior. Check the data arguments that feed it "
+                "(an empty array, a filter that dropped every row).")
         if computed:
             return
         if not _same_support(fn.support, None if twin is None else twin["fn"].support):
@@ -697,6 +880,8 @@ class PosteriorBase:
                 f"{fn.support} of {_dist_name(fn)} (first at index {first}). "
                 "Check the data's units, sign and type (e.g. counts must be non-negative integers)."
             )
+        if not fn.is_discrete:
+            _check_boundary(site, twin)
 
     # ------------------------------------------------------------------ core evaluation
     def _call_args(self, data: dict | None) -> tuple[tuple, dict]:
@@ -936,8 +1121,10 @@ class Posterior(PosteriorBase):
     abstractly (``jax.make_jaxpr``: shapes, and which arguments depend on the parameters),
     then eagerly with every latent site at
     ``biject_to(support)(c)`` for a constant unconstrained ``c`` (0, then 0.5, ...), and checks it:
-    non-finite data, observed values whose shape or support does not fit their distribution,
-    discrete latent sites, subsampled plates. Every problem raises a
+    non-finite, complex or masked (``numpy.ma``) data, empty observed sites and plates, observed
+    values whose shape or support does not fit their distribution (or that sit on a closed end
+    of the support where the density is 0 or infinite, as y = 0 for a Beta), discrete latent
+    sites, subsampled plates. Every problem raises a
     :class:`~bayeslik.errors.DataError` or :class:`~bayeslik.errors.ModelError` that names the
     argument or site, before anything is compiled. A model whose numbers are invalid at some
     parameter values (an overflowing recursion, a NaN Cholesky) is run at the next point; one

@@ -67,12 +67,31 @@ class StateSpacePosterior(PosteriorBase):
                              f"{type(ssm).__name__}")
         if params_fn is not None and not callable(params_fn):
             raise ModelError("params_fn must be a callable {site: value} -> the ssm's params")
+        for path, leaf in jax.tree_util.tree_leaves_with_path(ys):
+            where = "ys" + jax.tree_util.keystr(path)
+            if isinstance(leaf, np.ma.MaskedArray):
+                raise DataError(
+                    f"{where} is a numpy masked array; bayeslik would ignore its mask and use the "
+                    "values under it. Pass plain arrays: fill the masked entries with a finite "
+                    "placeholder and give the state-space model the mask as an array of its own "
+                    "in ys (a dict {'y': ..., 'mask': ...}) that its observation density reads, or "
+                    "drop or impute the masked steps.")
+            kind = np.asarray(leaf).dtype.kind
+            if kind == "c":
+                raise DataError(f"{where} is complex-valued ({np.asarray(leaf).dtype}); the "
+                                "observations must be real (pass real and imaginary parts as "
+                                "two real arrays).")
+            if kind not in "biuf":
+                raise DataError(f"{where} holds non-numeric data ({np.asarray(leaf).dtype}).")
         self.num_steps = _pf.num_steps(ys)
         for leaf in jax.tree.leaves(ys):
             arr = np.asarray(leaf)
             if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
                 raise DataError("ys contains NaN or infinite values; remove or impute them "
-                                "(or give the state-space model a mask in ys)")
+                                "(or give the state-space model a mask in ys)"
+                                ": every array in ys must be finite, even where masked, so "
+                                "replace missing values by a finite placeholder and mark them "
+                                "in a mask array that the state-space model reads.")
         super().__init__(prior_model, **prior_kwargs)
         observed = [n for n, s in self._sites.items() if s.kind in ("observed", "factor")]
         if observed:

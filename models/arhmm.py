@@ -94,7 +94,7 @@ from jax import lax
 from numpyro.distributions import constraints
 
 from bayeslik.distributions import OrderedNormal
-from bayeslik.errors import DataError, ModelError
+from bayeslik.errors import DataError, ModelError, OptionError
 from bayeslik.filtering import hmm_loglik, hmm_smoother, hmm_viterbi
 from bayeslik.inits import set_default_init
 from bayeslik.relabel import register_components
@@ -131,6 +131,13 @@ RELABEL_COST_SITES = ("b0", "b_rest")
 # --------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------
+def _check_sizes(where: str, **sizes) -> None:
+    """OptionError naming the first size that is not a positive integer."""
+    for name, v in sizes.items():
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+            raise OptionError(f"{where}: {name} must be a positive integer, got {v!r}")
+
+
 def _allowed(num_states: int, left_to_right: bool) -> np.ndarray:
     """(K, K) bool: the transitions the structure allows (row = from-state)."""
     if left_to_right:
@@ -411,6 +418,8 @@ def default_params(num_states: int = 3, dim: int = 1, num_lags: int = 1,
     ``[0.5, 0.999]``; about ``num_steps/K`` steps per state), "move to the next state" the rest,
     and ``pi`` puts all mass on state 0.
     """
+    _check_sizes("default_params", num_states=num_states, dim=dim, num_lags=num_lags,
+                 num_steps=num_steps)
     K, D, L = int(num_states), int(dim), int(num_lags)
     k = np.arange(K, dtype=float)
     b0 = 2.0 * (k - (K - 1) / 2)
@@ -483,6 +492,8 @@ def simulate(rng_key, num_steps: int, num_states: int = 3, dim: int = 1, num_lag
     >>> out["y"].shape, out["states"].shape
     ((100, 2), (100,))
     """
+    _check_sizes("simulate", num_steps=num_steps, **({} if params is not None else dict(
+        num_states=num_states, dim=dim, num_lags=num_lags)))
     if params is None:
         params = default_params(num_states, dim, num_lags, left_to_right, num_steps)
     params = {k: np.asarray(v) for k, v in params.items()}
@@ -639,7 +650,11 @@ def init_params(y, num_states: int, num_lags: int = 1, left_to_right: bool = Fal
         >>> bool(p["b0"][0] < p["b0"][1])
         True
     """
+    _check_sizes("init_params", num_states=num_states, num_lags=num_lags)
     y = np.asarray(y, dtype=float)
+    if y.ndim not in (2, 3) or 0 in y.shape:
+        raise DataError(f"init_params: y must be a non-empty (T, D) or (B, T, D) array, got "
+                        f"shape {y.shape}")
     seqs = [y] if y.ndim == 2 else list(y)
     if mask is not None:
         mask = np.asarray(mask, dtype=bool).reshape(len(seqs), -1)

@@ -27,7 +27,7 @@ from importlib import resources
 import numpy as np
 import pandas as pd
 
-from bayeslik.errors import DataError
+from bayeslik.errors import DataError, OptionError
 
 __all__ = ["load", "COLUMNS", "SENSORS", "INFORMATIVE", "HealthIndicator", "rul_score", "baseline_rul",
            "degradation_data", "rul_distribution", "rul_from_state_probs", "predict_rul"]
@@ -77,8 +77,26 @@ class HealthIndicator:
     @classmethod
     def fit(cls, train: pd.DataFrame, healthy_cycles: int = 30,
             sensors: tuple[str, ...] = tuple(INFORMATIVE)) -> "HealthIndicator":
+        if not isinstance(healthy_cycles, (int, np.integer)) or isinstance(healthy_cycles, bool) \
+                or healthy_cycles < 0:
+            raise OptionError(f"HealthIndicator.fit: healthy_cycles must be an integer >= 0, got "
+                              f"{healthy_cycles!r}")
+        missing = [s for s in list(sensors) + ["unit", "cycle"] if s not in train.columns]
+        if missing:
+            raise DataError(f"HealthIndicator.fit: train has no column(s) {missing}")
+        if len(train) < 2:
+            raise DataError(f"HealthIndicator.fit: train has {len(train)} row(s); the indicator "
+                            "needs run-to-failure units (many cycles) to fit")
         X = train[list(sensors)].to_numpy(float)
         mean, scale = X.mean(0), X.std(0)
+        if not np.all(np.isfinite(X)):
+            raise DataError("HealthIndicator.fit: the sensor columns hold NaN or infinite values; "
+                            "drop or impute those rows")
+        constant = [s for s, v in zip(sensors, scale) if not v > 0]
+        if constant:
+            raise DataError(f"HealthIndicator.fit: sensor(s) {constant} are constant in train, so "
+                            "they cannot be standardised (the indicator would be all NaN); leave "
+                            "them out with sensors=... or fit on more cycles")
         Z = (X - mean) / scale
         life = train.groupby("unit")["cycle"].transform("max").to_numpy()
         cyc = train["cycle"].to_numpy()
@@ -152,10 +170,31 @@ def degradation_data(df: pd.DataFrame, hi: HealthIndicator, num_states: int, *,
     cycles are in the last state and no earlier cycle is, so entering the last state means
     "``final_cycles`` cycles to failure". Everything else is vacuous (all states plausible).
     """
+    for name, v, low in (("num_states", num_states, 2), ("healthy_cycles", healthy_cycles, 0),
+                         ("final_cycles", final_cycles, 1)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < low:
+            raise OptionError(f"degradation_data: {name} must be an integer >= {low}, got {v!r}")
     seqs = hi.sequences(df)
+    if not seqs:
+        raise DataError("degradation_data: df has no rows (no unit to label)")
     units = np.array(sorted(seqs))
     lengths = np.array([len(seqs[u]) for u in units])
     B, T, K = len(units), int(lengths.max()), int(num_states)
+    if run_to_failure:
+        # healthy labels on [0, h), the last state on [n - final_cycles, n), and the K - 2 middle
+        # states need a cycle each in between (left-to-right: one state forward per cycle)
+        need = healthy_cycles + (K - 2) + final_cycles
+        short = [(int(u), int(n)) for u, n in zip(units, lengths) if n < need]
+        if short:
+            raise DataError(
+                f"degradation_data: {len(short)} run-to-failure unit(s) are too short for the "
+                f"labels, e.g. unit {short[0][0]} with {short[0][1]} cycles: healthy_cycles="
+                f"{healthy_cycles} cycles in state 0, then {K - 2} middle state(s), then "
+                f"final_cycles={final_cycles} in the last state need {need} cycles, or the soft "
+                "labels would jump from the first to the last state (impossible for a "
+                "left-to-right model). Drop those units (df[~df['unit'].isin(["
+                f"{', '.join(str(u) for u, _ in short[:5])}{', ...' if len(short) > 5 else ''}])]) "
+                "or lower healthy_cycles / final_cycles.")
     y = np.zeros((B, T, 1), np.float32)
     mask = np.zeros((B, T), bool)
     labels = np.ones((B, T, K), np.float32)

@@ -314,6 +314,9 @@ def _check_tasks(phi, y, mask) -> None:
                         f"got shape {np.shape(y)}")
     if mask is not None and tuple(np.shape(mask)) != tuple(np.shape(y)):
         raise DataError(f"mask must have the shape of y {tuple(np.shape(y))}, got {np.shape(mask)}")
+    if 0 in np.shape(phi):
+        raise DataError(f"phi must hold at least one task, one point and one feature, got shape "
+                        f"{np.shape(phi)} (num_tasks, n_max, num_features)")
     _check_finite("phi", phi)
     _check_finite("y", y)
     if mask is not None and _concrete(mask):
@@ -337,6 +340,9 @@ def make_data(x, y, mask=None, *, kind: str | Callable = "fourier", **feature_op
     x, y = np.asarray(x, float), np.asarray(y, float)
     if x.ndim != 2:
         raise DataError(f"x must be (num_tasks, n_max), got shape {x.shape}; pad lists with pad_tasks")
+    if 0 in x.shape:
+        raise DataError(f"x must hold at least one task and one point, got shape {x.shape} "
+                        "(num_tasks, n_max)")
     if y.shape != x.shape:
         raise DataError(f"y must have the shape of x {x.shape}, got {y.shape}")
     if mask is None:

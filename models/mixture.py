@@ -479,6 +479,19 @@ def simulate(rng_key, num_points: int, num_components: int = 3, dim: int = 2,
     ((100, 2), (100,))
     """
     _check_choices(covariance, likelihood)
+    for name, v in (("num_points", num_points), ("num_components", num_components), ("dim", dim)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+            raise OptionError(f"simulate: {name} must be a positive integer, got {v!r}")
+    if weights is not None:
+        w = np.asarray(weights, float)
+        if w.shape != (int(num_components),) or not np.all(np.isfinite(w)) or np.any(w < 0) \
+                or not w.sum() > 0:
+            raise OptionError(f"simulate: weights must be {int(num_components)} non-negative "
+                              f"numbers with a positive sum, got {weights!r}")
+    if not (separation >= 0 and anisotropy >= 1 and 0 < scale_range[0] <= scale_range[1]):
+        raise OptionError(f"simulate: need separation >= 0, anisotropy >= 1 and 0 < "
+                          f"scale_range[0] <= scale_range[1], got separation={separation!r}, "
+                          f"anisotropy={anisotropy!r}, scale_range={scale_range!r}")
     rng = _np_rng(rng_key)
     K, D, N = int(num_components), int(dim), int(num_points)
     w = np.full(K, 1.0 / K) if weights is None else np.asarray(weights, float)

@@ -37,6 +37,7 @@ import numpyro
 import numpyro.distributions as dist
 from scipy import integrate
 
+from bayeslik.errors import OptionError
 from bayeslik.models.reference import Problem
 
 __all__ = [
@@ -56,6 +57,11 @@ TRUE_LOG_EVIDENCE = {
 }
 
 SHELL_RADIUS, SHELL_WIDTH, SHELL_CENTRE, SHELL_BOX = 2.0, 0.1, 3.5, 6.0
+
+
+def _check_positive(name: str, v) -> None:
+    if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+        raise OptionError(f"{name} must be a positive integer, got {v!r}")
 
 
 def _uniform_box(lo: float, hi: float, dim: int):
@@ -91,6 +97,7 @@ def shells_log_evidence(dim: int) -> float:
     r"""logZ of the shells: each shell (far inside the box, apart from the other) contributes
     ``S_{D-1} int rho^{D-1} N(rho; r, w^2) d rho`` with ``S_{D-1} = 2 pi^{D/2} / Gamma(D/2)``
     the unit sphere's area; Z = 2 x that / 12^D."""
+    _check_positive("dim", dim)
     area = 2 * math.pi ** (dim / 2) / math.gamma(dim / 2)
     return math.log(2 * area * _radial_moment(dim, dim - 1)) - dim * math.log(2 * SHELL_BOX)
 
@@ -134,6 +141,7 @@ def _eggbox_grid(n: int):
 
 def eggbox_log_evidence(num_grid: int = 4000) -> float:
     """logZ of the eggbox by the midpoint rule on a num_grid^2 grid."""
+    _check_positive("num_grid", num_grid)
     return _eggbox_grid(num_grid)[0]
 
 

@@ -28,6 +28,8 @@ import numpyro
 import numpyro.distributions as dist
 from scipy import special, stats
 
+from bayeslik.errors import OptionError
+
 __all__ = [
     "Problem", "get", "names", "normal_mean", "normal_inverse_gamma", "correlated_gaussian",
     "eight_schools",
@@ -152,6 +154,11 @@ def correlated_gaussian(dim: int = 6, rho: float = 0.95, prior_scale: float = 3.
     prior P = prior_scale^2 I. Posterior covariance C = (P^-1 + N^-1)^-1, mean C N^-1 y;
     evidence y ~ N(0, P + N).
     """
+    if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool) or dim < 1:
+        raise OptionError(f"correlated_gaussian: dim must be a positive integer, got {dim!r}")
+    if not (-1 < rho < 1 and prior_scale > 0 and noise_scale > 0):
+        raise OptionError(f"correlated_gaussian: need -1 < rho < 1 and positive scales, got "
+                          f"rho={rho!r}, prior_scale={prior_scale!r}, noise_scale={noise_scale!r}")
     rng = np.random.default_rng(seed)
     idx = np.arange(dim)
     N = noise_scale**2 * rho ** np.abs(idx[:, None] - idx[None, :])

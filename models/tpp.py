@@ -776,7 +776,22 @@ def _as_params(params: dict) -> dict:
     return {k: jnp.asarray(v, jnp.result_type(float)) for k, v in params.items()}
 
 
+def _check_simulate(t_end, t_start, num_sequences, max_events) -> None:
+    """OptionError naming the first bad window or size of a simulation, before anything runs."""
+    for name, v in (("num_sequences", num_sequences), ("max_events", max_events)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+            raise OptionError(f"{name} must be a positive integer, got {v!r}")
+    try:
+        t0, t1 = float(t_start), float(t_end)
+    except (TypeError, ValueError):
+        raise OptionError(f"t_start and t_end must be numbers, got {t_start!r} and {t_end!r}") from None
+    if not (math.isfinite(t0) and math.isfinite(t1) and t1 > t0):
+        raise OptionError(f"the window needs finite t_start < t_end, got t_start={t_start!r}, "
+                          f"t_end={t_end!r}")
+
+
 def _simulate(sample_one, rng_key, params, t_end, t_start, num_sequences, max_events, num_marks):
+    _check_simulate(t_end, t_start, num_sequences, max_events)
     t0 = jnp.full(num_sequences, t_start, jnp.result_type(float))
     t1 = jnp.full(num_sequences, t_end, jnp.result_type(float))
     keys = jax.random.split(rng_key, num_sequences)
@@ -1093,6 +1108,9 @@ def evaluate(fit_or_params, data: dict, *, num_draws: int | None = 200, time_sca
 
 # ------------------------------------------------------------------------------------ zoo examples
 def _example_data(num_months: int = 12) -> dict:
+    if not isinstance(num_months, (int, np.integer)) or isinstance(num_months, bool) \
+            or not 1 <= num_months <= 360:
+        raise OptionError(f"num_months must be an integer in 1..360, got {num_months!r}")
     seqs = load()["sequences"][:num_months]              # 1990, M >= 4.5 (3 classes)
     data = pad_sequences(seqs, 3)
     data["time_scale"] = round(default_time_scale(data), 3)
