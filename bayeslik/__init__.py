@@ -7,6 +7,7 @@
 
 from bayeslik import engines
 from bayeslik.api import fit, register_engine
+from bayeslik.engines.kit import pointwise_loglikelihood
 from bayeslik.compare import Comparison, Reference, compare
 from bayeslik.devices import use_cpu_cores
 from bayeslik.errors import (
@@ -31,7 +32,7 @@ __all__ = [
     "Posterior", "Fit", "Cost", "fit", "load_fit", "engines", "register_engine", "summary", "sbc",
     "OptionError", "compare", "Comparison", "Reference", "StateSpacePosterior", "relabel", "use_cpu_cores",
     "BayeslikError", "DataError", "EngineError", "ImproperPriorError", "InitializationError",
-    "ModelError", "PriorTransformError",
+    "ModelError", "PriorTransformError", "pointwise_loglikelihood",
 ]
 
 

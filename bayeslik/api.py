@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
+import numpy as np
 
 from bayeslik.convergence import warn_flags
 from bayeslik.errors import EngineError
@@ -103,6 +104,18 @@ def resolve_engine(engine: Any, options: dict[str, Any]) -> tuple[EngineSpec, An
         base = None
     else:
         spec = next((s for s in _REGISTRY.values() if isinstance(engine, s.config_cls)), None)
+        cls = next((s for s in _REGISTRY.values() if engine is s.config_cls), None)
+        if cls is not None:
+            import bayeslik.engines as _engines
+
+            name = getattr(engine, "__name__", "Config")
+            short = name.removesuffix("Config")
+            name = short if getattr(_engines, short, None) is engine else name
+            raise EngineError(
+                f"engine {name} is an engine config class, not a config: call it, "
+                f"{name}() (with options, e.g. {name}(num_samples=...)), or pass the name "
+                f"{cls.name!r}."
+            )
         if spec is None:
             raise EngineError(
                 f"engine {engine!r} is neither a registered engine name nor an engine config; "
@@ -119,12 +132,17 @@ def resolve_engine(engine: Any, options: dict[str, Any]) -> tuple[EngineSpec, An
     return spec, config
 
 
-def fit(posterior: Posterior, engine: Any = "nuts", *, seed: int | None = 0, **options: Any) -> Fit:
+def fit(posterior: Posterior, engine: Any = "nuts", *, seed: int | None = 0,
+        log_likelihood: Any = "auto", **options: Any) -> Fit:
     """Run an engine on a Posterior and return its Fit.
 
     ``engine`` is a registered name (see ``bayeslik.engines.available()``) or a config object;
     ``options`` are that engine's settings (they override a config object's). ``seed`` makes the
     run reproducible; ``None`` takes it from the environment variable ``BAYESLIK_SEED`` or 0.
+    ``log_likelihood`` (every engine): ``"auto"`` keeps the pointwise ``log_likelihood`` group
+    when it takes at most 1 GiB (``BAYESLIK_LOG_LIKELIHOOD_MAX_BYTES``), else leaves it out with
+    a flag; ``True`` always keeps it, ``False`` never computes it (``bl.pointwise_loglikelihood``
+    adds it later).
 
     Example
     -------
@@ -139,10 +157,47 @@ def fit(posterior: Posterior, engine: Any = "nuts", *, seed: int | None = 0, **o
         )
     spec, config = resolve_engine(engine, options)
     spec.check_accepts(posterior)
-    if seed is None:
-        seed = int(os.environ.get("BAYESLIK_SEED", "0"))
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise EngineError(f"seed must be an int, got {seed!r}.")
-    result = dataclasses.replace(spec.run(posterior, jax.random.key(seed), config), seed=seed)
+    seed, key = _seed_key(seed)
+    _check_init_option(posterior, config)
+    from bayeslik.engines import kit  # the option reaches every engine's kit.Run
+
+    with kit.loglikelihood_option(log_likelihood, posterior):
+        result = dataclasses.replace(spec.run(posterior, key, config), seed=seed)
     warn_flags(result)  # every flag is also a FitWarning, so trouble is seen outside the Fit too
     return result
+
+
+#: the seeds jax.random.key takes: signed 64-bit integers
+SEED_RANGE = (-(2**63), 2**63 - 1)
+
+
+def _seed_key(seed: Any) -> tuple[int, jax.Array]:
+    """(seed as an int, its key) from fit's ``seed`` (None: ``BAYESLIK_SEED`` or 0); an
+    EngineError naming the seed unless it is an integer in :data:`SEED_RANGE`."""
+    if seed is None:
+        raw = os.environ.get("BAYESLIK_SEED", "0")
+        try:
+            seed = int(raw)
+        except ValueError:
+            raise EngineError(f"seed=None takes the seed from the environment variable "
+                              f"BAYESLIK_SEED, but it is {raw!r}, not an integer.") from None
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, (bool, np.bool_)):
+        raise EngineError(f"seed must be an int, got {seed!r}.")
+    seed = int(seed)
+    low, high = SEED_RANGE
+    if not low <= seed <= high:
+        raise EngineError(f"seed={seed}: must lie in [-2**63, 2**63 - 1] (a signed 64-bit "
+                          "integer), which jax.random.key takes; pass a smaller seed (e.g. "
+                          "seed % 2**32).")
+    return seed, jax.random.key(seed)
+
+
+def _check_init_option(posterior: Any, config: Any) -> None:
+    """An engine's ``init`` given as a dict {site: value}: checked against the posterior's latent
+    sites and their supports before the engine runs (EngineError naming the site)."""
+    init = getattr(config, "init", None)
+    if isinstance(init, Mapping):
+        from bayeslik.inits import check_init
+
+        label = type(config).__name__.removesuffix("Config")
+        check_init(posterior, init, label)

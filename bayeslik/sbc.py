@@ -32,6 +32,7 @@ import numpy as np
 from numpyro import handlers
 from numpyro.primitives import Messenger
 
+from bayeslik.engines import kit
 from bayeslik.errors import DataError, EngineError
 from bayeslik.posterior import Posterior
 
@@ -284,7 +285,8 @@ def sbc(model: Callable, engine: Any = "nuts", *, num_simulations: int = 100, nu
         post = posterior_of(s)
         if post is None:
             return None
-        return summarise(s, post, run_fit(post, engine, seed=int(fit_seeds[s]), **options))
+        return summarise(s, post, run_fit(post, engine, seed=int(fit_seeds[s]),
+                                          log_likelihood=True, **options))
 
     bar = tqdm(total=num_simulations, desc=f"SBC {template.name}", disable=not progress_bar)
     results = []
@@ -293,8 +295,9 @@ def sbc(model: Callable, engine: Any = "nuts", *, num_simulations: int = 100, nu
             sims = range(start, min(start + batch_size, num_simulations))
             posts = {s: posterior_of(s) for s in sims}
             ok = [s for s in sims if posts[s] is not None]
-            fits = spec.run_many([posts[s] for s in ok],
-                                 [jax.random.key(int(fit_seeds[s])) for s in ok], config)
+            with kit.loglikelihood_option(True):  # the rank of the log-likelihood needs it
+                fits = spec.run_many([posts[s] for s in ok],
+                                     [jax.random.key(int(fit_seeds[s])) for s in ok], config)
             by_sim = {s: dataclasses.replace(f, seed=int(fit_seeds[s])) for s, f in zip(ok, fits)}
             results += [summarise(s, posts[s], by_sim[s]) if s in by_sim else None for s in sims]
             bar.update(len(sims))

@@ -56,7 +56,16 @@ def _run_tempered(posterior, rng_key, config):
     return nuts.run(wrong, rng_key, nuts.NUTSConfig(**base))
 
 
-bl.register_engine("test_tempered_nuts", TemperedNUTS, _run_tempered, "NUTS on a tempered posterior (wrong on purpose)")
+@pytest.fixture(scope="module")
+def tempered_engine():
+    """Registered for this module's tests only (a global registration would reach every test
+    that loops over the registry, e.g. the contract suite)."""
+    from bayeslik.api import unregister_engine
+
+    bl.register_engine("test_tempered_nuts", TemperedNUTS, _run_tempered,
+                       "NUTS on a tempered posterior (wrong on purpose)")
+    yield "test_tempered_nuts"
+    unregister_engine("test_tempered_nuts")
 
 
 def test_ecdf_test_uniform_and_not():
@@ -85,10 +94,10 @@ def test_correct_engine_passes(normal_mean, seed):
 
 
 @pytest.mark.parametrize("scale", [0.5, 2.0])
-def test_wrong_engine_is_flagged(normal_mean, seed, scale):
+def test_wrong_engine_is_flagged(normal_mean, seed, scale, tempered_engine):
     """The likelihood scaled by 0.5 (posteriors too wide: central intervals over-cover) or by 2
     (too narrow: they under-cover) is flagged."""
-    res = sbc(normal_mean.model, "test_tempered_nuts", num_simulations=200, num_draws=49,
+    res = sbc(normal_mean.model, tempered_engine, num_simulations=200, num_draws=49,
               seed=seed, engine_options=dict(OPTS, likelihood_scale=scale), progress_bar=False,
               **normal_mean.data)
     assert not res.passed, res

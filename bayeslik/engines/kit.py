@@ -15,7 +15,13 @@ this layer:
   extra group, the evidence in the Fit and in the group's attributes;
 * :class:`Programs` / :class:`ProgramCache` / :func:`draws_fn` -- compiled functions compiled
   once per argument signature and timed, cached per (Posterior ``cache_key``, settings); the
-  constrained values and pointwise log-likelihood of a batch of draws;
+  constrained values and pointwise log-likelihood of a batch of draws (:func:`values_fn` and
+  :func:`pointwise_fn` apart), run in bounded memory by :meth:`Programs.map_into`;
+* the ``log_likelihood`` group, kept or left out as ``bl.fit(..., log_likelihood=...)`` says
+  ("auto": kept when it takes at most :func:`loglikelihood_budget` bytes): the option reaches
+  every engine through :class:`Run` (:meth:`Run.keep_loglikelihood`, asked before the group is
+  computed; :func:`chains_fit` and :func:`weighted_fit` apply it to an engine that did not ask),
+  and :func:`pointwise_loglikelihood` adds the group to a Fit later;
 * :class:`Check` -- the validation of an engine's config, one message style for all:
   ``"<Engine> option <name>=<value>: <why>"``, raised as :class:`~bayeslik.errors.EngineError`.
 
@@ -25,18 +31,110 @@ See ``docs/engines/writing.md`` for an engine written on the kit from scratch.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
+import math
+import os
 import time
 from typing import Any, Iterable, Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from bayeslik.convergence import convergence_flags
-from bayeslik.engines._programs import ProgramCache, Programs, draws_fn
-from bayeslik.errors import EngineError
+from bayeslik.engines._programs import (ProgramCache, Programs, draws_fn, pointwise_fn,
+                                        values_fn)
+from bayeslik.errors import EngineError, OptionError
 from bayeslik.fit import Cost, Fit, build_datatree
 
-__all__ = ["Run", "Check", "chains_fit", "weighted_fit", "Programs", "ProgramCache", "draws_fn"]
+__all__ = ["Run", "Check", "chains_fit", "weighted_fit", "Programs", "ProgramCache", "draws_fn",
+           "values_fn", "pointwise_fn", "loglikelihood_option", "loglikelihood_budget",
+           "pointwise_size", "pointwise_loglikelihood", "BUDGET_ENV", "DEFAULT_BUDGET",
+           "LEFT_OUT"]
+
+
+# ---------------------------------------------------------------------------- log_likelihood option
+#: the environment variable that overrides the "auto" budget of the log_likelihood group (bytes)
+BUDGET_ENV = "BAYESLIK_LOG_LIKELIHOOD_MAX_BYTES"
+#: the "auto" budget of the log_likelihood group when the variable is not set: 1 GiB
+DEFAULT_BUDGET = 2**30
+#: how the flag of a Fit whose log_likelihood group was left out begins
+LEFT_OUT = "log_likelihood group left out"
+
+# bl.fit's log_likelihood option for the engine runs started inside it; engine runs started
+# elsewhere (run_many, an engine's run called directly) see the default, "auto"
+_OPTION: contextvars.ContextVar = contextvars.ContextVar("bayeslik_log_likelihood",
+                                                         default="auto")
+
+
+def loglikelihood_budget() -> int:
+    """The most bytes an "auto" log_likelihood group may take: ``BAYESLIK_LOG_LIKELIHOOD_MAX_BYTES``
+    (a whole number of bytes, e.g. ``500000000`` or ``5e8``) or 1 GiB. A value that is not one
+    raises EngineError naming the variable."""
+    raw = os.environ.get(BUDGET_ENV, "").strip()
+    if not raw:
+        return DEFAULT_BUDGET
+    try:
+        value = float(raw.replace("_", ""))
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value >= 0 and value == int(value)):
+        raise EngineError(f"the environment variable {BUDGET_ENV}={raw!r}: must be a whole number "
+                          f"of bytes >= 0 (unset, the budget is {DEFAULT_BUDGET} = 1 GiB).")
+    return int(value)
+
+
+@contextlib.contextmanager
+def loglikelihood_option(value: Any, posterior: Any = None):
+    """Run engines inside with bl.fit's ``log_likelihood`` option: ``"auto"`` (keep the group
+    when it takes at most :func:`loglikelihood_budget` bytes, else leave it out with a flag),
+    ``True`` (always), ``False`` (never, no flag). The value (and, for "auto", the budget) is
+    checked on entry, before anything runs: EngineError. ``True`` for a posterior that has no
+    pointwise log-likelihood (a StateSpacePosterior) is refused too.
+
+    >>> with loglikelihood_option(False):
+    ...     Run("demo", posterior=None, config=None).log_likelihood
+    False
+    """
+    if isinstance(value, (bool, np.bool_)):
+        value = bool(value)
+    elif not (isinstance(value, str) and value == "auto"):
+        raise EngineError(f"fit option log_likelihood={value!r}: must be 'auto', True or False.")
+    if value == "auto":
+        loglikelihood_budget()
+    if value is True and posterior is not None and not hasattr(posterior,
+                                                                "pointwise_loglikelihood"):
+        raise EngineError(
+            f"fit option log_likelihood=True: a {type(posterior).__name__} has no pointwise "
+            "log-likelihood, so no engine can make a log_likelihood group for it; pass 'auto' "
+            "or False.")
+    token = _OPTION.set(value)
+    try:
+        yield value
+    finally:
+        _OPTION.reset(token)
+
+
+def pointwise_size(posterior: Any) -> tuple[int, int]:
+    """(the number of pointwise log-likelihood terms of one draw, bytes per term) of a
+    Posterior, found abstractly (nothing is run); (0, 0) where it has no pointwise
+    log-likelihood."""
+    fn = getattr(posterior, "pointwise_loglikelihood", None)
+    if fn is None:
+        return 0, 0
+    leaves = jax.tree.leaves(jax.eval_shape(fn, jnp.zeros(posterior.ndim)))
+    return (int(sum(math.prod(a.shape) for a in leaves)),
+            max((int(a.dtype.itemsize) for a in leaves), default=0))
+
+
+def _bytes(n: float) -> str:
+    """A byte count for a message: '812 B', '3.4 MiB', '1.0 GiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""  # pragma: no cover
 
 
 # ---------------------------------------------------------------------------- the run context
@@ -58,6 +156,10 @@ class Run:
         self.flags: list[str] = []
         self.interrupted = False
         self._tracked: list[tuple[Any, float]] = []
+        #: bl.fit's log_likelihood option ("auto", True or False); see keep_loglikelihood
+        self.log_likelihood = _OPTION.get()
+        self._budget = loglikelihood_budget() if self.log_likelihood == "auto" else None
+        self._keep: bool | None = None
 
     # ---------------------------------------------------------------- accounting
     def track(self, programs: Any) -> Any:
@@ -79,6 +181,50 @@ class Run:
         """Add a flag (a warning the user must see on the Fit); ``None`` adds nothing."""
         if message:
             self.flags.append(message)
+
+    # ---------------------------------------------------------------- the log_likelihood group
+    def keep_loglikelihood(self, num_draws: int, num_chains: int = 1, num_fits: int = 1) -> bool:
+        """Whether this run computes and keeps the log_likelihood group of ``num_chains`` x
+        ``num_draws`` draws (per Fit; ``num_fits`` Fits made together count together). Ask
+        before computing it: where the answer is False, compute no log-likelihood at all.
+
+        ``log_likelihood=True``: yes; ``False``: no; ``"auto"``: yes when the group(s) take at
+        most :func:`loglikelihood_budget` bytes (draws x terms per draw x bytes per term),
+        otherwise no, and the run gets a flag saying the size and how to get the group. The
+        first answer is the run's: later calls return it."""
+        if self._keep is None and self.log_likelihood != "auto":
+            self._keep = bool(self.log_likelihood)
+        if self._keep is None:
+            terms, itemsize = pointwise_size(self.posterior)
+            what = (f"{num_chains} chain(s) x {num_draws} draws x {terms} terms x {itemsize} "
+                    "bytes" + (f" x {num_fits} fits" if num_fits > 1 else ""))
+            self._decide(num_fits * num_chains * num_draws * terms * itemsize, what)
+        return bool(self._keep)
+
+    def _decide(self, nbytes: int, what: str) -> None:
+        if self.log_likelihood != "auto":
+            self._keep = bool(self.log_likelihood)
+            return
+        self._keep = nbytes <= self._budget
+        if not self._keep:
+            self.flag(f"{LEFT_OUT}: it would take {_bytes(nbytes)} ({what}), more than the "
+                      f"{_bytes(self._budget)} budget ({BUDGET_ENV}); pass "
+                      "log_likelihood=True to bl.fit to keep it, or add it later with "
+                      "bl.pointwise_loglikelihood(fit, posterior)")
+
+    def _kept_group(self, group: Mapping[str, np.ndarray] | None):
+        """The log_likelihood group an engine gave, or None where the option leaves it out
+        (decided here from the arrays if the engine did not ask keep_loglikelihood)."""
+        if not group:
+            return None
+        if self._keep is None:
+            arrays = [np.asarray(v) for v in group.values()]
+            chains, draws = arrays[0].shape[:2]
+            terms = sum(math.prod(a.shape[2:]) for a in arrays)
+            self._decide(sum(a.nbytes for a in arrays),
+                         f"{chains} chain(s) x {draws} draws x {terms} terms x "
+                         f"{arrays[0].dtype.itemsize} bytes")
+        return group if self._keep else None
 
     # ---------------------------------------------------------------- progress and interrupts
     def progress(self, **tqdm_kwargs: Any):
@@ -138,13 +284,16 @@ def chains_fit(run: Run, values: Mapping[str, np.ndarray], *, posterior: Any = N
                share: int = 1, log_evidence: float | None = None,
                log_evidence_err: float | None = None) -> Fit:
     """The Fit of chains of draws: ``values`` {site: (chain, draw, ...)} of every site the
-    program records, ``sample_stats`` and ``log_likelihood`` with the same leading axes.
+    program records, ``sample_stats`` and ``log_likelihood`` with the same leading axes (the
+    latter left out where the run's log_likelihood option says so: see
+    :meth:`Run.keep_loglikelihood`).
 
     The run's flags come first, then ``flags`` (per-fit ones), then the convergence flags of
     the latent sites (split R-hat, bulk and tail ESS; see :mod:`bayeslik.convergence`).
     ``share`` > 1 is one of a batch of fits made together (wall and compile time split).
     """
     posterior = run.posterior if posterior is None else posterior
+    log_likelihood = run._kept_group(log_likelihood)
     wall = run.wall_s / share
     all_flags = list(run.flags) + list(flags)
     all_flags.extend(convergence_flags({k: v for k, v in values.items()
@@ -174,10 +323,12 @@ def weighted_fit(run: Run, draws: Mapping[str, np.ndarray], *, group: str,
     ``log_weight`` (chain, point) in the extra group ``group``, whose attributes get
     ``group_attrs`` and the evidence; the evidence also in the Fit and the root attributes.
     ``more_groups`` {name: xarray.Dataset} are added as they are (e.g. SMC's stage history).
+    ``log_likelihood`` is left out where the run's option says so (:meth:`Run.keep_loglikelihood`).
     """
     import xarray as xr
 
     posterior = run.posterior
+    log_likelihood = run._kept_group(log_likelihood)
     wall = run.wall_s
     evidence = {"log_evidence": log_evidence, "log_evidence_err": log_evidence_err}
     idata = build_datatree(posterior, draws, sample_stats=sample_stats,
@@ -193,6 +344,83 @@ def weighted_fit(run: Run, draws: Mapping[str, np.ndarray], *, group: str,
                model=posterior.name, flags=tuple(run.flags))
 
 
+# ---------------------------------------------------------------------------- the group, later
+class _LaterPrograms(Programs):
+    """``pointwise``: the pointwise log-likelihood of constrained draws {latent site: (n, ...)}
+    (each mapped back to its unconstrained point, then evaluated)."""
+
+    def __init__(self, posterior: Any) -> None:
+        super().__init__()
+
+        def pointwise(values, data):
+            fn = posterior.at(data).pointwise_loglikelihood
+            return jax.lax.map(lambda v: fn(posterior.unconstrain(v)), values, batch_size=256)
+
+        self._fns = {"pointwise": jax.jit(pointwise)}
+
+
+# keyed by the Posterior object: unconstrain traces the program with its own bound arguments
+_LATER = ProgramCache(8)
+
+
+def pointwise_loglikelihood(fit: Fit, posterior: Any, *, chunk_bytes: int | None = None) -> Fit:
+    """``fit`` with its ``log_likelihood`` group (pointwise log-likelihood of every draw in its
+    ``posterior`` group: for weighted engines, the equal-weight draws), computed from
+    ``posterior`` (the Posterior it was fitted to) in chunks written into arrays allocated
+    once, so a Fit made with ``log_likelihood=False`` (or left without it by "auto") can get it
+    for LOO later. A group already there is computed again; the flag saying it was left out is
+    dropped. A Posterior that does not fit the Fit (other latent sites or shapes, other data
+    shapes) or has no pointwise log-likelihood raises OptionError. ``chunk_bytes``: the most
+    bytes of results one chunk makes (default 64 MiB; the peak is about the group plus that).
+
+    >>> fit = bl.fit(post, "nuts", log_likelihood=False)      # doctest: +SKIP
+    >>> fit = bl.pointwise_loglikelihood(fit, post)           # doctest: +SKIP
+    >>> "log_likelihood" in fit.idata.children                # doctest: +SKIP
+    True
+    """
+    import xarray as xr
+
+    def refuse(why: str) -> OptionError:
+        return OptionError(f"pointwise_loglikelihood: {why}")
+
+    if not isinstance(fit, Fit):
+        raise refuse(f"needs a bayeslik Fit, got {type(fit).__name__}.")
+    if not hasattr(posterior, "pointwise_loglikelihood"):
+        raise refuse(f"a {type(posterior).__name__} has no pointwise log-likelihood.")
+    if "posterior" not in fit.idata.children:
+        raise refuse("the Fit has no posterior group to evaluate.")
+    draws = fit.idata["posterior"].to_dataset()
+    sites = posterior.sites
+    missing = [n for n in posterior.latent_names if n not in draws.data_vars]
+    if missing:
+        raise refuse(f"the Fit's posterior group lacks the latent site(s) {missing} of "
+                     f"{posterior.name!r}; pass the Posterior the Fit was made from.")
+    C, S = int(draws.sizes["chain"]), int(draws.sizes["draw"])
+    for n in posterior.latent_names:
+        if draws[n].shape != (C, S) + tuple(sites[n].shape):
+            raise refuse(f"site {n!r} has shape {draws[n].shape[2:]} in the Fit and "
+                         f"{tuple(sites[n].shape)} in {posterior.name!r}; pass the Posterior "
+                         "the Fit was made from.")
+    if "observed_data" in fit.idata.children:
+        given = fit.idata["observed_data"].to_dataset()
+        for n, v in posterior.observed_data.items():
+            if n in given.data_vars and given[n].shape != np.shape(v):
+                raise refuse(f"observed site {n!r} has shape {given[n].shape} in the Fit and "
+                             f"{np.shape(v)} in the Posterior; pass the Posterior the Fit was "
+                             "made from.")
+    rows = {n: np.asarray(draws[n].values).reshape((C * S,) + tuple(sites[n].shape))
+            for n in posterior.latent_names}
+    progs = _LATER.get(posterior, lambda: _LaterPrograms(posterior))
+    pointwise = progs.map_into("pointwise", rows, posterior.data_arrays, chunk_bytes=chunk_bytes)
+    pointwise = {k: v.reshape((C, S) + v.shape[1:]) for k, v in pointwise.items()}
+    group = build_datatree(posterior, {}, log_likelihood=pointwise)["log_likelihood"].to_dataset()
+    group = group.assign_coords(chain=draws["chain"].values, draw=draws["draw"].values)
+    tree = fit.idata.copy()
+    tree["log_likelihood"] = xr.DataTree(group)
+    return dataclasses.replace(fit, idata=tree,
+                               flags=tuple(f for f in fit.flags if not f.startswith(LEFT_OUT)))
+
+
 # ---------------------------------------------------------------------------- config checks
 def _is_int(v: Any) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
@@ -200,6 +428,21 @@ def _is_int(v: Any) -> bool:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+def _finite(v: Any) -> bool:
+    """A number that is finite as a float (an int too large for a float is not)."""
+    try:
+        return bool(np.isfinite(float(v)))
+    except OverflowError:
+        return False
+
+
+def _not(v: Any, number: bool) -> str:
+    """", not a <type>" for a value of the wrong type (", not nan" for a non-finite number)."""
+    if number and _is_number(v):
+        return "" if _finite(v) else f", not {v!r}"
+    return f", not a {type(v).__name__}"
 
 
 class Check:
@@ -245,7 +488,8 @@ class Check:
             if not _is_int(v) or v < minimum:
                 what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
                 raise self.error(name, f"must be {what}{' or None' if optional else ''}"
-                                 f"{' (' + hint + ')' if hint else ''}.")
+                                 f"{' (' + hint + ')' if hint else ''}"
+                                 f"{'' if _is_int(v) else _not(v, number=False)}.")
         return self
 
     def number(self, name: str, *, low: float | None = None, high: float | None = None,
@@ -255,7 +499,7 @@ class Check:
         v = getattr(self.config, name)
         if optional and v is None:
             return self
-        ok = _is_number(v) and np.isfinite(float(v))
+        ok = _is_number(v) and _finite(v)
         if ok and low is not None:
             ok = float(v) > low if low_open else float(v) >= low
         if ok and high is not None:
@@ -273,13 +517,20 @@ class Check:
             else:
                 where = "be a number"
             raise self.error(name, f"must {where}{' or None' if optional else ''}"
-                             f"{' (' + hint + ')' if hint else ''}.")
+                             f"{' (' + hint + ')' if hint else ''}{_not(v, number=True)}.")
         return self
 
     def choice(self, name: str, options: Iterable[Any]) -> "Check":
         """The option is one of ``options``."""
         options = list(options)
-        if getattr(self.config, name) not in options:
+        value = getattr(self.config, name)
+        try:
+            ok = value in options
+        except Exception:  # an array or another value that does not compare to a bool
+            ok = False
+        if ok and isinstance(value, bool):  # True == 1: a bool is a choice only if listed
+            ok = any(o is value for o in options)
+        if not ok:
             raise self.error(name, f"must be one of {options}.")
         return self
 

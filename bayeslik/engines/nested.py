@@ -209,7 +209,7 @@ _MAX_POST = 4096  # post-processing batches (lax.map inside)
 class _Programs(Programs):
     """Jitted functions of unit-cube points for one Posterior, each compiled once per padded
     batch size: ``loglik`` (n,) log-likelihoods, ``values`` constrained values per site, and
-    ``draws`` (values, pointwise log-likelihood)."""
+    ``pointwise`` the pointwise log-likelihood (run only where the Fit keeps it)."""
 
     def __init__(self, posterior):
         super().__init__()
@@ -224,16 +224,12 @@ class _Programs(Programs):
             fns = posterior.at(data)
             return jax.lax.map(lambda x: fns.constrain(pt(x)), u, batch_size=256)
 
-        def draws(u, data):
+        def pointwise(u, data):
             fns = posterior.at(data)
+            return jax.lax.map(lambda x: fns.pointwise_loglikelihood(pt(x)), u, batch_size=256)
 
-            def one(x):
-                ev = fns.evaluate(pt(x))
-                return ev.values, ev.pointwise_loglikelihood
-
-            return jax.lax.map(one, u, batch_size=256)
-
-        self._fns = {"loglik": jax.jit(loglik), "values": jax.jit(values), "draws": jax.jit(draws)}
+        self._fns = {"loglik": jax.jit(loglik), "values": jax.jit(values),
+                     "pointwise": jax.jit(pointwise)}
 
 
 # Keyed by the Posterior object itself, not its cache_key: the prior transform closes over the
@@ -546,7 +542,8 @@ def run(posterior, rng_key: jax.Array, config: NestedConfig, *,
     ess = kish_ess(log_w)
     num_draws = config.num_equal_weight_draws or max(1, int(round(ess)))
     idx = equal_weight_indices(_np_rng(k_draw), log_w, num_draws)
-    dead_values, draw_values, pointwise = _constrained(true_fn, posterior, res.u, idx)
+    keep = run.keep_loglikelihood(len(idx))
+    dead_values, draw_values, pointwise = _constrained(true_fn, posterior, res.u, idx, keep)
     for flag in final["flags"] + _flags(config, res, ess, run.interrupted):
         run.flag(flag)
     attrs = {"dynesty_logz": res.logz, "dynesty_logzerr": res.dynesty_logzerr,
@@ -557,7 +554,7 @@ def run(posterior, rng_key: jax.Array, config: NestedConfig, *,
         weighted={**_one_chain(dead_values), "loglikelihood": res.logl[None],
                   "log_volume": res.logvol[None], "u": res.u[None]},
         log_weight=log_w[None], log_evidence=final["log_evidence"],
-        log_evidence_err=final["log_evidence_err"], log_likelihood=_one_chain(pointwise),
+        log_evidence_err=final["log_evidence_err"], log_likelihood=_one_chain(pointwise or {}),
         sample_stats={"loglikelihood": res.logl[idx][None]}, group_attrs=attrs,
         num_loglik_evals=num_true, num_grad_evals=0,
         extra={**_cost_extra(res, start, config, ess, len(res.u) + len(idx), batcher),
@@ -825,14 +822,19 @@ def _finalize(wrapper, res: _Results) -> dict:
             "attrs": dict(out.get("attrs", {}))}
 
 
-def _constrained(true_fn: true_batch_fn, posterior, u: np.ndarray, idx: np.ndarray):
+def _constrained(true_fn: true_batch_fn, posterior, u: np.ndarray, idx: np.ndarray, keep: bool):
     """``(dead_values, draw_values, pointwise)``: the constrained values of every dead point
-    ``u``, and of the draws ``u[idx]`` with their pointwise log-likelihood, in compiled passes."""
+    ``u``, those of the draws ``u[idx]``, and (where ``keep``, else None) the draws' pointwise
+    log-likelihood, in compiled passes writing into arrays allocated once."""
     progs, data = true_fn._progs, posterior.data_arrays
-    dead_values = _map_padded(progs, "values", u, data, smallest=256, largest=_MAX_POST)
-    draw_values, pointwise = _map_padded(progs, "draws", u[idx], data, smallest=256,
-                                         largest=_MAX_POST)
-    return dead_values, draw_values, pointwise
+
+    def mapped(name, points):
+        return progs.map_into(name, np.asarray(points, _float_dtype()), data, smallest=256,
+                              largest=_MAX_POST, fill=0.5)
+
+    dead_values = mapped("values", u)
+    draw_values = {k: v[idx] for k, v in dead_values.items()}
+    return dead_values, draw_values, mapped("pointwise", u[idx]) if keep else None
 
 
 def _one_chain(values: dict) -> dict:

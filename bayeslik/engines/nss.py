@@ -54,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bayeslik.engines import kit
-from bayeslik.engines._programs import ProgramCache, Programs, draws_fn
+from bayeslik.engines._programs import ProgramCache, Programs, pointwise_fn, values_fn
 from bayeslik.errors import EngineError, ImproperPriorError, InitializationError
 from bayeslik.fit import Fit
 from bayeslik.weights import equal_weight_indices, kish_ess
@@ -173,9 +173,9 @@ def evidence(rng: np.random.Generator, dead: DeadPoints, num_samples: int = 100)
 # ---------------------------------------------------------------------------- compiled programs
 class _Programs(Programs):
     """``init``: live states from prior draws; ``chunk``: a scan of NS steps returning the dead
-    points and likelihood-evaluation counts; ``draws``: constrained values and pointwise
-    log-likelihood. All take the data arrays, so they are shared by Posteriors with one
-    cache_key."""
+    points and likelihood-evaluation counts; ``values`` / ``pointwise``: constrained values /
+    pointwise log-likelihood (the second run only where the Fit keeps it). All take the data
+    arrays, so they are shared by Posteriors with one cache_key."""
 
     def __init__(self, posterior, num_delete: int, num_inner: int, chunk_len: int):
         import blackjax
@@ -208,9 +208,9 @@ class _Programs(Programs):
 
             return jax.lax.scan(body, state, keys)
 
-        draws = draws_fn(posterior)
-
-        self._fns = {"init": jax.jit(init), "chunk": jax.jit(chunk), "draws": jax.jit(draws)}
+        self._fns = {"init": jax.jit(init), "chunk": jax.jit(chunk),
+                     "values": jax.jit(values_fn(posterior)),
+                     "pointwise": jax.jit(pointwise_fn(posterior))}
 
 
 
@@ -282,10 +282,11 @@ def _dead_points(chunks: list, live, ndim: int) -> DeadPoints:
     return DeadPoints(*(a[order] for a in dead))
 
 
-def _constrained(progs: _Programs, zs: np.ndarray, data) -> tuple[dict, dict]:
-    """Constrained values and pointwise log-likelihood of the points ``zs`` (n, ndim), in
-    chunks of at most 4096 padded to a power of two (at least 256)."""
-    return progs.map_padded("draws", zs, data, smallest=256, largest=4096)
+def _constrained(progs: _Programs, name: str, zs: np.ndarray, data) -> dict:
+    """Constrained values (``name="values"``) or pointwise log-likelihood (``"pointwise"``) of
+    the points ``zs`` (n, ndim), in chunks of at most 4096 padded to a power of two (at least
+    256), written into arrays allocated once."""
+    return progs.map_into(name, zs, data, smallest=256, largest=4096)
 
 
 def _flags(config: NSSConfig, steps: int, ess: float, hit_max: bool,
@@ -361,8 +362,9 @@ def run(posterior, rng_key: jax.Array, config: NSSConfig) -> Fit:
     ess = kish_ess(log_w)
     num_draws = config.num_equal_weight_draws or max(1, int(round(ess)))
     idx = equal_weight_indices(_rng(k_draw), log_w, num_draws)
-    dead_values, _ = _constrained(progs, dead.position, data)
-    _, pointwise = _constrained(progs, dead.position[idx], data)
+    dead_values = _constrained(progs, "values", dead.position, data)
+    keep = run.keep_loglikelihood(len(idx))
+    pointwise = _constrained(progs, "pointwise", dead.position[idx], data) if keep else {}
     for flag in _flags(config, steps, ess, hit_max, run.interrupted):
         run.flag(flag)
     attrs = {"num_live": config.num_live, "num_delete": k, "num_inner_steps": inner,

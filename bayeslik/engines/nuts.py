@@ -85,14 +85,12 @@ class NUTSConfig:
     def __post_init__(self) -> None:
         check = kit.Check("NUTS", self)
         check.integer("num_samples", "num_chains", "max_tree_depth", "thinning", "num_chunks")
-        check.require(isinstance(self.num_warmup, (int, np.integer)) and self.num_warmup >= 0,
-                      "num_warmup", "must be a non-negative integer.")
+        check.integer("num_warmup", minimum=0)
         check.number("target_accept", low=0.0, high=1.0, hint="0.8 is Stan's default")
         check.require(isinstance(self.init, Mapping) or self.init in ("auto", "uniform", "prior"),
                       "init", "must be 'auto', 'uniform', 'prior' or a dict {site: value}.")
         check.number("init_radius", low=0.0)
-        check.require(self.chain_method in ("vectorized", "sequential"), "chain_method",
-                      "must be 'vectorized' or 'sequential'.")
+        check.choice("chain_method", ("vectorized", "sequential"))
 
 
 NUTS = NUTSConfig  # bl.engines.NUTS(num_samples=...) reads better in user code
@@ -459,7 +457,8 @@ class _Programs(kit.Programs):
     ``init``: candidates (chains, tries, ndim) -> (WarmupState per chain, index of the first
     finite candidate per chain, number of finite candidates per chain). ``chunk``: a scan of the
     warmup kernel over a chunk of the schedule (of :data:`SAMPLING` stages when sampling).
-    ``post``: constrained values and pointwise log-likelihood of a batch of draws.
+    ``values`` / ``pointwise``: constrained values / pointwise log-likelihood of a batch of
+    draws (the second only run where the Fit keeps its log_likelihood group).
     """
 
     def __init__(self, posterior, config: NUTSConfig, mesh, batched: bool = False):
@@ -469,7 +468,9 @@ class _Programs(kit.Programs):
         # every Posterior with the same cache_key (same program, same data shapes)
         def init_chain(candidates, key_data, data):
             logdensity = posterior.at(data).logdensity
-            val, grad = jax.vmap(jax.value_and_grad(logdensity))(candidates)
+            # one candidate at a time: a vmap over the 100 tries held 100 gradients of the whole
+            # data at once (3.5 GB for 1e6 observations); the numbers are the same
+            val, grad = jax.lax.map(jax.value_and_grad(logdensity), candidates)
             ok = jnp.isfinite(val) & jnp.all(jnp.isfinite(grad), axis=1)
             first = jnp.argmax(ok)
             chain = init(jax.random.wrap_key_data(key_data), candidates[first], logdensity, config)
@@ -500,10 +501,11 @@ class _Programs(kit.Programs):
                 vchunk, mesh=mesh, in_specs=(c, c, r, r, r, r, r), out_specs=(c, c), check_vma=False
             )
 
-        post = kit.draws_fn(posterior)
+        values, pointwise = kit.values_fn(posterior), kit.pointwise_fn(posterior)
 
         self._fns = {"init": jax.jit(vinit), "chunk": jax.jit(vchunk),
-                     "post": jax.jit(jax.vmap(post) if batched else post)}
+                     "values": jax.jit(jax.vmap(values) if batched else values),
+                     "pointwise": jax.jit(jax.vmap(pointwise) if batched else pointwise)}
 
 
 _CACHE = kit.ProgramCache(32)
@@ -715,18 +717,20 @@ def _gather_processes(info, step_size, rows_kept, work):
     return info, step_size[order], all_rows[order], work
 
 
-def _constrained(progs, position, data, posteriors, lay: _Layout, num_chains: int):
-    """{site: (posterior, chain, draw, ...)} constrained values and pointwise log-likelihood of
-    the draws, in one compiled pass."""
+def _constrained(progs, position, data, posteriors, lay: _Layout, num_chains: int, keep: bool):
+    """{site: (posterior, chain, draw, ...)} constrained values and, where ``keep``, pointwise
+    log-likelihood of the draws, each in chunks written into arrays allocated once."""
     post, B = posteriors[0], len(posteriors)
     if lay.batched:
-        zs = jnp.asarray(position.reshape(B, -1, post.ndim))
-        values, pointwise = progs("post", zs, _take(data, np.arange(0, B * num_chains, num_chains),
-                                                    True))
+        zs = position.reshape(B, -1, post.ndim)
+        d = _take(data, np.arange(0, B * num_chains, num_chains), True)
+        values = progs.map_into("values", zs, d, axis=1)
+        pointwise = progs.map_into("pointwise", zs, d, axis=1) if keep else {}
     else:
         # padded to a power of two (at least 256): a new number of draws compiles nothing
-        values, pointwise = progs.map_padded("post", position.reshape(-1, post.ndim), data,
-                                             smallest=256)
+        zs = position.reshape(-1, post.ndim)
+        values = progs.map_into("values", zs, data, smallest=256)
+        pointwise = progs.map_into("pointwise", zs, data, smallest=256) if keep else {}
     shape3 = (B, position.shape[0] // B, position.shape[1])
     values = {k: np.asarray(v).reshape(shape3 + v.shape[v.ndim - len(post.sites[k].shape):])
               for k, v in values.items()}
@@ -809,8 +813,9 @@ def _run(posteriors, rng_keys, config: NUTSConfig) -> list[Fit]:
     info, step_size, rows = _collect(kept, step_sizes, lay.groups)
     if lay.multi:
         info, step_size, rows, work = _gather_processes(info, step_size, rows, work)
-    values, pointwise = _constrained(progs, info.position, data, posteriors, lay, C)
     c, n = info.position.shape[0] // B, info.position.shape[1]
+    keep = run.keep_loglikelihood(n, num_chains=c, num_fits=B)
+    values, pointwise = _constrained(progs, info.position, data, posteriors, lay, C, keep)
     interrupted = (f"interrupted: kept {n} of {S} draws per chain"
                    + (f" in {c} of {C} chains" if c < C else "")) if run.interrupted else None
     batch = {"batch_size": B, "batch_wall_s": run.wall_s} if lay.batched else {}

@@ -367,10 +367,11 @@ def _phase(progs, box, keys, total, adapt, schedule, config, ys, sink, bar):
 
 def _constrained(progs: _Programs, zs: np.ndarray, block: int = 1024) -> dict:
     """{site: (C, S, ...)} constrained values of the draws zs (C, S, d), in fixed blocks of
-    rows (one compile whatever the number of draws)."""
+    rows (one compile whatever the number of draws) written into arrays allocated once. (A
+    particle filter gives no pointwise log-likelihood: the Fit has no log_likelihood group.)"""
     C, S, d = zs.shape
-    values = progs.map_padded("constrain", zs.reshape(-1, d), smallest=block, largest=block,
-                              fill=0.0)
+    values = progs.map_into("constrain", zs.reshape(-1, d), smallest=block, largest=block,
+                            fill=0.0)
     return {k: v.reshape((C, S) + v.shape[1:]) for k, v in values.items()}
 
 

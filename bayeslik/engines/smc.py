@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bayeslik.engines import kit
-from bayeslik.engines.kit import Check, ProgramCache, Programs, draws_fn
+from bayeslik.engines.kit import Check, ProgramCache, Programs, pointwise_fn, values_fn
 from bayeslik.errors import EngineError, InitializationError
 from bayeslik.fit import Fit
 from bayeslik.weights import RESAMPLING, log_ess, pad_rows
@@ -135,19 +135,15 @@ class SMCConfig:
         c.require(self.num_particles >= 10, "num_particles",
                   "must be at least 10 (a few hundred or more is usual).")
         c.choice("kernel", _KERNELS).choice("resampling", RESAMPLING)
-        c.require(0.0 < float(self.target_ess) < 1.0, "target_ess",
-                  "must lie strictly between 0 and 1 (0.5 is usual).")
-        c.require(self.target_accept is None or 0.0 < float(self.target_accept) < 1.0,
-                  "target_accept", "must lie strictly between 0 and 1, or be None for the "
-                  "kernel's default (0.65 HMC, 0.234 random walk).")
+        c.number("target_ess", low=0.0, high=1.0, hint="0.5 is usual")
+        c.number("target_accept", low=0.0, high=1.0, optional=True,
+                 hint="None is the kernel's default: 0.65 HMC, 0.234 random walk")
         c.require(self.max_mutation_steps >= self.num_mutation_steps, "max_mutation_steps",
                   f"must be at least num_mutation_steps={self.num_mutation_steps}.")
-        c.require(0.0 < float(self.corr_threshold) < 1.0, "corr_threshold",
-                  "must lie strictly between 0 and 1 (0.1 is usual).")
+        c.number("corr_threshold", low=0.0, high=1.0, hint="0.1 is usual")
         for name in ("min_moved_fraction", "min_unique_fraction"):
-            c.require(0.0 <= float(getattr(self, name)) <= 1.0, name, "must lie in [0, 1].")
-        c.require(self.step_size is None or float(self.step_size) > 0, "step_size",
-                  "must be positive, or None for the default.")
+            c.number(name, low=0.0, high=1.0, low_open=False, high_open=False)
+        c.number("step_size", low=0.0, optional=True, hint="None is the default")
         c.require(self.dense_mass in (None, True, False), "dense_mass",
                   "must be True, False or None (dense up to 100 dimensions).")
         c.boolean("adapt")
@@ -556,8 +552,9 @@ class _Programs(Programs):
     """The compiled functions of one (Posterior, settings) pair, compiled once per shape.
 
     ``init``: prior draws (N, D) -> SMCState at temperature 0. ``stage``: one stage, its key
-    folded from the run's key data and the stage index. ``post``: constrained values and
-    pointwise log-likelihood of a batch of points.
+    folded from the run's key data and the stage index. ``values`` / ``pointwise``: constrained
+    values / pointwise log-likelihood of a batch of points (the second run only where the Fit
+    keeps it).
     """
 
     def __init__(self, posterior, config: SMCConfig):
@@ -581,7 +578,8 @@ class _Programs(Programs):
             return build_kernel(eval_fn_of(data), move, config.resampling)(key, state, params)
 
         self._fns = {"init": jax.jit(init_fn), "stage": jax.jit(stage_fn),
-                     "post": jax.jit(draws_fn(posterior))}
+                     "values": jax.jit(values_fn(posterior)),
+                     "pointwise": jax.jit(pointwise_fn(posterior))}
 
 
 _CACHE = ProgramCache(32)
@@ -651,7 +649,8 @@ def run(posterior, rng_key: jax.Array, config: SMCConfig) -> Fit:
         run.flag(f"interrupted: kept {len(runs)} of {R} completed runs")
     run.flag(_stuck_flag([c.history for c in runs], config))
     R = len(runs)
-    draws, weighted, pointwise = _constrained(progs, posterior, runs)
+    keep = run.keep_loglikelihood(config.num_particles, num_chains=R)
+    draws, weighted, pointwise = _constrained(progs, posterior, runs, keep)
     log_z = np.array([float(c.state.log_evidence) for c in runs])
     var_single = np.array([float(np.sum(1.0 / c.history["ess"] - 1.0 / N)) for c in runs])
     log_evidence, err, method = _evidence(log_z, var_single)
@@ -769,19 +768,22 @@ def _evidence(log_z: np.ndarray, var_single: np.ndarray) -> tuple[float, float, 
     return lz, max(empirical, single), "runs" if empirical >= single else "ess"
 
 
-def _constrained(progs: _Programs, posterior, runs: list[_Completed]):
-    """(draws, weighted values, pointwise log-likelihood of the draws), {name: (R, N, ...)}: the
-    final particles and the last reweighting's, constrained in one batch."""
+def _constrained(progs: _Programs, posterior, runs: list[_Completed], keep: bool):
+    """(draws, weighted values, pointwise log-likelihood of the draws, or {} unless ``keep``),
+    {name: (R, N, ...)}: the final particles and the last reweighting's, constrained in one
+    batch; the draws' log-likelihood in chunks written into arrays allocated once."""
     R, D = len(runs), posterior.ndim
     z_final = np.stack([np.asarray(c.state.position) for c in runs])  # (R, N, D)
     z_weighted = np.stack([c.weighted_position for c in runs])
-    zs = jnp.asarray(np.concatenate([z_final, z_weighted]).reshape(-1, D))
-    values, pointwise = progs("post", zs, posterior.data_arrays)
+    zs = np.concatenate([z_final, z_weighted]).reshape(-1, D)
+    values = progs.map_into("values", zs, posterior.data_arrays)
+    pointwise = (progs.map_into("pointwise", z_final.reshape(-1, D), posterior.data_arrays)
+                 if keep else {})
 
-    def split(tree, part):
-        return {k: np.asarray(v).reshape(2, R, -1, *v.shape[1:])[part] for k, v in tree.items()}
+    def split(tree, part, parts=2):
+        return {k: np.asarray(v).reshape(parts, R, -1, *v.shape[1:])[part] for k, v in tree.items()}
 
-    return split(values, 0), split(values, 1), split(pointwise, 0)
+    return split(values, 0), split(values, 1), split(pointwise, 0, parts=1)
 
 
 def _stage_dataset(histories: list[dict]):
