@@ -74,6 +74,7 @@ Example
 from __future__ import annotations
 
 import dataclasses
+import contextlib
 import os
 import pickle
 import threading
@@ -506,17 +507,17 @@ def run(posterior, rng_key: jax.Array, config: NestedConfig, *,
     _check_posterior(posterior, config)
     wrapper = loglikelihood_wrapper
     ckpt = _checkpoint_file(posterior, config, wrapper)
-    if ckpt is not None:
-        ckpt.acquire()  # up front: the directory is writable, no other run writes the file
-    pool, start = None, None
-    try:
+    start = None
+    with contextlib.ExitStack() as cleanup:
         # verified (signature and fingerprint) before anything is compiled or unpickled
-        saved = ckpt.read_verified() if config.resume and os.path.exists(ckpt.path) else None
+        saved = _lock_and_read(ckpt, config, cleanup)
         run = kit.Run("nested", posterior, config)
         k_dyn, k_wrap, k_draw, k_err = jax.random.split(rng_key, 4)
         true_fn = run.track(true_batch_fn(posterior))
         batch_fn = true_fn if wrapper is None else wrapper(true_fn, posterior, k_wrap)
         call, pool, batcher = _likelihood_call(batch_fn, config.queue_size)
+        cleanup.callback(lambda: pool is not None and pool.shutdown())
+        cleanup.callback(lambda: start is not None and start.sampler.__dict__.pop("save", None))
         with run.interruptible():
             start = (_restored_sampler(posterior, config, saved, ckpt.path, call, true_fn, pool)
                      if saved is not None
@@ -525,19 +526,12 @@ def run(posterior, rng_key: jax.Array, config: NestedConfig, *,
             _run_nested(run, start, config, ckpt, saved is not None)
         if run.interrupted:
             _finish_interrupted(run, start, config)
-    finally:
-        if pool is not None:
-            pool.shutdown()
-        if start is not None:
-            start.sampler.__dict__.pop("save", None)
-        if ckpt is not None:
-            ckpt.release()
 
     res = _read_results(start.sampler, config, k_err)
     final = _finalize(wrapper, res)
-    num_true = final["num_true_calls"]
-    if num_true is None:  # the points given to the true function (initial ones included)
-        num_true = start.calls_before + true_fn.num_calls
+    # the wrapper's count of true calls, or the points given to the true function (all of them)
+    num_true = (final["num_true_calls"] if final["num_true_calls"] is not None
+                else start.calls_before + true_fn.num_calls)
     log_w = res.logwt - np.logaddexp.reduce(res.logwt)
     ess = kish_ess(log_w)
     num_draws = config.num_equal_weight_draws or max(1, int(round(ess)))
@@ -562,6 +556,17 @@ def run(posterior, rng_key: jax.Array, config: NestedConfig, *,
 
 
 # ---------------------------------------------------------------------------- run helpers
+def _lock_and_read(ckpt, config: NestedConfig, cleanup: contextlib.ExitStack):
+    """Take the checkpoint's lock for the run (up front: the directory is writable, no other
+    run writes the file; released by ``cleanup``) and, on resume, read the checkpoint verified
+    (signature and fingerprint); None when there is nothing to resume."""
+    if ckpt is None:
+        return None
+    ckpt.acquire()
+    cleanup.callback(ckpt.release)
+    return ckpt.read_verified() if config.resume and os.path.exists(ckpt.path) else None
+
+
 # NestedConfig fields that do not change what a run computes: a resume may change them
 _RUN_SETTINGS = ("progress_bar", "checkpoint_every", "resume", "checkpoint_file",
                  "max_iterations", "max_calls")
