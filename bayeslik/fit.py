@@ -335,12 +335,12 @@ def check_save_path(path: str | os.PathLike, nbytes: int = 0) -> str:
     except OSError:
         free = None
     if free is not None and nbytes > free:
-        raise refuse(f"the Fit takes about {_size(nbytes)} and the disk holding {folder!r} "
-                     f"has only {_size(free)} free")
+        raise refuse(f"the Fit takes about {format_bytes(nbytes)} and the disk holding {folder!r} "
+                     f"has only {format_bytes(free)} free")
     return target
 
 
-def _size(n: float) -> str:
+def format_bytes(n: float) -> str:
     """A byte count for a message: '812 B', '3.4 MiB', '320.0 GiB'."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -423,9 +423,9 @@ def _check_load_size(tree: xr.DataTree, shown: str, max_bytes: int) -> None:
     if total > max_bytes:
         n, biggest, shape = max(sizes)
         raise DataError(
-            f"{shown!r} declares variables that would take {_size(total)} in memory (the "
-            f"largest, {biggest!r}, {_size(n)} with shape {shape}), more than the limit of "
-            f"{_size(max_bytes)}; "
+            f"{shown!r} declares variables that would take {format_bytes(total)} in memory (the "
+            f"largest, {biggest!r}, {format_bytes(n)} with shape {shape}), more than the limit of "
+            f"{format_bytes(max_bytes)}; "
             "nothing was read. If the file is trusted and the memory is there, pass a larger "
             "max_bytes= to load_fit."
         )

@@ -105,6 +105,13 @@ def _as_jax(x: Any) -> Any:
     return x
 
 
+def _first_index(mask: np.ndarray) -> tuple:
+    """The index of the first True entry of a boolean array with at least one (() for a 0-d one),
+    for messages that point at the offending value."""
+    mask = np.asarray(mask)
+    return tuple(int(i) for i in np.argwhere(mask)[0]) if mask.ndim else ()
+
+
 def _check_finite(name: str, value: Any, what: str) -> None:
     arr = np.asarray(value)
     if arr.dtype.kind not in "fc":
@@ -113,7 +120,7 @@ def _check_finite(name: str, value: Any, what: str) -> None:
     if bad.any():
         num_nan = int(np.isnan(arr).sum())
         num_inf = int(bad.sum()) - num_nan
-        first = tuple(int(i) for i in np.argwhere(bad)[0]) if arr.ndim else ()
+        first = _first_index(bad)
         raise DataError(
             f"{what} '{name}' contains {num_nan} NaN and {num_inf} infinite value(s) "
             f"(first at index {first} of shape {arr.shape}). Remove or impute them before binding "
@@ -140,7 +147,7 @@ def _check_argument(name: str, value: Any, what: str) -> Any:
         masked = np.ma.getmaskarray(value)
         if not masked.any():
             return np.ma.getdata(value)
-        first = tuple(int(i) for i in np.argwhere(masked)[0]) if masked.ndim else ()
+        first = _first_index(masked)
         raise DataError(
             f"{what} '{name}' is a numpy masked array with {int(masked.sum())} masked entr"
             f"{'y' if masked.sum() == 1 else 'ies'} (first at index {first} of shape "
@@ -412,7 +419,7 @@ def _check_boundary(site: dict, twin: dict | None) -> None:
     bad = not_finite & on_bound
     if not bad.any():
         return
-    first = tuple(int(i) for i in np.argwhere(bad)[0]) if bad.ndim else ()
+    first = _first_index(bad)
     raise DataError(
         f"observed site '{name}' has {int(bad.sum())} value(s) on the boundary of the support "
         f"{fn.support} of {_dist_name(fn)}, where its density is 0 or infinite (first at index "
@@ -873,8 +880,7 @@ class PosteriorBase:
         except Exception:  # some supports cannot be checked elementwise; the density will tell
             return
         if not ok.all():
-            bad = np.argwhere(~np.broadcast_to(ok, ok.shape))
-            first = tuple(int(i) for i in bad[0]) if ok.ndim else ()
+            first = _first_index(~ok)
             raise DataError(
                 f"observed site '{name}' has {int((~ok).sum())} value(s) outside the support "
                 f"{fn.support} of {_dist_name(fn)} (first at index {first}). "

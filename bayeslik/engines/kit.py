@@ -46,7 +46,7 @@ from bayeslik.convergence import convergence_flags
 from bayeslik.engines._programs import (ProgramCache, Programs, draws_fn, pointwise_fn,
                                         values_fn)
 from bayeslik.errors import EngineError, OptionError
-from bayeslik.fit import Cost, Fit, build_datatree
+from bayeslik.fit import Cost, Fit, build_datatree, format_bytes
 
 __all__ = ["Run", "Check", "chains_fit", "weighted_fit", "Programs", "ProgramCache", "draws_fn",
            "values_fn", "pointwise_fn", "loglikelihood_option", "loglikelihood_budget",
@@ -128,15 +128,6 @@ def pointwise_size(posterior: Any) -> tuple[int, int]:
             max((int(a.dtype.itemsize) for a in leaves), default=0))
 
 
-def _bytes(n: float) -> str:
-    """A byte count for a message: '812 B', '3.4 MiB', '1.0 GiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return ""  # pragma: no cover
-
-
 # ---------------------------------------------------------------------------- the run context
 class Run:
     """One engine run: the timer, compile accounting, progress bar, interrupt policy, flags.
@@ -207,8 +198,8 @@ class Run:
             return
         self._keep = nbytes <= self._budget
         if not self._keep:
-            self.flag(f"{LEFT_OUT}: it would take {_bytes(nbytes)} ({what}), more than the "
-                      f"{_bytes(self._budget)} budget ({BUDGET_ENV}); pass "
+            self.flag(f"{LEFT_OUT}: it would take {format_bytes(nbytes)} ({what}), more than the "
+                      f"{format_bytes(self._budget)} budget ({BUDGET_ENV}); pass "
                       "log_likelihood=True to bl.fit to keep it, or add it later with "
                       "bl.pointwise_loglikelihood(fit, posterior)")
 
