@@ -40,3 +40,31 @@ def test_wheel_contains_models_and_imports(tmp_path):
                          timeout=300, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "normal_mean" in res.stdout
+
+
+def test_installed_versions_are_the_tested_constraints():
+    """The README's set-up installs the versions in constraints.txt (reproducible tomorrow);
+    .ci/newest is the check against the newest versions pyproject.toml allows."""
+    from importlib import metadata
+
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not pinned with =="
+            pins[name.lower().replace("_", "-")] = version
+    for core in ("jax", "jaxlib", "numpyro", "arviz", "blackjax", "dynesty", "numpy"):
+        assert core in pins, f"{core} is not pinned in constraints.txt"
+    if os.environ.get("BAYESLIK_NEWEST") == "1":
+        return  # the newest-versions environment is unpinned on purpose
+    wrong = {}
+    for name, version in pins.items():
+        try:
+            got = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            wrong[name] = (version, "not installed")
+            continue
+        if got != version:
+            wrong[name] = (version, got)
+    assert not wrong, f"installed versions differ from constraints.txt (pinned, installed): {wrong}"
