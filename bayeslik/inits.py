@@ -26,7 +26,7 @@ import numpy as np
 
 from bayeslik.errors import EngineError, ModelError
 
-__all__ = ["set_default_init", "default_init", "check_init", "ATTRIBUTE"]
+__all__ = ["set_default_init", "default_init", "check_init", "start_candidates", "ATTRIBUTE"]
 
 #: the attribute of a model function that holds its default-init hook
 ATTRIBUTE = "default_init"
@@ -137,6 +137,71 @@ def check_init(posterior, init: Mapping, label: str = "engine") -> None:
         raise
     except Exception:  # the model fails at this point for other reasons: the engine reports it
         return
+
+
+def start_candidates(posterior, rng_key, num_chains: int, init: Any, radius: float,
+                     num_tries: int) -> np.ndarray:
+    """Starting candidates (chains, tries, ndim) on the unconstrained scale for an engine's
+    ``init``:
+
+    * ``"uniform"``: uniform in [-radius, radius] (Stan's default);
+    * ``"prior"``: draws from the prior;
+    * a dict {latent site: constrained value}: the given sites jittered by +-radius/20 around the
+      point, the sites it leaves out uniform in [-radius, radius] as with ``"uniform"`` (Stan's
+      rule for a partial init);
+    * a NumPyro init strategy (``numpyro.infer.init_to_median()``, ``init_to_sample``,
+      ``init_to_uniform(radius=1)``, ``init_to_value(values=...)``, ... or any
+      ``fn(site) -> value or None``): every candidate from the strategy under its own key
+      (vectorised: one compiled trace of the model).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    shape = (num_chains, num_tries, posterior.ndim)
+    if isinstance(init, Mapping):
+        missing = [n for n in posterior.latent_names if n not in init]
+        if not missing:  # a whole point: jittered around it
+            z0 = np.asarray(posterior.unconstrain(init))
+            return z0 + np.asarray(jax.random.uniform(rng_key, shape, minval=-radius / 20,
+                                                      maxval=radius / 20))
+        k_fill, k_jitter = jax.random.split(rng_key)
+        uniform = np.asarray(jax.random.uniform(k_fill, shape, minval=-radius, maxval=radius))
+        filled = posterior.constrain(jnp.asarray(uniform[0, 0]))  # stand-ins for the left-out
+        z0 = np.asarray(posterior.unconstrain({**{n: filled[n] for n in missing}, **init}))
+        index = posterior.unflatten(jnp.arange(posterior.ndim, dtype=jnp.float32))
+        given = np.zeros(posterior.ndim, bool)
+        for name in init:
+            given[np.rint(np.asarray(index[name])).astype(int).ravel()] = True
+        jitter = np.asarray(jax.random.uniform(k_jitter, shape, minval=-radius / 20,
+                                               maxval=radius / 20))
+        return np.where(given, z0 + jitter, uniform)
+    if isinstance(init, str) and init == "prior":
+        cand = posterior.sample_prior(rng_key, num_chains * num_tries)
+        return np.asarray(cand).reshape(shape)
+    if callable(init):
+        return np.asarray(_strategy_draws(posterior, init)(
+            jax.random.split(rng_key, num_chains * num_tries))).reshape(shape)
+    return np.asarray(jax.random.uniform(rng_key, shape, minval=-radius, maxval=radius))
+
+
+def _strategy_draws(posterior, strategy: Callable) -> Callable:
+    """A compiled ``keys (n,) -> (n, ndim)``: the unconstrained point a NumPyro init strategy
+    gives under each key (the strategy sees every sample site, as in ``numpyro.infer``)."""
+    import jax
+    from jax.flatten_util import ravel_pytree
+    from numpyro import handlers
+    from numpyro.distributions.transforms import biject_to
+
+    latent = posterior.latent_names
+
+    def one(key):
+        model = handlers.substitute(handlers.seed(posterior.model, rng_seed=key),
+                                    substitute_fn=strategy)
+        tr = handlers.trace(model).get_trace(*posterior.args, **posterior.data)
+        return ravel_pytree({n: biject_to(tr[n]["fn"].support).inv(tr[n]["value"])
+                             for n in latent})[0]
+
+    return jax.jit(jax.vmap(one))
 
 
 def _brief(value: Any) -> str:

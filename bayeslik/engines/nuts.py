@@ -40,7 +40,7 @@ import numpy as np
 from bayeslik.engines import kit
 from bayeslik.errors import EngineError, InitializationError
 from bayeslik.fit import Fit
-from bayeslik.inits import default_init
+from bayeslik.inits import default_init, start_candidates
 
 __all__ = ["NUTSConfig", "NUTS", "run", "run_many", "init", "build_kernel", "build_warmup",
            "build_adapt", "end_warmup", "warmup_schedule", "dual_averaging",
@@ -60,12 +60,16 @@ class NUTSConfig:
     init : "auto" (the default: the model's own starting point where it provides one, see
         :mod:`bayeslik.inits`, as the AR-HMM and mixture families do; otherwise "uniform"),
         "uniform" (uniform in [-init_radius, init_radius] in unconstrained space, as Stan),
-        "prior" (draws from the prior), or a dict {latent site: constrained value} such as a
+        "prior" (draws from the prior), a dict {latent site: constrained value} such as a
         cheap point estimate: each chain starts near it, jittered uniformly by
-        +-init_radius/20 on the unconstrained scale.
+        +-init_radius/20 on the unconstrained scale (sites the dict leaves out start uniform,
+        as with "uniform"), or a NumPyro init strategy such as
+        ``numpyro.infer.init_to_median()`` or ``init_to_value(values={...})``.
     chain_method : "vectorized" (vmap on one device, split over several devices) or
         "sequential" (one chain after the other; each iteration waits for no other chain).
-    thinning : keep every thinning-th iteration.
+    thinning : keep every thinning-th iteration: each chain runs ``num_samples * thinning``
+        sampling iterations and keeps ``num_samples`` draws (NumPyro's MCMC instead runs
+        ``num_samples`` and keeps ``num_samples // thinning``).
     progress_bar : a tqdm bar; num_chunks is how many times per phase it moves.
     """
 
@@ -87,8 +91,10 @@ class NUTSConfig:
         check.integer("num_samples", "num_chains", "max_tree_depth", "thinning", "num_chunks")
         check.integer("num_warmup", minimum=0)
         check.number("target_accept", low=0.0, high=1.0, hint="0.8 is Stan's default")
-        check.require(isinstance(self.init, Mapping) or self.init in ("auto", "uniform", "prior"),
-                      "init", "must be 'auto', 'uniform', 'prior' or a dict {site: value}.")
+        check.require(isinstance(self.init, Mapping) or self.init in ("auto", "uniform", "prior")
+                      or (callable(self.init) and not isinstance(self.init, type)), "init",
+                      "must be 'auto', 'uniform', 'prior', a dict {site: value} or a NumPyro "
+                      "init strategy such as numpyro.infer.init_to_median().")
         check.number("init_radius", low=0.0)
         check.choice("chain_method", ("vectorized", "sequential"))
 
@@ -521,19 +527,8 @@ def _programs(posterior, config: NUTSConfig, mesh, batched: bool = False) -> _Pr
 
 # ---------------------------------------------------------------------------- starting points
 def _candidates(posterior, rng_key, num_chains: int, init, radius: float, num_tries: int):
-    """Starting candidates (chains, tries, ndim): uniform on [-radius, radius], prior draws, or
-    a given point jittered by +-radius/20."""
-    if isinstance(init, Mapping):
-        z0 = np.asarray(posterior.unconstrain(init))
-        jitter = jax.random.uniform(rng_key, (num_chains, num_tries, posterior.ndim),
-                                    minval=-radius / 20, maxval=radius / 20)
-        return z0 + np.asarray(jitter)
-    if init == "prior":
-        cand = posterior.sample_prior(rng_key, num_chains * num_tries)
-        return np.asarray(cand).reshape(num_chains, num_tries, posterior.ndim)
-    return np.asarray(jax.random.uniform(
-        rng_key, (num_chains, num_tries, posterior.ndim), minval=-radius, maxval=radius
-    ))
+    """Starting candidates (chains, tries, ndim): see :func:`bayeslik.inits.start_candidates`."""
+    return start_candidates(posterior, rng_key, num_chains, init, radius, num_tries)
 
 
 def _no_start_error(posterior, candidates, num_ok, init: str, radius: float) -> InitializationError:

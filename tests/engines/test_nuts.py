@@ -140,8 +140,10 @@ def test_init_from_a_point_estimate():
     # no warmup, one draw: the chains are still next to the given point
     assert np.all(np.abs(fit.draws("mu") + 0.7) < 1.0)
     assert fit.config["init"] == {"mu": -0.7, "sigma2": 1.3}
-    with pytest.raises(bl.ModelError, match=r"missing value\(s\) for latent site\(s\) \['sigma2'\]"):
-        bl.fit(post, "nuts", init={"mu": 0.0}, progress_bar=False)
+    # a partial dict (issue 18): the left-out sigma2 starts uniform, as Stan does
+    part = bl.fit(post, "nuts", init={"mu": -0.7}, num_warmup=0, num_samples=1, num_chains=4,
+                  progress_bar=False, init_radius=0.2)
+    assert np.all(np.abs(part.draws("mu") + 0.7) < 1.0)
     with pytest.raises(bl.EngineError, match="init="):
         bl.fit(post, "nuts", init="kmeans")
 
