@@ -3,14 +3,22 @@
     bayeslik demo [--out DIR] [--quick] [--cmapss-engines nuts smc]
                                              every engine on a reference problem, and the C-MAPSS AR-HMM
     bayeslik models                          list the bundled models
-    bayeslik fit MODEL [--engine nuts] [--data FILE] [--seed 0] [--out FILE.nc] [--set key=value ...]
-    bayeslik compare MODEL [--engines nuts smc ...] [--data FILE] [--seeds 1] [--out DIR]
+    bayeslik fit MODEL [--engine nuts] [--data FILE ...] [--seed 0] [--out FILE.nc] [--quiet]
+                       [--log-likelihood auto|yes|no] [--set key=value ...]
+    bayeslik compare MODEL [--engines nuts smc ...] [--data FILE ...] [--seeds 1] [--out DIR]
                            [--set engine.key=value ...]
-    bayeslik sbc MODEL [--engine nuts] [--simulations 100] [--draws 100] [--out DIR] [--set ...]
+    bayeslik sbc MODEL [--engine nuts] [--data FILE ...] [--simulations 100] [--draws 100]
+                       [--out DIR] [--set ...]
+    bayeslik --version
+
+MODEL is a bundled model's name (``bayeslik models``) or a user's program, ``path/file.py:name``
+(``path/file.py`` alone: the callable ``model``). The file is imported as a Python module, so
+its code runs (that is the user's choice: give only files you trust), and ``--data`` (.csv
+columns, .npz arrays or a .json object) gives the model's keyword arguments by name.
 
 Exit codes: 0 success, 1 a bayeslik error (bad model, data or engine option; the message says
 which), 2 bad command-line usage or an unknown model, 3 an SBC run that failed calibration,
-130 interrupted.
+130 interrupted (a partial Fit an engine kept is still printed and saved).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from typing import Any, Callable
 
 
@@ -94,17 +103,125 @@ def _options(items: list[str] | None) -> dict[str, Any]:
     return options
 
 
-def _load_model(name: str):
+def _user_model_spec(name: str) -> tuple[str, str] | None:
+    """(file, callable) when MODEL names a Python file: ``path/file.py:name``, or
+    ``path/file.py`` for its callable ``model``; None for a bundled model's name."""
+    path, sep, attr = name.rpartition(":")
+    if sep and path.endswith(".py"):
+        return path, attr
+    if name.endswith(".py"):
+        return name, "model"
+    return None
+
+
+def _load_user_model(path: str, attr: str) -> Callable:
+    """The callable ``attr`` of the Python file ``path``, run as a module (its own folder first
+    on ``sys.path`` meanwhile, so that it can import its neighbours)."""
+    import importlib.util
+    import re
+    import traceback
+
+    from bayeslik.errors import ModelError
+
+    if not os.path.isfile(path):
+        raise _UsageError(f"model file {path!r}: no such file")
+    if not attr.isidentifier():
+        raise _UsageError(f"model {path}:{attr}: give the name of a callable after the colon, "
+                          f"e.g. {path}:model")
+    stem = re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
+    modname = f"bayeslik_user_model_{stem}"
+    spec = importlib.util.spec_from_file_location(modname, path)
+    if spec is None or spec.loader is None:
+        raise _UsageError(f"model file {path!r} cannot be loaded as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[modname] = module  # dataclasses, pickling and relative lookups find it there
+    folder = os.path.dirname(os.path.abspath(path))
+    sys.path.insert(0, folder)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        sys.modules.pop(modname, None)
+        frames = [f for f in traceback.extract_tb(e.__traceback__)
+                  if os.path.abspath(f.filename) == os.path.abspath(path)]
+        where = f" (line {frames[-1].lineno})" if frames else ""
+        raise ModelError(f"running the model file {path!r} raised {type(e).__name__}{where}: "
+                         f"{e}") from e
+    finally:
+        if folder in sys.path:
+            sys.path.remove(folder)
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        found = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_")
+                       and getattr(v, "__module__", None) == modname)
+        what = "has no" if fn is None else "has a non-callable"
+        raise _UsageError(f"model file {path!r} {what} {attr!r}; the callables it defines are "
+                          f"{found} (give one as {path}:NAME)")
+    return fn
+
+
+def _load_model(name: str, data_paths: list[str] | None = None):
+    """(model, data, exact-or-reference) of a bundled model or a user's ``file.py:name``, with
+    the data files of ``--data`` read in."""
+    user = _user_model_spec(name)
+    if user is not None:
+        model = _load_user_model(*user)
+        data = _read_data(data_paths)
+        _check_arguments(name, model, data, data_paths)
+        return model, data, None
     models = _bundled()
     if name not in models:
-        raise _UsageError(f"unknown model {name!r}; `bayeslik models` lists them.")
-    return models[name][1]()
+        raise _UsageError(f"unknown model {name!r}; `bayeslik models` lists them, or give your "
+                          "own program as path/file.py:NAME.")
+    model, data, truth = models[name][1]()
+    new = _read_data(data_paths)
+    unknown = sorted(set(new) - set(data))
+    if unknown:
+        raise _UsageError(f"--data {_shown(data_paths)} has {unknown}, which the model does not "
+                          f"take; its data arguments are {sorted(data)}")
+    return model, {**data, **new}, truth
+
+
+def _shown(paths: list[str] | None) -> str:
+    return " ".join(repr(p) for p in paths or [])
+
+
+def _check_arguments(name: str, model: Callable, data: dict, paths: list[str] | None) -> None:
+    """The data's names against the user model's signature: unknown names and required
+    arguments left out are one message naming them."""
+    import inspect
+
+    try:
+        sig = inspect.signature(model)
+    except (TypeError, ValueError):  # a callable without a signature: the model call will tell
+        return
+    params = list(sig.parameters.values())
+    by_name = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    takes = [p.name for p in params if p.kind in by_name]
+    any_name = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    unknown = [] if any_name else sorted(set(data) - set(takes))
+    missing = [p.name for p in params if p.default is inspect.Parameter.empty
+               and p.kind in by_name and p.name not in data]
+    positional = [p.name for p in params if p.default is inspect.Parameter.empty
+                  and p.kind is inspect.Parameter.POSITIONAL_ONLY]
+    problems = []
+    source = f"--data {_shown(paths)}" if paths else "no --data"
+    if positional:
+        problems.append(f"its positional-only argument(s) {positional} cannot be given by name "
+                        "(remove the '/' from its signature)")
+    if unknown:
+        problems.append(f"{source} gives {unknown}, which it does not take")
+    if missing:
+        problems.append(f"it needs {missing}, which {source} does not give"
+                        if paths else f"it needs {missing} (give them with --data FILE)")
+    if problems:
+        raise _UsageError(f"model {name} takes {takes}" + ("" if not any_name else " and **kwargs")
+                          + ": " + "; ".join(problems))
 
 
 def _cmd_sbc(args) -> int:
     from bayeslik.sbc import sbc
 
-    model, data, _ = _load_model(args.model)
+    model, data, _ = _load_model(args.model, args.data)
     res = sbc(model, args.engine, num_simulations=args.simulations, num_draws=args.draws,
               seed=args.seed, engine_options=_options(args.set), **data)
     print(res)
@@ -116,10 +233,16 @@ def _cmd_sbc(args) -> int:
     return 0 if res.passed else 3
 
 
-def _read_data(path: str | None, data: dict) -> dict:
-    """The bundled data with the arguments in ``path`` (.npz, or .json of lists/numbers) replaced."""
-    if path is None:
-        return data
+def _read_data(paths: list[str] | None) -> dict:
+    """The arguments in the ``--data`` files, by name (a later file wins): a .csv's columns, a
+    .npz's arrays (read without pickle), a .json object's entries (lists become arrays)."""
+    new: dict[str, Any] = {}
+    for path in paths or []:
+        new.update(_read_data_file(path))
+    return new
+
+
+def _read_data_file(path: str) -> dict:
     import numpy as np
 
     from bayeslik.errors import DataError
@@ -129,22 +252,31 @@ def _read_data(path: str | None, data: dict) -> dict:
     try:
         if path.endswith(".npz"):
             with np.load(path, allow_pickle=False) as f:
-                new = {k: f[k] for k in f.files}
-        elif path.endswith(".json"):
+                return {k: f[k] for k in f.files}
+        if path.endswith(".json"):
             with open(path) as f:
                 new = json.load(f)
             if not isinstance(new, dict):
                 raise DataError("the JSON file must hold an object {argument: value}")
-            new = {k: np.asarray(v) if isinstance(v, list) else v for k, v in new.items()}
-        else:
-            raise DataError("use a .npz file (numpy.savez) or a .json object")
+            return {k: np.asarray(v) if isinstance(v, list) else v for k, v in new.items()}
+        if path.endswith(".csv"):
+            import pandas as pd
+
+            table = pd.read_csv(path, skipinitialspace=True)
+            table.columns = [str(c).strip() for c in table.columns]
+            if table.empty:
+                raise DataError("the file has a header but no rows")
+            text = [c for c in table.columns if not (pd.api.types.is_numeric_dtype(table[c])
+                                                     or pd.api.types.is_bool_dtype(table[c]))]
+            if text:
+                raise DataError(f"column(s) {text} are not numbers (first value "
+                                f"{table[text[0]].iloc[0]!r}); the columns become the model's "
+                                "arguments and must hold numbers")
+            return {c: table[c].to_numpy() for c in table.columns}
+        raise DataError("use a .csv file (a header row of argument names), a .npz file "
+                        "(numpy.savez) or a .json object")
     except (OSError, ValueError) as e:
         raise _UsageError(f"--data {path!r} cannot be read: {e}") from None
-    unknown = sorted(set(new) - set(data))
-    if unknown:
-        raise _UsageError(f"--data {path!r} has {unknown}, which the model does not take; its "
-                          f"data arguments are {sorted(data)}")
-    return {**data, **new}
 
 
 def _check_out(path: str | None, folder: bool) -> None:
@@ -168,41 +300,82 @@ def _check_out(path: str | None, folder: bool) -> None:
         if not os.path.isdir(where):
             raise _UsageError(f"--out {path!r}: the directory {where!r} does not exist; create "
                               "it first (nothing was run)")
-    if not os.access(where, os.W_OK):
+    if not os.access(where, os.W_OK | os.X_OK):
         raise _UsageError(f"--out {path!r}: {where!r} is not writable (nothing was run)")
+    if not folder and os.path.exists(path) and not os.access(path, os.W_OK):
+        raise _UsageError(f"--out {path!r}: the file exists and is read-only; remove it or give "
+                          "another name (nothing was run)")
+
+
+#: --log-likelihood's choices -> bl.fit's ``log_likelihood``
+LOG_LIKELIHOOD = {"auto": "auto", "yes": True, "no": False}
+
+
+def _engine_takes(engine: str, option: str) -> bool:
+    """Whether the registered engine ``engine`` has the setting ``option`` (False when unknown:
+    bl.fit then names the engines)."""
+    import dataclasses
+
+    from bayeslik.api import engine_spec
+    from bayeslik.errors import EngineError
+
+    try:
+        return option in {f.name for f in dataclasses.fields(engine_spec(engine).config_cls)}
+    except EngineError:
+        return False
+
+
+def _save_or_rescue(fit, path: str) -> int:
+    """Save ``fit`` at ``path``; if that fails (the run is done), save it in the temporary
+    folder or the working folder instead and say where. Returns the exit code."""
+    import tempfile
+
+    try:
+        fit.save(path)
+    except Exception as e:  # noqa: BLE001 - whatever failed, the finished run must not be lost
+        why = _one_line(e)
+        for folder in (tempfile.gettempdir(), os.getcwd()):
+            try:
+                fd, rescue = tempfile.mkstemp(prefix="bayeslik-fit-", suffix=".nc", dir=folder)
+                os.close(fd)
+                fit.save(rescue)
+            except Exception:  # noqa: BLE001 - try the next place
+                continue
+            print(f"bayeslik: could not save {path}: {why}; the fit is saved at {rescue} instead "
+                  f"(move it where you want it)", file=sys.stderr)
+            return 1
+        print(f"bayeslik: could not save {path}: {why}; nor in {tempfile.gettempdir()!r} or the "
+              "working folder: the fit is lost, its summary is above", file=sys.stderr)
+        return 1
+    print(f"saved {path}")
+    return 0
 
 
 def _cmd_fit(args) -> int:
-    import tempfile
-
     import bayeslik as bl
-    from bayeslik.errors import BayeslikError
 
     options = _options(args.set)
     _check_out(args.out, folder=False)
-    model, data, _ = _load_model(args.model)
-    post = bl.Posterior(model, **_read_data(args.data, data))
-    fit = bl.fit(post, args.engine, seed=args.seed, **options)
+    if args.quiet and "progress_bar" not in options and _engine_takes(args.engine, "progress_bar"):
+        options["progress_bar"] = False
+    model, data, _ = _load_model(args.model, args.data)
+    post = bl.Posterior(model, **data)
+    fit = bl.fit(post, args.engine, seed=args.seed,
+                 log_likelihood=LOG_LIKELIHOOD[args.log_likelihood], **options)
     print(fit)
-    if args.out:
-        try:
-            fit.save(args.out)
-        except (OSError, BayeslikError) as e:  # the run is done: keep it somewhere
-            fd, rescue = tempfile.mkstemp(prefix="bayeslik-fit-", suffix=".nc")
-            os.close(fd)
-            fit.save(rescue)
-            print(f"could not save {args.out}: {e}\nthe fit is saved at {rescue} instead",
-                  file=sys.stderr)
-            return 1
-        print(f"saved {args.out}")
-    return 0
+    code = _save_or_rescue(fit, args.out) if args.out else 0
+    if any(flag.startswith("interrupted") for flag in fit.flags):
+        print("bayeslik: interrupted; the engine kept a partial fit (see its flags above)",
+              file=sys.stderr)
+        return 130
+    return code
 
 
 def _cmd_compare(args) -> int:
     import bayeslik as bl
 
-    model, data, truth = _load_model(args.model)
-    post = bl.Posterior(model, **_read_data(args.data, data))
+    model, data, truth = _load_model(args.model, args.data)
+    post = bl.Posterior(model, **data)
     per_engine: dict[str, dict] = {}
     for key, value in _options(args.set).items():
         engine, dot, option = key.partition(".")
@@ -349,8 +522,56 @@ def _cmd_demo(args) -> int:
     return 0 if failed.empty else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bayeslik", description="bayeslik: models, engines, fits.")
+_MODEL_HELP = ("a bundled model (`bayeslik models` lists them) or your own NumPyro program as "
+               "path/file.py:NAME (path/file.py alone: its callable `model`). The file is imported "
+               "as a Python module, so its code runs (an `if __name__ == '__main__'` block does "
+               "not): give only files you trust")
+_DATA_HELP = ("data file: .csv (a header row; each column is the model argument of that name), "
+              ".npz or .json object {argument: value}; repeat it for several files (a later one "
+              "wins). For a bundled model it replaces some of the model's data")
+_EPILOG = ("Exit codes: 0 success, 1 a bayeslik error (bad model, data or engine option; the "
+           "message says which), 2 bad command-line usage or an unknown model, 3 an SBC run that "
+           "failed calibration, 130 interrupted.")
+
+
+def _version() -> str:
+    """bayeslik's version from the installed distribution (no import of the package)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("bayeslik")
+    except metadata.PackageNotFoundError:  # a source tree on sys.path, not installed
+        import bayeslik
+
+        return bayeslik.__version__
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: the version is looked up only when asked for."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                 help="print bayeslik's version and exit"):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"bayeslik {_version()}")
+        parser.exit()
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """The command's warnings: ``bayeslik: FitWarning: ...`` on one stderr line."""
+    print(f"bayeslik: {category.__name__}: {_one_line(message)}", file=file or sys.stderr)
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception's message on one line (a script reads the error from one stderr line)."""
+    return " ".join(part.strip() for part in str(e).splitlines() if part.strip()) or repr(e)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bayeslik", description="bayeslik: models, engines, fits.",
+                                     epilog=_EPILOG)
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="every engine on a reference problem, and the C-MAPSS AR-HMM "
                                     "with RUL predictions; tables and figures saved")
@@ -364,47 +585,69 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_cmd_demo)
     p = sub.add_parser("models", help="list the bundled models")
     p.set_defaults(func=_cmd_models)
-    p = sub.add_parser("fit", help="fit one bundled model")
-    p.add_argument("model")
-    p.add_argument("--engine", default="nuts")
+    p = sub.add_parser("fit", help="fit a bundled model or your own program (file.py:NAME)",
+                       description="Fit a bundled model or your own NumPyro program, e.g. "
+                                   "`bayeslik fit my_model.py:model --data d.csv --out fit.nc`.",
+                       epilog=_EPILOG)
+    p.add_argument("model", help=_MODEL_HELP)
+    p.add_argument("--engine", default="nuts", help="engine name (default nuts)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", default=None, help=".npz or .json file replacing some of the model's data")
-    p.add_argument("--out", default=None, help="save the Fit to this netCDF file")
+    p.add_argument("--data", action="append", metavar="FILE", help=_DATA_HELP)
+    p.add_argument("--out", default=None,
+                   help="save the Fit to this netCDF file (checked before the run; if saving "
+                        "fails after it, the fit is saved in the temporary folder and the "
+                        "message says where)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars: only the result (warnings still go to stderr)")
+    p.add_argument("--log-likelihood", choices=sorted(LOG_LIKELIHOOD), default="auto",
+                   help="keep the pointwise log-likelihood group (for LOO): auto (when it takes "
+                        "at most 1 GiB), yes or no (default auto)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="engine option, e.g. num_samples=500")
     p.set_defaults(func=_cmd_fit)
-    p = sub.add_parser("compare", help="run several engines on one bundled model and compare them")
-    p.add_argument("model")
+    p = sub.add_parser("compare", help="run several engines on one model and compare them")
+    p.add_argument("model", help=_MODEL_HELP)
     p.add_argument("--engines", nargs="+", default=["nuts"])
-    p.add_argument("--data", default=None, help=".npz or .json file replacing some of the model's data")
+    p.add_argument("--data", action="append", metavar="FILE", help=_DATA_HELP)
     p.add_argument("--seeds", type=int, default=1, help="runs per engine (seeds 0..n-1)")
     p.add_argument("--out", default=None, help="folder for table.csv, figures and fits")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--set", action="append", metavar="ENGINE.KEY=VALUE",
                    help="an engine's option, e.g. nuts.num_samples=500")
     p.set_defaults(func=_cmd_compare)
-    p = sub.add_parser("sbc", help="simulation-based calibration of an engine on a bundled model")
-    p.add_argument("model")
+    p = sub.add_parser("sbc", help="simulation-based calibration of an engine on a model")
+    p.add_argument("model", help=_MODEL_HELP)
     p.add_argument("--engine", default="nuts")
+    p.add_argument("--data", action="append", metavar="FILE", help=_DATA_HELP)
     p.add_argument("--simulations", type=int, default=100)
     p.add_argument("--draws", type=int, default=100, help="at most this many posterior draws per fit")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="folder for the table (CSV) and the figure (PNG)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="engine option")
     p.set_defaults(func=_cmd_sbc)
-    args = parser.parse_args(argv)
-    from bayeslik.devices import use_cpu_cores
+    return parser
 
-    use_cpu_cores()  # NUTS chains side by side on the cores (before JAX starts)
-    from bayeslik.errors import BayeslikError
 
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``bayeslik`` command on ``argv`` (default ``sys.argv[1:]``); returns the exit
+    code. Nothing heavy (JAX, NumPyro, ArviZ, the models) is imported before a command runs,
+    so ``--help`` and ``--version`` are quick."""
     try:
-        return args.func(args)
-    except _UsageError as e:
-        print(f"bayeslik: {e}", file=sys.stderr)
-        return 2
-    except BayeslikError as e:
-        print(f"bayeslik: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+        args = _parser().parse_args(argv)
+        from bayeslik.devices import use_cpu_cores
+
+        use_cpu_cores()  # NUTS chains side by side on the cores (before JAX starts)
+        from bayeslik.errors import BayeslikError
+
+        try:
+            with warnings.catch_warnings():  # a warning is one line, not the source line of cli.py
+                warnings.showwarning = _show_warning
+                return args.func(args)
+        except _UsageError as e:
+            print(f"bayeslik: {_one_line(e)}", file=sys.stderr)
+            return 2
+        except BayeslikError as e:
+            print(f"bayeslik: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
+            return 1
     except KeyboardInterrupt:
         print("bayeslik: interrupted", file=sys.stderr)
         return 130

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -182,3 +183,150 @@ def test_a_save_that_fails_after_the_run_keeps_the_fit(tmp_path, capsys, monkeyp
     rescue = calls[1]
     assert bl.load_fit(rescue).draws("mu").size == 100
     os.remove(rescue)
+
+
+# ------------------------------------------------------------------ a user's program (issue 18)
+USER_MODEL = '''
+import numpyro
+import numpyro.distributions as dist
+
+
+def model(y, scale=1.0):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
+    with numpyro.plate("n", y.shape[0]):
+        numpyro.sample("y", dist.Normal(mu, scale), obs=y)
+
+
+def helper():
+    return 1
+'''
+
+
+@pytest.fixture
+def user_files(tmp_path):
+    """A model file, its data as CSV (y: 20 values, mean 3) and a JSON setting scale=0.5."""
+    (tmp_path / "my_model.py").write_text(USER_MODEL)
+    y = 3.0 + np.linspace(-1.0, 1.0, 20)
+    (tmp_path / "d.csv").write_text("y\n" + "\n".join(f"{v:.6f}" for v in y) + "\n")
+    (tmp_path / "s.json").write_text(json.dumps({"scale": 0.5}))
+    return tmp_path, y
+
+
+def test_fit_a_users_model_file(user_files, capsys, monkeypatch):
+    """`bayeslik fit file.py:model --data d.csv --data s.json`: the columns and the JSON entries
+    are the model's keyword arguments; --quiet turns the bar off, --log-likelihood no leaves the
+    group out; an engine's partial (interrupted) fit is still saved, with exit code 130."""
+    import dataclasses
+
+    tmp, y = user_files
+    out = tmp / "fit.nc"
+    argv = ["fit", f"{tmp / 'my_model.py'}:model", "--data", str(tmp / "d.csv"),
+            "--data", str(tmp / "s.json")]
+    small = ["--set", "num_warmup=100", "--set", "num_samples=100", "--set", "num_chains=1"]
+    code = main(argv + ["--quiet", "--log-likelihood", "no", "--out", str(out)] + small)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "saved" in captured.out and "it/s" not in captured.err  # no progress bar
+    fit = bl.load_fit(str(out))
+    assert fit.config["progress_bar"] is False and "log_likelihood" not in fit.idata.children
+    mu = fit.draws("mu")
+    # exact posterior: N(sum(y) / (n + scale^2 / 100), scale^2 / (n + scale^2 / 100)), scale 0.5
+    prec = len(y) + 0.25 / 100
+    assert abs(mu.mean() - y.sum() / prec) < 0.06  # sd 0.11 / sqrt(ESS ~ 40): 3.5 MC errors
+    assert 0.08 < mu.std() < 0.15  # 0.112 with scale=0.5 from the JSON; 0.224 with the default
+
+    partial = dataclasses.replace(fit, flags=("interrupted: kept 50 of 100 draws per chain",))
+    monkeypatch.setattr(bl, "fit", lambda *a, **k: partial)
+    assert main(argv + ["--out", str(tmp / "partial.nc")]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert bl.load_fit(str(tmp / "partial.nc")).flags == partial.flags
+
+
+def test_a_users_model_file_is_checked_before_the_run(user_files, capsys, monkeypatch):
+    """A missing file or name, data that does not match the signature, a file that raises: one
+    line naming them, nothing run."""
+    monkeypatch.setattr(bl, "fit", lambda *a, **k: pytest.fail("bl.fit ran"))
+    tmp, _ = user_files
+    f = tmp / "my_model.py"
+    (tmp / "bad.csv").write_text("y,z\n1.0,2.0\n")
+    (tmp / "text.csv").write_text("y\nabc\n")
+    (tmp / "broken.py").write_text("x = 1\nraise RuntimeError('no GPU here')\n")
+
+    def err(argv, code):
+        assert main(argv) == code
+        e = capsys.readouterr().err
+        assert e.count("\n") == 1, e  # one line
+        return e
+
+    e = err(["fit", f"{tmp / 'nothere.py'}:model"], 2)
+    assert "nothere.py" in e and "no such file" in e
+    e = err(["fit", f"{f}:modle", "--data", str(tmp / "d.csv")], 2)
+    assert "'modle'" in e and "my_model.py" in e and "['helper', 'model']" in e
+    e = err(["compare", f"{f}:modle"], 2)  # the other commands load it the same way
+    assert "['helper', 'model']" in e
+    e = err(["fit", f"{f}:model", "--data", str(tmp / "bad.csv")], 2)
+    assert "['z'], which it does not take" in e
+    e = err(["fit", str(f)], 2)  # file.py alone: its `model`; y not given
+    assert "it needs ['y']" in e
+    e = err(["fit", f"{f}:model", "--data", str(tmp / "text.csv")], 2)
+    assert "['y'] are not numbers" in e
+    e = err(["fit", f"{tmp / 'broken.py'}:model"], 1)
+    assert "ModelError" in e and "RuntimeError (line 2): no GPU here" in e
+
+
+def test_version_options_and_exit_codes(capsys, monkeypatch):
+    """--version; --quiet and --log-likelihood reach bl.fit; Ctrl-C is exit 130; a bayeslik
+    error is one line and exit 1."""
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"bayeslik {bl.__version__}\n"
+    seen = {}
+
+    def record(post, engine, **kwargs):
+        seen.update(kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bl, "fit", record)
+    assert main(["fit", "normal_mean"]) == 130
+    assert capsys.readouterr().err == "bayeslik: interrupted\n"
+    assert seen["log_likelihood"] == "auto" and "progress_bar" not in seen
+    assert main(["fit", "normal_mean", "--quiet", "--log-likelihood", "yes"]) == 130
+    assert seen["log_likelihood"] is True and seen["progress_bar"] is False
+    assert main(["fit", "normal_mean", "--log-likelihood", "no"]) == 130
+    assert seen["log_likelihood"] is False
+    capsys.readouterr()
+
+    def refuse(*a, **k):
+        raise bl.DataError("argument 'y' is bad.\nFix it.")
+
+    monkeypatch.setattr(bl, "fit", refuse)
+    assert main(["fit", "normal_mean"]) == 1
+    assert capsys.readouterr().err == "bayeslik: DataError: argument 'y' is bad. Fix it.\n"
+
+
+def test_help_is_quick_and_imports_nothing_heavy(tmp_path):
+    """`bayeslik --help` (and `fit --help`, `--version`) imports no JAX, NumPyro, ArviZ, xarray
+    or model and takes well under a second of CPU. bayeslik/__init__.py imports the whole
+    library (about 6 s), so the package is stood in for by an empty one here: this checks
+    cli.py's own imports; with a lazy __init__ (PEP 562) the real package could be used."""
+    code = (
+        "import sys, time, types, pathlib\n"
+        "t = time.process_time()\n"
+        "pkg = types.ModuleType('bayeslik'); pkg.__path__ = [sys.argv[1]]\n"
+        "sys.modules['bayeslik'] = pkg\n"
+        "from bayeslik import cli\n"
+        "for argv in (['--help'], ['fit', '--help'], ['--version']):\n"
+        "    try:\n"
+        "        cli.main(argv)\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0, (argv, e.code)\n"
+        "heavy = [m for m in ('jax', 'numpyro', 'arviz', 'xarray', 'bayeslik.models')\n"
+        "         if m in sys.modules]\n"
+        "print(repr((time.process_time() - t, heavy)), file=sys.stderr)\n")
+    pkg = os.path.dirname(bl.__file__)
+    r = subprocess.run([sys.executable, "-c", code, pkg], capture_output=True, text=True,
+                       timeout=60, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    seconds, heavy = ast.literal_eval(r.stderr.splitlines()[-1])
+    assert heavy == [] and seconds < 1.0, (seconds, heavy)
+    assert "usage: bayeslik" in r.stdout and "path/file.py:NAME" in r.stdout
