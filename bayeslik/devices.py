@@ -37,7 +37,7 @@ def use_cpu_cores(max_devices: int = 8) -> int:
     else:
         cores = os.cpu_count() or 1
     n = min(cores, int(max_devices))
-    if n < 2 or jax.config.read("jax_num_cpu_devices") == n:  # nothing to change
+    if n < 2 or getattr(jax.config, "jax_num_cpu_devices", None) == n:  # nothing to change
         return 0
     try:
         jax.config.update("jax_num_cpu_devices", n)
