@@ -42,7 +42,7 @@ class EngineSpec:
         """Raise an EngineError naming the kinds unless the engine runs on ``posterior``."""
         if not isinstance(posterior, self.accepts):
             kinds = " or ".join(c.__name__ for c in self.accepts)
-            others = sorted(n for n, s in _REGISTRY.items() if isinstance(posterior, s.accepts))
+            others = sorted(n for n, s in _registry().items() if isinstance(posterior, s.accepts))
             raise EngineError(
                 f"engine {self.name!r} runs on a {kinds}, not a {type(posterior).__name__}"
                 + (f"; the engines for a {type(posterior).__name__} are {others}."
@@ -50,6 +50,14 @@ class EngineSpec:
 
 
 _REGISTRY: dict[str, EngineSpec] = {}
+
+
+def _registry() -> dict[str, EngineSpec]:
+    """The registry, with the built-in engines in it (``bayeslik.engines`` registers them on
+    import; ``import bayeslik`` itself imports nothing heavy)."""
+    import bayeslik.engines  # noqa: F401
+
+    return _REGISTRY
 
 
 def register_engine(name: str, config_cls: type, run: Callable, description: str = "",
@@ -67,44 +75,44 @@ def register_engine(name: str, config_cls: type, run: Callable, description: str
 
 def unregister_engine(name: str) -> None:
     """Remove the engine ``name`` from the registry (a plug-in's or a test's own engine)."""
-    if name not in _REGISTRY:
-        raise EngineError(f"unknown engine {name!r}; the engines are {sorted(_REGISTRY)}.")
+    if name not in _registry():
+        raise EngineError(f"unknown engine {name!r}; the engines are {sorted(_registry())}.")
     del _REGISTRY[name]
 
 
 def engine_spec(name: str) -> EngineSpec:
     """The registered engine ``name`` (its config class, run function, accepted kinds)."""
-    if name not in _REGISTRY:
-        raise EngineError(f"unknown engine {name!r}; the engines are {sorted(_REGISTRY)}.")
-    return _REGISTRY[name]
+    if name not in _registry():
+        raise EngineError(f"unknown engine {name!r}; the engines are {sorted(_registry())}.")
+    return _registry()[name]
 
 
 def posterior_kinds() -> tuple[type, ...]:
     """Every posterior kind some registered engine accepts."""
     kinds: list[type] = []
-    for s in _REGISTRY.values():
+    for s in _registry().values():
         kinds.extend(c for c in s.accepts if c not in kinds)
     return tuple(kinds)
 
 
 def engines() -> dict[str, str]:
     """{engine name: one-line description} of the registered engines."""
-    return {n: s.description for n, s in sorted(_REGISTRY.items())}
+    return {n: s.description for n, s in sorted(_registry().items())}
 
 
 def resolve_engine(engine: Any, options: dict[str, Any]) -> tuple[EngineSpec, Any]:
     """(spec, config) from an engine name and options, or from a config object (and overrides)."""
     if isinstance(engine, str):
-        spec = _REGISTRY.get(engine)
+        spec = _registry().get(engine)
         if spec is None:
             raise EngineError(
-                f"unknown engine {engine!r}; the engines are {sorted(_REGISTRY)}. "
+                f"unknown engine {engine!r}; the engines are {sorted(_registry())}. "
                 "Pass one of these names or an engine config such as bl.engines.NUTS(...)."
             )
         base = None
     else:
-        spec = next((s for s in _REGISTRY.values() if isinstance(engine, s.config_cls)), None)
-        cls = next((s for s in _REGISTRY.values() if engine is s.config_cls), None)
+        spec = next((s for s in _registry().values() if isinstance(engine, s.config_cls)), None)
+        cls = next((s for s in _registry().values() if engine is s.config_cls), None)
         if cls is not None:
             import bayeslik.engines as _engines
 
@@ -119,7 +127,7 @@ def resolve_engine(engine: Any, options: dict[str, Any]) -> tuple[EngineSpec, An
         if spec is None:
             raise EngineError(
                 f"engine {engine!r} is neither a registered engine name nor an engine config; "
-                f"the engines are {sorted(_REGISTRY)}."
+                f"the engines are {sorted(_registry())}."
             )
         base = engine
     valid = {f.name for f in dataclasses.fields(spec.config_cls)}

@@ -237,7 +237,8 @@ def sbc(model: Callable, engine: Any = "nuts", *, num_simulations: int = 100, nu
     >>> res.passed, res.table                                                   # doctest: +SKIP
     """
     import pandas as pd
-    from tqdm.auto import tqdm
+
+    from bayeslik import progress
 
     from bayeslik.api import fit as run_fit
     from bayeslik.api import resolve_engine
@@ -288,7 +289,8 @@ def sbc(model: Callable, engine: Any = "nuts", *, num_simulations: int = 100, nu
         return summarise(s, post, run_fit(post, engine, seed=int(fit_seeds[s]),
                                           log_likelihood=True, **options))
 
-    bar = tqdm(total=num_simulations, desc=f"SBC {template.name}", disable=not progress_bar)
+    bar = progress.bar(total=num_simulations, desc=f"SBC {template.name}",
+                       disable=not progress_bar)
     results = []
     if spec.run_many is not None and executor is None:
         for start in range(0, num_simulations, batch_size):
