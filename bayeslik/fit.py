@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import html
+import io
 import json
 import math
 import os
@@ -45,6 +46,10 @@ class Cost:
     ``num_loglik_evals`` counts evaluations of the true likelihood (for gradient-based engines
     each gradient evaluation includes one), ``num_grad_evals`` gradient evaluations of the log
     density. ``extra`` holds engine-specific counts (e.g. surrogate evaluations).
+    ``compile_cached`` is True where the run reused compiled programs from the cache (an
+    earlier run in this process paid for compiling them, so ``compile_s`` is less than a cold
+    start's), False where it compiled its own, None where unknown (an engine that tracks no
+    programs, or a file written before bayeslik recorded it).
     """
 
     wall_s: float
@@ -52,6 +57,7 @@ class Cost:
     num_loglik_evals: int | None = None
     num_grad_evals: int | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    compile_cached: bool | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -200,13 +206,70 @@ class Fit:
             rows.append(("warning", flag))
         return rows
 
+    #: the most summary rows ``repr(fit)`` and the notebook view show
+    _REPR_ROWS = 20
+
+    def _repr_table(self, max_rows: int):
+        """The first ``max_rows`` entries of the posterior, summarised for ``repr``: (ArviZ's
+        summary of those that vary, or None; ``(label, value)`` of those constant over every
+        draw; the number of entries in all).
+
+        Only the entries shown are computed (ArviZ's summary of every entry takes seconds for
+        hundreds of parameters). A constant entry (a structural zero, a fixed element) is named
+        with its value instead of a row: ESS, R-hat and the MCSE of the sd are not defined for
+        it (ArviZ would divide 0 by 0 computing them).
+        """
+        import arviz_stats as azs
+
+        post = self.idata["posterior"].to_dataset()
+        arrays = {k: v.transpose("chain", "draw", ...) for k, v in post.data_vars.items()}
+        total = sum(math.prod(a.shape[2:]) for a in arrays.values())
+        varying, constant, seen = {}, [], 0
+        for name, a in arrays.items():
+            take = min(math.prod(a.shape[2:]), max_rows - seen)
+            if take <= 0:
+                break
+            seen += take
+            values = np.asarray(a.values)
+            block = values.reshape(values.shape[:2] + (-1,))[:, :, :take]
+            keys = [", ".join(str(post[d].values[i]) if d in post.coords else str(i)
+                              for d, i in zip(a.dims[2:], np.unravel_index(j, a.shape[2:])))
+                    for j in range(take)]
+            fixed = np.all(block == block[:1, :1], axis=(0, 1))
+            constant += [(f"{name}[{k}]" if a.ndim > 2 else name, block[0, 0, j])
+                         for j, k in enumerate(keys) if fixed[j]]
+            if not fixed.all():
+                if a.ndim == 2:
+                    varying[name] = a
+                else:  # one axis of the entries shown; ArviZ labels them name[coord]
+                    dim = f"{name} entry"
+                    varying[name] = xr.DataArray(
+                        block[:, :, ~fixed], dims=("chain", "draw", dim),
+                        coords={dim: [k for k, f in zip(keys, fixed) if not f]})
+        table = azs.summary(xr.Dataset(varying)) if varying else None
+        return table, constant, total
+
+    def _repr_parts(self) -> tuple[Any, list[str]]:
+        """(the bounded summary table or None, the lines below it)."""
+        try:
+            table, constant, total = self._repr_table(self._REPR_ROWS)
+        except Exception as e:  # a summary must never hide the Fit
+            return None, [f"(no summary: {e})"]
+        lines = []
+        if constant:
+            named = ", ".join(f"{k} = {float(v):.4g}" for k, v in constant[:5])
+            lines.append(f"constant over every draw (no diagnostics): {named}"
+                         + (f" and {len(constant) - 5} more" if len(constant) > 5 else ""))
+        more = total - min(total, self._REPR_ROWS)
+        if more:
+            lines.append(f"... {more:,} more rows ({total:,} in all); fit.summary() for all")
+        return table, lines
+
     def __repr__(self) -> str:
         head = "\n".join(f"  {k:<17}{v}" for k, v in self._header())
-        try:
-            table = self.summary().to_string()
-        except Exception as e:  # a summary must never hide the Fit
-            table = f"(no summary: {e})"
-        return f"Fit\n{head}\n{table}"
+        table, lines = self._repr_parts()
+        body = "\n".join(([] if table is None else [table.to_string()]) + lines)
+        return f"Fit\n{head}\n{body}"
 
     def _repr_html_(self) -> str:
         head = "".join(
@@ -214,11 +277,10 @@ class Fit:
             f"{html.escape(v)}</td></tr>"
             for k, v in self._header()
         )
-        try:
-            table = self.summary().to_html()
-        except Exception as e:
-            table = f"<p>(no summary: {html.escape(str(e))})</p>"
-        return f"<div><b>bayeslik Fit</b><table>{head}</table>{table}</div>"
+        table, lines = self._repr_parts()
+        body = ("" if table is None else table.to_html()) + "".join(
+            f"<p>{html.escape(line)}</p>" for line in lines)
+        return f"<div><b>bayeslik Fit</b><table>{head}</table>{body}</div>"
 
 
 def _tuples(x: Any) -> Any:
@@ -285,6 +347,9 @@ def load_fit(path: str | os.PathLike, *, max_bytes: int = MAX_LOAD_BYTES) -> Fit
             raise DataError(f"{shown!r}: its '{_ATTR}' attribute names a group {node_path!r} "
                             "that the file does not have; the file is damaged.") from None
         node.attrs = {k: (np.atleast_1d(v) if k in names else v) for k, v in node.attrs.items()}
+    from bayeslik.weights import upgrade_weighted_groups
+
+    tree = upgrade_weighted_groups(tree)  # weighted points saved as (chain, draw) before 0.2
     return Fit(
         idata=tree,
         engine=facts["engine"],
@@ -363,6 +428,30 @@ def _default_mode() -> int:
     return 0o666 & ~mask
 
 
+#: Fits up to this size are serialised in memory before they are written (see _atomic_write)
+IN_MEMORY_SAVE_BYTES = 1 << 30
+
+
+def _write_all(path: str, data: memoryview) -> None:
+    """Write ``data`` to ``path`` (truncating it) and fsync it; OSError on a full disk."""
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic_write(tree: xr.DataTree, target: str, shown: str) -> None:
     """Write ``tree`` to a temporary file beside ``target``, fsync it, rename it onto target."""
     folder, name = os.path.split(target)
@@ -378,12 +467,16 @@ def _atomic_write(tree: xr.DataTree, target: str, shown: str) -> None:
     try:
         mode = os.stat(target).st_mode & 0o7777 if os.path.exists(target) else _default_mode()
         os.chmod(tmp, mode)
-        tree.to_netcdf(tmp, engine="h5netcdf")
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if _tree_nbytes(tree) <= IN_MEMORY_SAVE_BYTES:
+            # serialised in memory, then written with plain writes: a full disk is an OSError
+            # here, never a failure inside HDF5 (which leaves h5py's state broken: the process
+            # crashed later with a segfault, and the Fit in memory was lost with it)
+            buf = io.BytesIO()
+            tree.to_netcdf(buf, engine="h5netcdf")
+            _write_all(tmp, buf.getbuffer())
+        else:
+            tree.to_netcdf(tmp, engine="h5netcdf")
+            _fsync(tmp)
         os.replace(tmp, target)
     except BaseException as e:
         try:
@@ -462,11 +555,15 @@ def _read_facts(raw: Any, shown: str) -> dict:
 
 
 def _read_cost(raw: dict, shown: str, written_by: Any) -> Cost:
-    """The Cost of a file; fields unknown here (a newer bayeslik's) are kept in ``extra``."""
+    """The Cost of a file; fields unknown here (a newer bayeslik's) are kept in ``extra``; fields
+    an older bayeslik did not write (``compile_cached``) take their defaults."""
     known = {f.name for f in fields(Cost)}
     if "wall_s" not in raw:
         raise DataError(f"{shown!r}: the cost in its '{_ATTR}' attribute lacks 'wall_s'; the "
                         "file is damaged.")
+    if not any(raw.get("compile_cached") is v for v in (True, False, None)):
+        raise DataError(f"{shown!r}: cost.compile_cached in its '{_ATTR}' attribute is "
+                        f"{raw['compile_cached']!r}, not true, false or null; the file is damaged.")
     extra = raw.get("extra", {})
     if not isinstance(extra, dict):
         raise DataError(f"{shown!r}: cost.extra in its '{_ATTR}' attribute is not an object; "
@@ -494,24 +591,39 @@ def build_datatree(
     """Build the ArviZ DataTree of a Fit from arrays with leading (chain, draw) axes.
 
     Dimension names come from the program: plate names where the site sits in a plate,
-    ``<site>_dim_<i>`` otherwise; observed data is taken from the Posterior.
+    ``<site>_dim_<i>`` otherwise, or the names the data or the user gave (``sites[name].dims``);
+    the Posterior's ``coords`` label them in every group; observed data is taken from the
+    Posterior.
     """
     import arviz_base as azb
 
     sites = posterior.sites
+    coords = dict(getattr(posterior, "coords", None) or {})
 
     def dims_of(group: Mapping[str, np.ndarray], lead: int) -> dict[str, list[str]]:
         # a site's axis names; a pointwise log-likelihood has only the data's batch axes (its
         # event axes are summed), so it takes the leading ones
         return {k: list(sites[k].dims[: np.ndim(v) - lead]) for k, v in group.items() if k in sites}
 
+    def coords_of(group: Mapping[str, np.ndarray], dims: Mapping[str, list[str]],
+                  lead: int) -> dict[str, list]:
+        # the coords of the dims this group uses, where their lengths agree
+        out = {}
+        for k, names in dims.items():
+            for axis, dim in enumerate(names):
+                if dim in coords and len(coords[dim]) == np.shape(group[k])[lead + axis]:
+                    out[dim] = coords[dim]
+        return out
+
     groups: dict[str, xr.Dataset] = {}
 
     def add(name: str, data: Mapping[str, np.ndarray] | None, lead: int = 2) -> None:
         if data:
             data = {k: np.asarray(v) for k, v in data.items()}
+            dims = dims_of(data, lead)
             groups[name] = azb.dict_to_dataset(
-                data, dims=dims_of(data, lead), sample_dims=["chain", "draw"] if lead else [],
+                data, dims=dims, coords=coords_of(data, dims, lead) or None,
+                sample_dims=["chain", "draw"] if lead else [],
                 inference_library=None, check_conventions=False,
             )
 

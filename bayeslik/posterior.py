@@ -21,9 +21,14 @@ through particle filters.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import inspect
 import math
+import re
+import sys
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +43,8 @@ from numpyro.distributions.util import sum_rightmost
 from bayeslik import icdf as _icdf  # at import: its module-level jits are no first-use surprise
 from bayeslik.errors import DataError, ImproperPriorError, ModelError
 
-__all__ = ["Posterior", "PosteriorBase", "SiteInfo", "Evaluation", "PosteriorFunctions"]
+__all__ = ["Posterior", "PosteriorBase", "SiteInfo", "Evaluation", "PosteriorFunctions",
+           "nonfinite_sites", "NonfiniteSite"]
 
 
 class PosteriorFunctions(NamedTuple):
@@ -103,6 +109,13 @@ def _as_jax(x: Any) -> Any:
     if isinstance(x, np.ndarray) and x.dtype.kind in "biuf":
         return jnp.asarray(x)
     return x
+
+
+def _float(x: Any) -> jax.Array:
+    """A value as a JAX array, floating values in the default float type (float64 under
+    ``jax_enable_x64``, so a float32 point estimate does not mix precisions)."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.result_type(float)) if jnp.issubdtype(x.dtype, jnp.floating) else x
 
 
 def _first_index(mask: np.ndarray) -> tuple:
@@ -179,6 +192,273 @@ def _check_argument(name: str, value: Any, what: str) -> Any:
             "np.angle), or the real and imaginary parts as two real arguments."
         )
     return value
+
+
+# ---------------------------------------------------------------------- pandas, xarray, lists
+class _Labels(NamedTuple):
+    """What an argument's container said about its axes (pandas, xarray): per axis a dim name
+    and a list of labels, None where it had none."""
+
+    dims: tuple
+    coords: tuple
+
+
+#: xarray's names for axes created without names (``dim_0``, ...): no name for bayeslik.
+_AUTO_DIM = re.compile(r"dim_\d+")
+
+
+def _axis_name(name: Any) -> str | None:
+    return None if name is None or _AUTO_DIM.fullmatch(str(name)) else str(name)
+
+
+def _index_labels(index: Any, pd: Any) -> list | None:
+    """A pandas Index's labels as a list; None for pandas' default 0..n-1 (nothing to say) and a
+    MultiIndex (no single label per entry)."""
+    if isinstance(index, pd.MultiIndex):
+        return None
+    if isinstance(index, pd.RangeIndex) and index.start == 0 and index.step == 1:
+        return None
+    return index.tolist()
+
+
+def _not_numeric(name: str, what: str, detail: str) -> DataError:
+    return DataError(
+        f"{what} '{name}' {detail}; bayeslik's data must be numbers (bool, int or float). "
+        f"Pass only the numeric data (for a DataFrame, its numeric columns: df[[\"a\", \"b\"]]); "
+        f"convert numbers stored as text with {name}.astype(float); for categories pass integer "
+        f"codes ({name}.astype(\"category\").cat.codes) and, to keep their names as labels, "
+        "bl.Posterior(...).with_coords(coords={<dim>: categories}, dims={<site>: [<dim>]})."
+    )
+
+
+def _pandas_array(name: str, obj: Any, what: str, pd: Any) -> np.ndarray:
+    """A pandas Series, Index or DataFrame as a NumPy array; missing values become NaN (the
+    NaN check then names them), non-numeric columns a DataError."""
+    frame = isinstance(obj, pd.DataFrame)
+    dtypes = list(obj.dtypes) if frame else [obj.dtype]
+    cols = list(obj.columns) if frame else [None]
+    bad = [(c, d) for c, d in zip(cols, dtypes)
+           if isinstance(d, pd.CategoricalDtype) or not pd.api.types.is_numeric_dtype(d)]
+    if bad:
+        if frame:
+            detail = ("is a DataFrame with non-numeric column(s) "
+                      + ", ".join(f"{c!r} ({d})" for c, d in bad))
+        elif isinstance(bad[0][1], pd.CategoricalDtype):
+            detail = f"is categorical ({bad[0][1]}): pass {name}.cat.codes"
+        else:
+            detail = f"holds non-numeric values (dtype {bad[0][1]})"
+        raise _not_numeric(name, what, detail)
+    kinds = [np.dtype(getattr(d, "numpy_dtype", d)) for d in dtypes]  # nullable Int64, Float32
+    dtype = np.result_type(*kinds) if kinds else np.dtype(float)
+    missing = bool(np.asarray(obj.isna()).any())
+    if missing and dtype.kind not in "fc":
+        dtype = np.dtype(np.float64)  # pd.NA in an integer or boolean column: NaN, then refused
+    if missing:
+        return np.asarray(obj.to_numpy(dtype=dtype, na_value=np.nan))
+    return np.asarray(obj.to_numpy(dtype=dtype))
+
+
+def _sequence_leaves(value: Any, depth: int = 0) -> list | None:
+    """The leaves of nested lists/tuples, None if deeper than 32 levels (a cycle or nonsense)."""
+    if depth > 32:
+        return None
+    out = []
+    for x in value:
+        if isinstance(x, (list, tuple)):
+            sub = _sequence_leaves(x, depth + 1)
+            if sub is None:
+                return None
+            out.extend(sub)
+        else:
+            out.append(x)
+    return out
+
+
+def _sequence_array(name: str, value: Any, what: str) -> Any:
+    """A list or tuple of numbers (nested: rectangular) as a NumPy array. Lists of strings and
+    ragged lists of numbers are refused; tuples of ints (layer sizes, shapes) and of other
+    things (configuration) and lists of arrays of different shapes go to the model as they
+    are."""
+    leaves = _sequence_leaves(value)
+    if leaves is None or (not leaves and isinstance(value, tuple)):
+        return value
+    if isinstance(value, tuple) and all(isinstance(x, (int, np.integer))
+                                        and not isinstance(x, (bool, np.bool_)) for x in leaves):
+        return value  # a tuple of ints is configuration (layer sizes, a shape): kept static
+    number = (bool, int, float, complex, np.number, np.bool_)
+    if all(isinstance(x, number) for x in leaves):
+        try:
+            arr = np.asarray(value)
+        except ValueError:
+            lengths = [len(x) if isinstance(x, (list, tuple)) else "a number" for x in value]
+            raise DataError(
+                f"{what} '{name}' is a ragged {type(value).__name__} (its entries have lengths "
+                f"{lengths[:8]}{' ...' if len(lengths) > 8 else ''}); bayeslik's data are "
+                "rectangular arrays. Pad it to one length and pass a mask as another argument "
+                "of the model, or pass the pieces as separate arguments."
+            ) from None
+        if arr.dtype.kind not in "biufc":  # e.g. integers too large for int64
+            raise _not_numeric(name, what, f"gives a NumPy array of dtype {arr.dtype}")
+        return arr
+    if isinstance(value, list):
+        if any(isinstance(x, (str, bytes, np.str_, np.bytes_)) for x in leaves):
+            raise _not_numeric(name, what, "is a list holding strings")
+        try:
+            arr = np.asarray(value)
+        except Exception:  # arrays of different shapes: the model's business
+            return value
+        return arr if arr.dtype.kind in "biufc" else value
+    return value
+
+
+def _convert_argument(name: str, value: Any, what: str) -> tuple[Any, _Labels | None]:
+    """A data argument as the engines need it, with the labels its container carried.
+
+    pandas objects (Series, DataFrame, Index) and xarray DataArrays become NumPy arrays (their
+    index, columns, dims and coords the labels), lists and tuples of numbers NumPy arrays, so
+    every later check sees the numbers. Non-numeric data is refused. pandas and xarray are never
+    imported here: an object can only be one of theirs if its library is already loaded."""
+    pd, xr = sys.modules.get("pandas"), sys.modules.get("xarray")
+    if xr is not None and isinstance(value, xr.Dataset):
+        raise DataError(
+            f"{what} '{name}' is an xarray Dataset; pass its variables as separate arguments "
+            f"({name}[\"y\"]), each a DataArray or an array."
+        )
+    if xr is not None and isinstance(value, xr.DataArray):
+        arr = np.asarray(value.to_numpy())
+        if arr.dtype.kind not in "biufc":
+            raise _not_numeric(name, what, f"is a DataArray of dtype {arr.dtype}")
+        coords = tuple(value[d].values.tolist() if d in value.indexes else None
+                       for d in value.dims)
+        return arr, _Labels(tuple(_axis_name(d) for d in value.dims), coords)
+    if pd is not None and isinstance(value, (pd.Series, pd.DataFrame, pd.Index)):
+        arr = _pandas_array(name, value, what, pd)
+        if isinstance(value, pd.Index):
+            return arr, None
+        if isinstance(value, pd.Series):
+            return arr, _Labels((_axis_name(value.index.name),),
+                                (_index_labels(value.index, pd),))
+        return arr, _Labels(
+            (_axis_name(value.index.name), _axis_name(value.columns.name)),
+            (_index_labels(value.index, pd), _index_labels(value.columns, pd)),
+        )
+    if pd is not None and isinstance(value, pd.Categorical):
+        raise _not_numeric(name, what, f"is a pandas Categorical: pass {name}.codes")
+    if isinstance(value, (list, tuple)):
+        return _sequence_array(name, value, what), None
+    if isinstance(value, np.ndarray) and value.dtype.kind in "OUSVMm":
+        raise _not_numeric(name, what, f"is a NumPy array of dtype {value.dtype}")
+    return value, None
+
+
+def _check_label_keywords(model: Callable, kwargs: Mapping[str, Any]) -> None:
+    """Refuse ``coords=`` / ``dims=`` (ArviZ's keywords) given to a program that has no such
+    parameter: every keyword of ``bl.Posterior`` goes to the program, labels go through
+    :meth:`PosteriorBase.with_coords`."""
+    given = [k for k in ("coords", "dims") if k in kwargs]
+    if not given:
+        return
+    try:
+        params = inspect.signature(model).parameters
+    except (TypeError, ValueError):  # not inspectable: let the program decide
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    missing = [k for k in given if k not in params]
+    if missing:
+        name = getattr(model, "__name__", type(model).__name__)
+        raise DataError(
+            f"{' and '.join(f'{k}=' for k in missing)} given, but model '{name}' has no such "
+            "parameter: every keyword of bl.Posterior is an argument of the model. To label "
+            "dims and coords as in ArviZ, use bl.Posterior(model, ...).with_coords(coords="
+            "{dim: labels}, dims={site: [dim, ...]})."
+        )
+
+
+def _as_labels(dim: str, labels: Any) -> list:
+    """User coords for ``dim`` as a list (from a list, tuple, NumPy array or pandas Index)."""
+    if isinstance(labels, (str, bytes)) or np.ndim(labels) != 1:
+        raise DataError(
+            f"coords['{dim}'] must be a one-dimensional sequence of labels (a list, a NumPy "
+            f"array or a pandas Index), got {type(labels).__name__}"
+            f"{'' if isinstance(labels, (str, bytes)) else f' of shape {np.shape(labels)}'}."
+        )
+    return labels.tolist() if hasattr(labels, "tolist") else list(labels)
+
+
+def _resolve_labels(
+    sites: Mapping[str, SiteInfo], program_dims: Mapping[str, tuple], links: Mapping[str, str],
+    arg_labels: Mapping[str, _Labels], user_coords: Mapping[str, list],
+    user_dims: Mapping[str, tuple],
+) -> tuple[dict[str, tuple], dict[str, list]]:
+    """The dims of every site and the coords: the program's dims (plate names,
+    ``<site>_dim_<i>``), overridden by the user's dims; an observed site fed by a labelled
+    argument (``links``: site -> argument) takes the argument's axis names where it has no plate
+    and its labels for those dims; named axes of any argument label the dims of that name when
+    the lengths agree; the user's coords override the data's. Returns (dims, coords)."""
+    dims = {n: list(d) for n, d in program_dims.items()}
+    for site, names in user_dims.items():
+        dims[site] = list(names)
+    proposed: dict[str, tuple[list, str]] = {}
+
+    def sizes(dim: str) -> set[int]:
+        return {sites[n].shape[i] for n, d in dims.items() for i, x in enumerate(d) if x == dim}
+
+    def propose(dim: str, labels: list | None, arg: str) -> None:
+        if labels is None or dim in user_coords:
+            return
+        if dim in proposed and proposed[dim][0] != labels:
+            other, theirs = proposed[dim][1], proposed[dim][0]
+            raise DataError(
+                f"arguments '{other}' and '{arg}' label dim '{dim}' differently ({theirs[:4]}... "
+                f"and {labels[:4]}...); give them the same index, or label the dim yourself: "
+                f"bl.Posterior(...).with_coords(coords={{'{dim}': labels}})."
+            )
+        proposed.setdefault(dim, (labels, arg))
+
+    for site, arg in links.items():
+        labels = arg_labels.get(arg)
+        if labels is None:
+            continue
+        for i, (name, coord) in enumerate(zip(labels.dims, labels.coords)):
+            if i >= len(dims[site]):
+                break
+            if name is not None and dims[site][i] == f"{site}_dim_{i}":
+                dims[site][i] = name
+            if coord is not None and sizes(dims[site][i]) == {len(coord)}:
+                propose(dims[site][i], coord, arg)
+    for arg, labels in arg_labels.items():
+        for name, coord in zip(labels.dims, labels.coords):
+            if name is not None and coord is not None and sizes(name) == {len(coord)}:
+                propose(name, coord, arg)
+
+    lengths: dict[str, dict[int, str]] = {}
+    for n, d in dims.items():
+        for i, x in enumerate(d):
+            lengths.setdefault(x, {}).setdefault(sites[n].shape[i], n)
+    for dim, by_len in lengths.items():
+        if len(by_len) > 1:
+            raise DataError(
+                f"dim '{dim}' has different lengths: " + ", ".join(
+                    f"{size} in site '{n}'" for size, n in by_len.items())
+                + "; one dim name must have one length. Check the dims given to with_coords."
+            )
+    for dim, coord in user_coords.items():
+        if dim not in lengths:
+            raise DataError(
+                f"coords given for dim '{dim}', which no site has; the sites' dims are "
+                f"{sorted(lengths)}. Name a site's axes with dims={{<site>: ['{dim}', ...]}} "
+                "(a plate's name is the dim of its axis)."
+            )
+        (size, site), = lengths[dim].items()
+        if len(coord) != size:
+            raise DataError(
+                f"coords for dim '{dim}' have {len(coord)} labels, but dim '{dim}' has length "
+                f"{size} (site '{site}'); give one label per entry."
+            )
+    coords = {dim: labels for dim, (labels, _arg) in proposed.items()}
+    coords.update(user_coords)
+    return {n: tuple(d) for n, d in dims.items()}, coords
 
 
 def _site_dims(site: dict, shape: tuple[int, ...], event_ndim: int) -> tuple[str, ...]:
@@ -483,6 +763,20 @@ class PosteriorBase:
     def __init__(self, model: Callable, *args: Any, **kwargs: Any) -> None:
         if not callable(model):
             raise ModelError(f"`model` must be a NumPyro program (a callable), got {type(model).__name__}.")
+        _check_label_keywords(model, kwargs)
+        # pandas, xarray and lists become NumPy arrays first, so that every check sees numbers
+        arg_labels: dict[str, _Labels] = {}
+        converted = []
+        for i, a in enumerate(args):
+            a, labels = _convert_argument(f"args[{i}]", a, "positional argument")
+            converted.append(a)
+            if labels is not None:
+                arg_labels[f"args[{i}]"] = labels
+        args = tuple(converted)
+        for k, v in list(kwargs.items()):
+            kwargs[k], labels = _convert_argument(k, v, "argument")
+            if labels is not None:
+                arg_labels[k] = labels
         args = tuple(_check_argument(f"args[{i}]", a, "positional argument")
                      for i, a in enumerate(args))
         kwargs = {k: _check_argument(k, v, "argument") for k, v in kwargs.items()}
@@ -536,6 +830,10 @@ class PosteriorBase:
         }
         self._improper = tuple(s.name for s in latent if s.improper)
         self._prior_transform = None
+        # labels (dims and coords, for ArviZ): from the data's containers, then the user's
+        self._program_dims = {n: s.dims for n, s in self._sites.items()}
+        self._links = self._observed_links(trace)
+        self._relabel(arg_labels, {}, {})
 
         self.logprior = self._make_logdensity("prior")
         self.constrain = self._make_constrain()
@@ -973,7 +1271,7 @@ class PosteriorBase:
             if missing:
                 raise ModelError(f"unconstrain: missing value(s) for latent site(s) {missing}.")
             seeded = handlers.seed(self._model, rng_seed=0)
-            data = {n: jnp.asarray(params[n]) for n in latent}
+            data = {n: _float(params[n]) for n in latent}
             tr = handlers.trace(handlers.substitute(seeded, data=data)).get_trace(
                 *self._args, **self._kwargs
             )
@@ -1090,6 +1388,76 @@ class PosteriorBase:
         """The array arguments ("data"): {keyword or "args[i]": array}. See :meth:`at`."""
         return dict(self._data)
 
+    # ------------------------------------------------------------------ labels (dims, coords)
+    def _observed_links(self, trace: dict) -> dict[str, str]:
+        """{observed site: the argument that is its value}: the very array the program observes,
+        else the one array argument of the same shape and values."""
+        named = {k: v for k, v in self._named_arguments().items() if isinstance(v, jax.Array)}
+        links = {}
+        for name, s in self._sites.items():
+            if s.kind != "observed":
+                continue
+            value = trace[name]["value"]
+            same = [k for k, v in named.items() if v is value]
+            if not same:
+                same = [k for k, v in named.items()
+                        if np.shape(v) == np.shape(value) and _equal_values(v, value)]
+            if len(same) == 1:
+                links[name] = same[0]
+        return links
+
+    def _relabel(self, arg_labels: dict, user_coords: dict, user_dims: dict) -> None:
+        """Set the sites' dims and the coords from the data's labels and the user's."""
+        dims, coords = _resolve_labels(self._sites, self._program_dims, self._links, arg_labels,
+                                       user_coords, user_dims)
+        self._arg_labels, self._user_coords, self._user_dims = arg_labels, user_coords, user_dims
+        self._sites = {n: s if s.dims == dims[n] else dataclasses.replace(s, dims=dims[n])
+                       for n, s in self._sites.items()}
+        self._coords = coords
+
+    @property
+    def coords(self) -> dict[str, list]:
+        """Labels of the sites' dims, {dim: list of labels}, for ArviZ: from the data's
+        containers (a pandas index or columns, an xarray DataArray's coords) and from
+        :meth:`with_coords`. Empty when nothing was labelled; a dim without coords is
+        numbered 0..n-1 by ArviZ. The dims themselves are in ``sites[name].dims``."""
+        return {k: list(v) for k, v in self._coords.items()}
+
+    def with_coords(self, coords: Mapping[str, Any] | None = None, *,
+                    dims: Mapping[str, Any] | None = None) -> "PosteriorBase":
+        """This Posterior with labelled dims, as ArviZ's ``coords=`` and ``dims=``.
+
+        ``coords`` (``{dim: labels}``) labels the entries along a dim (a plate's name is the
+        dim of its axis; ``<site>_dim_<i>`` otherwise); ``dims`` (``{site: [dim, ...]}``, one
+        name per axis) names a site's axes, overriding its plate names. Both are merged into the labels already there (the
+        data's, earlier calls'). Labels change only the Fit's DataTree, never a density: the
+        result shares this Posterior's functions and :attr:`cache_key`, so compiled programs
+        are reused. Raises DataError for an unknown site, a dims list of the wrong length,
+        coords for a dim no site has, or coords whose length is not the dim's.
+
+        >>> post = bl.Posterior(model, y=y, sigma=sigma).with_coords(   # doctest: +SKIP
+        ...     coords={"school": names}, dims={"theta": ["school"]})
+        """
+        user_coords = dict(self._user_coords)
+        for dim, labels in dict(coords or {}).items():
+            user_coords[str(dim)] = _as_labels(dim, labels)
+        user_dims = dict(self._user_dims)
+        for site, names in dict(dims or {}).items():
+            if site not in self._sites:
+                raise DataError(f"dims given for '{site}', which is not a site of model "
+                                f"'{self.name}'; its sites are {list(self._sites)}.")
+            names = (names,) if isinstance(names, str) else tuple(str(d) for d in names)
+            shape = self._sites[site].shape
+            if len(names) != len(shape):
+                raise DataError(
+                    f"dims for site '{site}' name {len(names)} ax{'i' if len(names) == 1 else 'e'}s "
+                    f"({list(names)}), but its values have shape {shape}: give one name per "
+                    "axis.")
+            user_dims[site] = names
+        new = copy.copy(self)
+        new._relabel(self._arg_labels, user_coords, user_dims)
+        return new
+
     @property
     def cache_key(self) -> tuple:
         """Equal for Posteriors whose compiled functions can be shared: the same program, the
@@ -1202,12 +1570,19 @@ class Posterior(PosteriorBase):
         )
 
     def replace_data(self, **data: Any) -> "Posterior":
-        """A new Posterior of the same program with some arguments replaced (checked again)."""
+        """A new Posterior of the same program with some arguments replaced (checked again).
+        The labels of the arguments kept and those of :meth:`with_coords` carry over."""
         unknown = [k for k in data if k not in self._kwargs]
         if unknown:
             raise DataError(f"replace_data: {unknown} are not arguments bound to this Posterior; "
                             f"they are {sorted(self._kwargs)}.")
-        return Posterior(self._model, *self._args, **{**self._kwargs, **data})
+        new = Posterior(self._model, *self._args, **{**self._kwargs, **data})
+        kept = {k: v for k, v in self._arg_labels.items() if k not in data}
+        if kept:
+            new._relabel({**kept, **new._arg_labels}, {}, {})
+        if self._user_coords or self._user_dims:
+            new = new.with_coords(self._user_coords, dims=self._user_dims)
+        return new
 
     def __repr__(self) -> str:
         lat = ", ".join(f"{n}{list(self._sites[n].shape)}" for n in self._latent_names)
@@ -1215,3 +1590,182 @@ class Posterior(PosteriorBase):
             f"{n}{list(s.shape)}" for n, s in self._sites.items() if s.kind == "observed"
         )
         return f"Posterior({self.name}: ndim={self.ndim}; latent: {lat}; observed: {obs})"
+
+
+# ---------------------------------------------------------------------------- non-finite densities
+#: how a non-finite term of the log density is shown
+_JACOBIAN = "<Jacobian>"
+
+
+class NonfiniteSite(NamedTuple):
+    """A term of the log density that is NaN or +inf at a point (see :func:`nonfinite_sites`).
+
+    ``site`` the site's name (``"<Jacobian>"`` for the constraining map's log-Jacobian), ``kind``
+    its kind ("latent": its prior term, "observed", "factor", "jacobian"), ``value`` "NaN" or
+    "+inf", ``invalid`` the distribution arguments outside their constraint there, as
+    (distribution, argument, value, constraint) strings, ``point`` {latent site: constrained
+    value, shortened} at the point, ``index`` the point's row in the batch given, ``extreme``
+    whether the point lies far out (see :func:`nonfinite_sites`).
+    """
+
+    site: str
+    kind: str
+    value: str
+    invalid: tuple
+    point: dict
+    index: int
+    extreme: bool = False
+
+    def describe(self) -> str:
+        """One line, e.g. ``observed site 'y' is NaN where Normal scale=-0.31 is not positive,
+        at sigma=-0.31``."""
+        why = " and ".join(f"{d} {a}={v} is not {c}" for d, a, v, c in self.invalid)
+        items = [f"{n}={v}" for n, v in self.point.items()]
+        if len(items) > 6:
+            items = items[:6] + [f"... ({len(items) - 6} more)"]
+        name = {"jacobian": "the log-Jacobian of the constraining map",
+                "latent": f"the prior term of latent site '{self.site}'"}.get(
+                    self.kind, f"{self.kind} site '{self.site}'")
+        return (f"{name} is {self.value}" + (f" where {why}" if why else "")
+                + (f", at {', '.join(items)}" if items else ""))
+
+
+_CONSTRAINT_WORDS = {"_Positive": "positive", "_Nonnegative": "non-negative", "_Real": "real",
+                     "_RealVector": "real", "_UnitInterval": "in [0, 1]",
+                     "_PositiveDefinite": "positive definite", "_Simplex": "on the simplex",
+                     "_LowerCholesky": "a lower Cholesky factor",
+                     "_CorrCholesky": "a correlation Cholesky factor",
+                     "_CorrMatrix": "a correlation matrix", "_OrderedVector": "ordered"}
+
+
+def _constraint_words(c: Any) -> str:
+    """A constraint in words ("positive", "> 1", "in [0, 2]"), else as numpyro prints it."""
+    name = type(c).__name__
+    if name in _CONSTRAINT_WORDS:
+        return _CONSTRAINT_WORDS[name]
+    low, high = getattr(c, "lower_bound", None), getattr(c, "upper_bound", None)
+    if name == "_GreaterThan" and low is not None:
+        return f"> {_brief(low)}"
+    if name == "_LessThan" and high is not None:
+        return f"< {_brief(high)}"
+    if name == "_Interval" and low is not None and high is not None:
+        return f"in [{_brief(low)}, {_brief(high)}]"
+    return str(c)
+
+
+def _bad_value(a: Any) -> str | None:
+    """"NaN" or "+inf" if some entry of the log density ``a`` is (NaN first), else None
+    (-inf, a zero density, is legitimate)."""
+    a = np.asarray(a)
+    if np.isnan(a).any():
+        return "NaN"
+    if np.isposinf(a).any():
+        return "+inf"
+    return None
+
+
+#: an unconstrained coordinate of a constrained site beyond this is "far out" (exp(20) = 5e8)
+EXTREME_Z = 20.0
+
+
+def _is_real(support: Any) -> bool:
+    """Whether a support is the real line (vectors of it): its unconstrained value is the value."""
+    while hasattr(support, "base_constraint"):
+        support = support.base_constraint
+    return isinstance(support, type(constraints.real))
+
+
+def nonfinite_sites(posterior: PosteriorBase, z: Any) -> list[NonfiniteSite]:
+    """The terms of the log density that are NaN or +inf at the unconstrained point ``z``
+    (ndim,), or at a row of a batch ``z`` (n, ndim) where one is: each latent site's prior term,
+    each observed site and factor, the log-Jacobian of the constraining map. A site whose
+    distribution has arguments outside their constraint there (a negative Normal scale) lists
+    them with their values. ``[]`` where every term is finite or -inf (a zero density is
+    legitimate) at every row, or where the program cannot be run there.
+
+    The row is the first bad one that is not *extreme*, else the first bad one. A point is
+    extreme where an unconstrained coordinate of a site with a constrained support lies beyond
+    ``EXTREME_Z`` = 20 (a scale below 2e-9 or above 5e8, a probability within 2e-9 of 0 or 1):
+    there the constraining map is at the limits of floating point and a density that should be
+    a huge negative number comes out NaN or +inf (an InverseGamma at 1e-29 in float32), which
+    says nothing about the model where it has mass. A point with a non-finite coordinate (an
+    integrator that overflowed) is extreme too.
+
+    The batch is run in one compiled, vmapped call (compiled afresh each call: it is for after a
+    run, when an engine counted non-finite values and says which site made them, see
+    :meth:`bayeslik.engines.kit.Run.nonfinite`).
+
+    >>> import jax.numpy as jnp, numpyro, numpyro.distributions as dist, bayeslik as bl
+    >>> def model(y):
+    ...     sigma = numpyro.sample("sigma", dist.Normal(1.0, 1.0))
+    ...     numpyro.sample("y", dist.Normal(0.0, sigma), obs=y)
+    >>> post = bl.Posterior(model, y=jnp.array([0.5, -0.2]))
+    >>> [s.describe() for s in nonfinite_sites(post, jnp.array([-0.5]))]
+    ["observed site 'y' is NaN where Normal scale=-0.5 is not positive, at sigma=-0.5"]
+    >>> nonfinite_sites(post, jnp.array([0.5]))
+    []
+    """
+    rows = np.asarray(z)
+    rows = rows.reshape(-1, rows.shape[-1]) if rows.ndim else rows.reshape(1, 1)
+    if rows.shape[0] == 0 or rows.shape[1] != posterior.ndim:
+        return []
+    sites = posterior.sites
+    # filled while tracing: each checked argument's (site, distribution, argument, constraint);
+    # each latent site's support (real or not)
+    arg_info: list[tuple[str, str, str, str]] = []
+    real: dict[str, bool] = {}
+
+    def terms(zr):
+        tr, log_jac = posterior._run(zr)
+        lps = {n: posterior._site_logprob(s) for n, s in tr.items()
+               if s["type"] == "sample" and n in sites}
+        lps[_JACOBIAN] = log_jac
+        oks, vals = [], []
+        for name, site in tr.items():
+            if site["type"] != "sample" or name not in sites:
+                continue
+            if name in posterior.latent_names:
+                real[name] = _is_real(site["fn"].support)
+            for _depth, d, param, value in _dist_args(site["fn"]):
+                try:
+                    ok = jnp.all(d.arg_constraints[param](value))
+                except Exception:
+                    continue
+                oks.append(ok)
+                vals.append(jnp.asarray(value))
+                arg_info.append((name, type(d).__name__, param,
+                                 _constraint_words(d.arg_constraints[param])))
+        values = {n: tr[n]["value"] for n in posterior.latent_names if n in tr}
+        return lps, oks, vals, values
+
+    try:
+        with _validation_off():
+            lps, oks, vals, values = jax.jit(jax.vmap(terms))(jnp.asarray(rows))
+    except Exception:  # a program that cannot be run at these points: no answer here
+        return []
+    lps = {k: np.asarray(v).reshape(rows.shape[0], -1) for k, v in lps.items()}
+    bad = np.zeros(rows.shape[0], bool)
+    for v in lps.values():
+        bad |= (np.isnan(v) | np.isposinf(v)).any(axis=1)
+    hit = np.flatnonzero(bad)
+    if hit.size == 0:
+        return []
+    constrained = np.zeros(posterior.ndim, bool)  # the coordinates of non-real supports
+    for n, (a, b) in posterior.offsets.items():
+        constrained[a:b] = not real.get(n, True)
+    far = ((np.abs(rows[hit]) > EXTREME_Z)[:, constrained].any(axis=1)
+           | ~np.isfinite(rows[hit]).all(axis=1))  # an integrator that blew up: not the model
+    j = int(np.argmin(far))  # the first bad row that is not far out, if any
+    i, extreme = int(hit[j]), bool(far[j])
+    point = {n: _brief(np.asarray(v)[i]) for n, v in values.items()}
+    out = []
+    for name, lp in lps.items():
+        value = _bad_value(lp[i])
+        if value is None:
+            continue
+        kind = "jacobian" if name == _JACOBIAN else sites[name].kind
+        why = tuple((dist_name, param, _brief(np.asarray(v)[i]), words)
+                    for (n, dist_name, param, words), ok, v in zip(arg_info, oks, vals)
+                    if n == name and not bool(np.asarray(ok)[i]))
+        out.append(NonfiniteSite(name, kind, value, why, point, i, extreme))
+    return out

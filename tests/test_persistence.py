@@ -67,10 +67,15 @@ def _assert_same(a: Fit, b: Fit) -> None:
 
 
 def _failing_to_netcdf(exc):
-    """A DataTree.to_netcdf that writes part of a file at the path it is given, then fails."""
+    """A DataTree.to_netcdf that writes part of a file at the path (or into the buffer) it is
+    given, then fails."""
     def to_netcdf(self, filepath=None, *args, **kwargs):
-        with open(filepath, "wb") as f:
-            f.write(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)  # the start of an HDF5 file, no more
+        start = b"\x89HDF\r\n\x1a\n" + b"\0" * 100  # the start of an HDF5 file, no more
+        if hasattr(filepath, "write"):
+            filepath.write(start)
+        else:
+            with open(filepath, "wb") as f:
+                f.write(start)
         raise exc
     return to_netcdf
 

@@ -1,5 +1,6 @@
 """Faults, in the slow suite (``pytest -m slow tests/faults``): a process killed with SIGKILL in
-the middle of writing a Fit leaves the previous file intact, every time.
+the middle of writing a Fit leaves the previous file intact, every time; a full disk in the
+middle of a save keeps the old file and the Fit in memory.
 
 The other faults issue #19 lists are tested in the default suite beside the code they exercise:
 a nested run SIGKILLed mid-way resumes from its last checkpoint
@@ -72,3 +73,51 @@ def test_sigkill_during_save_leaves_the_previous_file_intact(tmp_path):
         stray = [p.name for p in tmp_path.iterdir() if p.name.startswith(".fit.nc")]
         for name in stray:  # a killed save may leave its temporary file, never a broken target
             os.remove(tmp_path / name)
+
+
+# the child saves a small Fit, then a big one under a file-size limit (a full disk, as the
+# process sees it), then the big one again once the limit is lifted
+_FULL_DISK = textwrap.dedent("""
+    import dataclasses, os, resource, signal, sys
+    import numpy as np
+    import bayeslik as bl
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG, like ENOSPC, instead of a signal
+    fit = bl.load_fit(sys.argv[1])
+    fit.save("fit.nc")
+    before = open("fit.nc", "rb").read()
+    post = fit.idata["posterior"].to_dataset()
+    tree = fit.idata.copy()
+    c, d = post.sizes["chain"], post.sizes["draw"]
+    tree["posterior"] = post.assign(big=(("chain", "draw", "k"), np.ones((c, d, 2000))))
+    big = dataclasses.replace(fit, idata=tree)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) * 3, hard))
+    try:
+        big.save("fit.nc")
+        print("no error")
+    except OSError as e:
+        print("OSError", e)
+    assert open("fit.nc", "rb").read() == before, "the previous file changed"
+    assert sorted(os.listdir(".")) == ["fit.nc"], os.listdir(".")
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    big.save("elsewhere.nc")  # the Fit was still in memory, and h5py still works
+    print("rescued", bl.load_fit("elsewhere.nc").idata["posterior"]["big"].shape)
+""")
+
+
+def test_full_disk_during_save_keeps_the_old_file_and_the_fit(tmp_path):
+    """A full disk in the middle of a save: an OSError naming the path and saying the old file
+    is unchanged; the old file byte for byte; no temporary file; the process goes on (it crashed
+    with a segfault in HDF5 before) and the Fit can be saved elsewhere."""
+    src = tmp_path / "src.nc"
+    bl.fit(reference.get("normal_mean").posterior(), "nuts", seed=0, num_warmup=100,
+           num_samples=200, progress_bar=False).save(str(src))
+    work = tmp_path / "work"
+    work.mkdir()
+    res = subprocess.run([sys.executable, "-c", _FULL_DISK, str(src)], capture_output=True,
+                         text=True, timeout=300, cwd=work)
+    assert res.returncode == 0, (res.returncode, res.stderr[-3000:])
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith("OSError") and "'fit.nc'" in lines[0], lines
+    assert "previous file there (if any) is unchanged" in lines[0]
+    assert lines[1].startswith("rescued (4, 200, 2000)"), lines
