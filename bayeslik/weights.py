@@ -5,7 +5,9 @@ code is reused.
 Log weights are natural logs, unnormalised unless said otherwise. The JAX functions
 (:func:`log_ess`, :func:`ess`, :func:`resample` and the schemes) run inside ``jit``; the NumPy
 ones (:func:`kish_ess`, :func:`equal_weight_indices`, :func:`bucket`, :func:`pad_rows`) work on
-host arrays after a run.
+host arrays after a run. :func:`weighted_points`, :func:`point_weights` and
+:func:`weighted_summary` read a nested-sampling or SMC Fit's weighted points (its
+``nested_samples`` or ``particles`` group, dims ``run`` x ``point`` / ``particle``).
 
 Resampling draws ancestor indices with probabilities proportional to the weights. Every scheme
 is unbiased (particle ``i`` gets ``N w_i`` offspring on average); each is also available as a
@@ -32,7 +34,9 @@ from bayeslik.errors import OptionError
 
 __all__ = ["RESAMPLING", "RESAMPLERS", "check_resampling", "resample", "multinomial",
            "systematic", "stratified", "residual", "offspring_counts", "log_ess", "ess",
-           "kish_ess", "equal_weight_indices", "systematic_indices", "bucket", "pad_rows"]
+           "kish_ess", "equal_weight_indices", "systematic_indices", "bucket", "pad_rows",
+           "WEIGHTED_GROUPS", "weighted_points", "point_weights", "weighted_summary",
+           "upgrade_weighted_groups"]
 
 #: the resampling schemes, by name
 RESAMPLING = ("systematic", "multinomial", "stratified", "residual")
@@ -188,3 +192,153 @@ def pad_rows(rows: np.ndarray, size: int, fill=None) -> np.ndarray:
     out[:n] = rows
     out[n:] = (rows[0] if n else 0) if fill is None else fill
     return out
+
+
+# ------------------------------------------------------------------------ a Fit's weighted points
+#: the groups of weighted points (nested sampling, SMC) and the name of their point dimension
+WEIGHTED_GROUPS = {"nested_samples": "point", "particles": "particle"}
+
+
+def _tree(fit):
+    return getattr(fit, "idata", fit)
+
+
+def _group_name(tree, group: str | None) -> str:
+    if group is not None:
+        if group not in tree.children or "log_weight" not in tree[group]:
+            raise OptionError(f"group={group!r}: the Fit has no such group of weighted points "
+                              f"(one with a 'log_weight'); its groups: {sorted(tree.children)}.")
+        return group
+    found = [g for g in WEIGHTED_GROUPS if g in tree.children and "log_weight" in tree[g]]
+    if not found:
+        raise OptionError("the Fit has no weighted points (no 'nested_samples' or 'particles' "
+                          "group): only nested sampling and SMC make them; for chains of draws "
+                          "use arviz's summary.")
+    return found[0]
+
+
+def weighted_points(fit, group: str | None = None):
+    """The weighted points of a Fit of a weighted engine, an ``xarray.Dataset`` with dims
+    ``("run", point, ...)`` (``point`` for ``nested_samples``, ``particle`` for SMC's
+    ``particles``): a file saved before these dims (``chain`` / ``draw``) is read as if saved
+    now. ``group`` picks the group (default: the one the Fit has).
+
+    >>> g = weighted_points(fit)                       # doctest: +SKIP
+    >>> g["log_weight"].dims                           # doctest: +SKIP
+    ('run', 'point')
+    """
+    tree = _tree(fit)
+    name = _group_name(tree, group)
+    ds = tree[name].to_dataset(inherit=False)
+    old = {"chain": "run", "draw": WEIGHTED_GROUPS.get(name, "point")}
+    if "chain" in ds.dims and "draw" in ds.dims:
+        ds = ds.rename(old)
+        ds.attrs = {k: v for k, v in ds.attrs.items() if k != "sample_dims"}
+        ds.attrs["weighted_dims"] = list(old.values())
+    return ds
+
+
+def upgrade_weighted_groups(tree):
+    """``tree`` (a DataTree) with the weighted groups of a file written before they had their
+    own dims renamed from ``(chain, draw)`` to ``(run, point)`` / ``(run, particle)`` and
+    their ``sample_dims`` attribute dropped; a tree already in the new layout is returned
+    unchanged. For ``load_fit``."""
+    import xarray as xr
+
+    for name in WEIGHTED_GROUPS:
+        if name in tree.children and "log_weight" in tree[name] and "chain" in tree[name].dims:
+            tree[name] = xr.DataTree(weighted_points(tree, name))
+    return tree
+
+
+def point_weights(fit, group: str | None = None):
+    """The normalised weights of the weighted points, an ``xarray.DataArray`` with dims
+    ``("run", point)`` summing to one over all of them: each run's ``log_weight`` normalised,
+    and every run counting equally (the runs are independent estimates).
+
+    >>> w = point_weights(fit)                                           # doctest: +SKIP
+    >>> g = weighted_points(fit)                                         # doctest: +SKIP
+    >>> float((w * g["sigma2"]).sum())   # the weighted posterior mean     # doctest: +SKIP
+    1.247
+    """
+    lw = weighted_points(fit, group)["log_weight"]
+    point = lw.dims[1]
+    a = np.asarray(lw.values, np.float64)
+    a = np.where(np.isnan(a), -np.inf, a)
+    top = np.max(a, axis=1, keepdims=True)
+    w = np.exp(a - np.where(np.isfinite(top), top, 0.0))
+    total = w.sum(axis=1, keepdims=True)
+    w = np.where(total > 0, w / np.where(total > 0, total, 1.0), 0.0)
+    w /= max(int((total[:, 0] > 0).sum()), 1)
+    return lw.copy(data=w).rename("weight").assign_attrs(
+        {"description": f"normalised weights over ('run', {point!r})"})
+
+
+def _weighted_quantile(x: np.ndarray, w: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Quantiles ``q`` of the values ``x`` (n,) with weights ``w`` (n,, summing to one): the
+    weighted empirical distribution, each point's mass centred on it."""
+    keep = w > 0
+    x, w = x[keep], w[keep]
+    order = np.argsort(x)
+    x, w = x[order], w[order]
+    cdf = np.cumsum(w) - w / 2
+    return np.interp(q, cdf, x)
+
+
+def weighted_summary(fit, var_names: list[str] | None = None, *, group: str | None = None,
+                     ci_prob: float = 0.89):
+    r"""Summary of the weighted points of a nested-sampling or SMC Fit, a pandas DataFrame with
+    one row per variable element: the weighted ``mean``, ``sd``, the equal-tailed interval
+    ``eti<p>_lb`` / ``eti<p>_ub`` (``ci_prob``, ArviZ's default 0.89), ``ess_kish`` (Kish's
+    effective sample size of the weights, :math:`1/\sum w_i^2`, the same for every row) and
+    ``mcse_mean`` (``sd / sqrt(ess_kish)``: an approximation that treats the points as
+    independent; it leaves out nested sampling's volume noise and the correlation of SMC's
+    particles).
+
+    ``var_names``: default the Posterior's sites (the variables also in the ``posterior``
+    group). Rows are named as ArviZ names them (``theta[Choate]``).
+
+    >>> weighted_summary(fit).round(3)     # nss, 100 live points          # doctest: +SKIP
+             mean     sd  eti89_lb  eti89_ub  ess_kish  mcse_mean
+    mu     -0.680  0.222    -1.046    -0.326   365.580      0.012
+    sigma2  1.264  0.365     0.800     1.946   365.580      0.019
+    """
+    import pandas as pd
+
+    if not 0 < ci_prob < 1:
+        raise OptionError(f"ci_prob must be in (0, 1), got {ci_prob!r}")
+    tree = _tree(fit)
+    ds = weighted_points(tree, group)
+    if var_names is None:
+        post = tree["posterior"].data_vars if "posterior" in tree.children else ds.data_vars
+        var_names = [v for v in ds.data_vars if v in post and v != "log_weight"]
+    else:
+        var_names = [var_names] if isinstance(var_names, str) else list(var_names)
+        missing = [v for v in var_names if v not in ds.data_vars]
+        if missing:
+            raise OptionError(f"var_names: {missing} not in the weighted points; they hold "
+                              f"{sorted(ds.data_vars)}.")
+    w = np.asarray(point_weights(tree, group).values, np.float64).reshape(-1)
+    ess_kish = float(1.0 / np.sum(w ** 2)) if w.sum() > 0 else 0.0
+    lo, hi = (1 - ci_prob) / 2, 1 - (1 - ci_prob) / 2
+    pct = f"{100 * ci_prob:g}".replace(".", "_")
+    rows, index = [], []
+    for name in var_names:
+        da = ds[name]
+        x = np.asarray(da.values, np.float64).reshape(w.size, -1)
+        extra_dims = da.dims[2:]
+        labels = [()] if not extra_dims else [
+            tuple(np.asarray(da[dim].values)[i] if dim in da.coords else i
+                  for dim, i in zip(extra_dims, idx))
+            for idx in np.ndindex(*da.shape[2:])]
+        for j, label in enumerate(labels):
+            xj = x[:, j]
+            mean = float(np.sum(w * xj))
+            var = float(np.sum(w * (xj - mean) ** 2)) / max(1.0 - float(np.sum(w ** 2)), 1e-300)
+            sd = math.sqrt(max(var, 0.0))
+            q = _weighted_quantile(xj, w, np.array([lo, hi]))
+            index.append(name if not label else f"{name}[{', '.join(str(v) for v in label)}]")
+            rows.append([mean, sd, q[0], q[1], ess_kish, sd / math.sqrt(ess_kish) if ess_kish
+                         else math.nan])
+    return pd.DataFrame(rows, index=index, columns=["mean", "sd", f"eti{pct}_lb", f"eti{pct}_ub",
+                                                    "ess_kish", "mcse_mean"])

@@ -188,9 +188,9 @@ def check_nested_fit(fit, post, engine: str) -> None:
     for group in ("posterior", "log_likelihood", "nested_samples"):
         assert group in tree.children, group
     g = tree["nested_samples"]
-    n = g.sizes["draw"]
+    n = g.sizes["point"]
     for var in ("log_weight", "loglikelihood", "log_volume"):
-        assert g[var].shape == (1, n)
+        assert g[var].dims == ("run", "point") and g[var].shape == (1, n)
     lw = g["log_weight"].values[0]
     assert abs(np.logaddexp.reduce(lw)) < 1e-6  # normalised
     assert np.all(np.diff(g["loglikelihood"].values[0]) >= -1e-6)  # dead points in order

@@ -199,7 +199,7 @@ def test_loglikelihood_wrapper_hook(shells, seed):
     assert fit.cost.extra["wrapper_points"] == wrapper.num_points
     # finalize saw the dead points and its replacements arrived
     parts = wrapper.parts
-    n = fit.idata["nested_samples"].sizes["draw"]
+    n = fit.idata["nested_samples"].sizes["point"]
     assert parts["u"].shape == (n, 2) and parts["logwt"].shape == parts["logl"].shape == (n,)
     assert np.all((parts["u"] > 0) & (parts["u"] < 1))
     np.testing.assert_allclose(parts["logl"], fit.idata["nested_samples"]["loglikelihood"].values[0])
@@ -249,7 +249,7 @@ def test_interrupt_keeps_the_run(shells, seed, batch):
     config = NestedConfig(num_live=100, batch=batch, progress_bar=False)
     fit = nested.run(post, jax.random.key(seed), config, loglikelihood_wrapper=Interrupter(1500))
     assert any("interrupted" in f for f in fit.flags)
-    assert fit.idata["nested_samples"].sizes["draw"] > 100
+    assert fit.idata["nested_samples"].sizes["point"] > 100
     assert np.isfinite(fit.log_evidence)
 
 
