@@ -3,10 +3,14 @@
 ``bl.compare(post, ["nuts", "smc", "nested"], reference=...)`` fits the posterior with every
 engine (and every seed), then tabulates per run:
 
-* cost: ``wall_s``, ``compile_s``, true likelihood evaluations, gradient evaluations;
-* sampling quality: the smallest bulk and tail ESS over all parameters, bulk ESS per second of
-  wall time, the largest R-hat (NaN with one chain), divergences, the number of flags the engine
-  raised (``flags`` holds their text);
+* cost: ``wall_s`` (the whole run), ``compile_s`` (the part spent compiling), ``sampling_s``
+  (the rest), ``compile_cached`` (True where the run reused programs an earlier run compiled:
+  its ``compile_s`` is then near zero, not a cold start's), true likelihood evaluations,
+  gradient evaluations;
+* sampling quality: the smallest bulk and tail ESS over all parameters, the smallest bulk ESS
+  per second of sampling (``sampling_s``: compilation left out, so a run whose programs were
+  cached and one that compiled them compare fairly), the largest R-hat (NaN with one chain),
+  divergences, the number of flags the engine raised (``flags`` holds their text);
 * evidence: ``log_evidence`` and its error where the engine estimates them, and the error
   against the reference's exact log evidence where known;
 * accuracy against a reference posterior (where one is given): over all scalar parameters, the
@@ -33,7 +37,7 @@ import os
 import traceback
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -45,10 +49,19 @@ __all__ = ["compare", "Comparison", "Reference"]
 
 #: Columns of :attr:`Comparison.table`, in order.
 COLUMNS = [
-    "engine", "seed", "status", "wall_s", "compile_s", "num_loglik_evals", "num_grad_evals",
-    "ess_bulk_min", "ess_tail_min", "ess_bulk_per_s", "rhat_max", "divergences", "num_flags",
-    "log_evidence", "log_evidence_err", "log_evidence_error", "mean_err_max", "sd_ratio_min",
-    "sd_ratio_max", "w1_max", "num_draws", "flags",
+    "engine", "seed", "status", "wall_s", "compile_s", "sampling_s", "compile_cached",
+    "num_loglik_evals", "num_grad_evals", "ess_bulk_min", "ess_tail_min", "ess_bulk_per_s",
+    "rhat_max", "divergences", "num_flags", "log_evidence", "log_evidence_err",
+    "log_evidence_error", "mean_err_max", "sd_ratio_min", "sd_ratio_max", "w1_max", "num_draws",
+    "flags",
+]
+
+#: The columns ``repr(cmp)`` and the notebook view show (those with a value), in order; the
+#: table has them all.
+SHOWN = [
+    "engine", "seed", "status", "wall_s", "compile_s", "compile_cached", "ess_bulk_min",
+    "ess_bulk_per_s", "rhat_max", "divergences", "num_flags", "log_evidence",
+    "log_evidence_error", "mean_err_max", "sd_ratio_min", "sd_ratio_max", "w1_max",
 ]
 
 
@@ -58,7 +71,12 @@ class Reference:
 
     ``mean``/``sd``: ``{site: array}`` exact marginal means and standard deviations; ``draws``:
     ``{site: (chain, draw, ...)}``; ``log_evidence``: exact log Z or None; ``name`` says where it
-    came from.
+    came from. ``density``: exact marginal densities, ``{parameter: pdf}`` with ``pdf(x)`` the
+    marginal posterior density at the points ``x`` (an array); a parameter is a scalar site's
+    name or ``"site[j]"``, the j-th entry of a flattened vector site (as the figures name them).
+    :func:`~bayeslik.plots.plot_marginals` draws these curves as "exact"; without one it draws
+    the reference draws' density ("reference draws"), else a normal with the exact mean and sd
+    ("normal approx.").
     """
 
     name: str
@@ -66,6 +84,7 @@ class Reference:
     sd: Mapping[str, np.ndarray] | None = None
     draws: Mapping[str, np.ndarray] | None = None
     log_evidence: float | None = None
+    density: Mapping[str, Callable[[np.ndarray], np.ndarray]] | None = None
 
     @property
     def variables(self) -> list[str]:
@@ -103,7 +122,8 @@ class Reference:
         if hasattr(obj, "posterior_mean") and hasattr(obj, "reference_draws"):  # a Problem
             return cls(name=f"reference problem {obj.name}", mean=obj.posterior_mean,
                        sd=obj.posterior_sd, draws=obj.reference_draws,
-                       log_evidence=obj.log_evidence)
+                       log_evidence=obj.log_evidence,
+                       density=getattr(obj, "marginal_pdf", None) or None)
         if isinstance(obj, Mapping):
             bad = [k for k, v in obj.items() if np.ndim(v) < 2]
             if bad:
@@ -190,19 +210,23 @@ def _accuracy(fit: Fit, ref: Reference) -> dict[str, float]:
 
 def _row(run: _Run, fit: Fit | None, error: str | None, ref: Reference | None) -> dict:
     row = {c: np.nan for c in COLUMNS}
-    row.update(engine=run.label, seed=run.seed, flags="", num_flags=0)
+    row.update(engine=run.label, seed=run.seed, flags="", num_flags=0, compile_cached=None)
     if fit is None:
         row.update(status=error or "failed")
         return row
     c = fit.cost
-    row.update(status="ok", wall_s=c.wall_s, compile_s=c.compile_s,
+    sampling_s = max(c.wall_s - c.compile_s, 0.0)
+    row.update(status="ok", wall_s=c.wall_s, compile_s=c.compile_s, sampling_s=sampling_s,
+               compile_cached=getattr(c, "compile_cached", None),
                num_loglik_evals=c.num_loglik_evals if c.num_loglik_evals is not None else np.nan,
                num_grad_evals=c.num_grad_evals if c.num_grad_evals is not None else np.nan,
                num_flags=len(fit.flags), flags=" | ".join(fit.flags),
                num_draws=fit.num_chains * fit.num_draws)
     row.update(_quality(fit))
-    if np.isfinite(row["ess_bulk_min"]) and c.wall_s > 0:
-        row["ess_bulk_per_s"] = row["ess_bulk_min"] / c.wall_s
+    if np.isfinite(row["ess_bulk_min"]) and sampling_s > 0:
+        # per second of sampling: compilation (paid once per process, or not at all when an
+        # earlier run's programs are reused) would make the same run look 100x slower or faster
+        row["ess_bulk_per_s"] = row["ess_bulk_min"] / sampling_s
     if "sample_stats" in fit.idata.children and "diverging" in fit.idata["sample_stats"]:
         row["divergences"] = int(np.asarray(fit.idata["sample_stats"]["diverging"]).sum())
     if fit.log_evidence is not None:
@@ -246,21 +270,42 @@ class Comparison:
         out.insert(0, "num_seeds", t.groupby("engine", sort=False).size())
         return out
 
+    def _shown(self) -> tuple[Any, str]:
+        """(the :data:`SHOWN` columns that have a value, ``compile_cached`` written "yes*" /
+        "no"; the footnote on cached runs, or "")."""
+        t = self.table
+        view = t[[c for c in SHOWN if t[c].notna().any()]].copy()
+        known = t["compile_cached"].map(_known_bool)
+        cached = known.map(lambda v: v is True)
+        if "compile_cached" in view:
+            view["compile_cached"] = known.map(
+                lambda v: "yes*" if v is True else "no" if v is False else "")
+        note = ("* compile_cached: compiled programs reused from an earlier run, so compile_s is "
+                "not a cold start's; ess_bulk_per_s is per second of sampling (wall_s - "
+                "compile_s) for every run") if cached.any() else ""
+        return view, note
+
     def _repr_html_(self) -> str:
+        import html
+
         ref = f"reference: {self.reference.name}" if self.reference else "no reference"
-        cols = [c for c in COLUMNS if c != "flags" and self.table[c].notna().any()]
-        return (f"<div><b>bayeslik comparison</b> of {self.posterior.name} ({ref})"
-                + self.table[cols].to_html(index=False, float_format=lambda x: f"{x:.4g}",
-                                           na_rep="") + "</div>")
+        view, note = self._shown()
+        return (f"<div><b>bayeslik comparison</b> of {html.escape(self.posterior.name)} "
+                f"({html.escape(ref)})"
+                + view.to_html(index=False, float_format=lambda x: f"{x:.4g}", na_rep="")
+                + (f"<p><small>{html.escape(note)}</small></p>" if note else "")
+                + "<p><small>cmp.table has every column</small></p></div>")
 
     def __repr__(self) -> str:
-        cols = [c for c in COLUMNS if c not in ("flags",) and self.table[c].notna().any()]
-        return f"Comparison of {self.posterior.name}\n" + self.table[cols].to_string(index=False)
+        view, note = self._shown()
+        return (f"Comparison of {self.posterior.name}\n" + view.to_string(index=False)
+                + (f"\n{note}" if note else ""))
 
     # ------------------------------------------------------------------ figures
     def plot(self, kind: str = "all", var_names: Sequence[str] | None = None):
         """Figures: ``"marginals"`` (every engine's marginal densities overlaid, with the
-        reference), ``"cost"`` (wall time and ESS per second), ``"evidence"`` (log Z with error
+        reference: exact where known), ``"cost"`` (wall time split into compile and sampling,
+        and bulk ESS per second of sampling; cached runs marked), ``"evidence"`` (log Z with error
         bars, the exact value as a line); ``"all"`` returns a dict of the three."""
         from bayeslik import plots
 
@@ -293,6 +338,11 @@ class Comparison:
                     f.save(p)
                     paths.append(p)
         return paths
+
+
+def _known_bool(v: Any) -> bool | None:
+    """True or False for a bool (NumPy's too), None for anything else (NaN, None)."""
+    return bool(v) if isinstance(v, (bool, np.bool_)) else None
 
 
 def _safe(label: str) -> str:
@@ -333,8 +383,14 @@ def compare(posterior: Posterior, engines: Sequence[Any] | Mapping[str, Any] = (
     Bad arguments (unknown engines or options) are rejected before anything runs.
     """
     import pandas as pd
-    from tqdm.auto import tqdm
 
+    # what every Fit is built and judged with, imported before the first run starts its clock
+    # (so the first run does not pay seconds of imports the others do not)
+    import arviz_base  # noqa: F401
+    import arviz_stats  # noqa: F401
+    import xarray  # noqa: F401
+
+    from bayeslik import progress
     from bayeslik.api import posterior_kinds, resolve_engine
 
     kinds = posterior_kinds()
@@ -370,8 +426,8 @@ def compare(posterior: Posterior, engines: Sequence[Any] | Mapping[str, Any] = (
     ref = Reference.make(reference, posterior, seed=seeds[0], progress_bar=progress_bar)
 
     results: dict[tuple[str, int], tuple[Fit | None, str | None]] = {}
-    bar = tqdm(total=len(runs), desc=f"compare {posterior.name}", disable=not progress_bar,
-               unit="fit")
+    bar = progress.bar(total=len(runs), desc=f"compare {posterior.name}",
+                       disable=not progress_bar, unit="fit", compiling=False)
     try:
         if executor is None:
             for r in runs:
@@ -397,4 +453,7 @@ def compare(posterior: Posterior, engines: Sequence[Any] | Mapping[str, Any] = (
         rows.append(_row(r, fit, err, ref))
         fits[r.label].append(fit)
     table = pd.DataFrame(rows, columns=COLUMNS)
+    # True / False / None as Python objects (pandas would make an all-known column numpy bools)
+    table["compile_cached"] = pd.Series([_known_bool(v) for v in table["compile_cached"]],
+                                        index=table.index, dtype=object)
     return Comparison(table=table, fits=fits, reference=ref, posterior=posterior, seeds=seeds)

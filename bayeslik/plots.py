@@ -69,10 +69,13 @@ def _scalar_marginals(fit, var_names, max_params):
 def plot_marginals(comparison, var_names: Sequence[str] | None = None, max_params: int = 12,
                    max_cols: int = 4):
     """Every engine's marginal posterior of each scalar parameter, overlaid (kernel density
-    estimates of the first seed's draws), with the reference: its draws (black) or exact
-    normal-approximation moments (dashed). Returns the Figure."""
+    estimates of the first seed's draws), with the reference in black, labelled by what it is:
+    "exact" (the Reference's exact marginal density, e.g. the Student-t and inverse gamma of a
+    conjugate normal-inverse-gamma posterior), "reference draws" (a kernel density estimate of
+    its draws), or "normal approx." (dashed: a normal with the exact mean and sd, where nothing
+    more is known). Returns the Figure."""
     import matplotlib.pyplot as plt
-    from scipy.stats import gaussian_kde, norm
+    from scipy.stats import gaussian_kde
 
     labels = [lab for lab, fits in comparison.fits.items() if any(f is not None for f in fits)]
     if not labels:
@@ -87,30 +90,64 @@ def plot_marginals(comparison, var_names: Sequence[str] | None = None, max_param
     ref = comparison.reference
     ref_draws = dict(_scalar_marginals(_DrawsFit(ref.draws), names, max_params)) \
         if ref is not None and ref.draws else {}
+    drawn: dict[str, list] = {}
     for i, lab in enumerate(labels):
         for ax, (p, x) in zip(axes.flat, _scalar_marginals(comparison[lab], names, max_params)):
+            drawn.setdefault(p, []).append(x)
             grid = _grid(x, ref_draws.get(p))
             if np.ptp(x) > 0:
                 ax.plot(grid, gaussian_kde(x)(grid), color=f"C{i}", lw=1.3, label=lab)
             ax.set_title(p, fontsize=9)
             ax.set_yticks([])
+    kinds = []
     for ax, p in zip(axes.flat, params):
-        if p in ref_draws:
-            r = ref_draws[p]
-            grid = _grid(r, None)
-            ax.plot(grid, gaussian_kde(r)(grid), "k-", lw=1, alpha=0.8, label="reference")
-        elif ref is not None and ref.mean is not None:
-            var, _, idx = p.partition("[")
-            if var in ref.mean and ref.sd is not None and var in ref.sd:
-                j = int(idx[:-1]) if idx else 0
-                m, s = np.ravel(ref.mean[var])[j], np.ravel(ref.sd[var])[j]
-                grid = np.linspace(m - 4 * s, m + 4 * s, 200)
-                ax.plot(grid, norm.pdf(grid, m, s), "k--", lw=1, label="exact (normal approx.)")
+        line = _reference_curve(ref, p, ref_draws.get(p), drawn.get(p, []))
+        if line is not None:
+            grid, y, style, kind = line
+            ax.plot(grid, y, style, lw=1, alpha=0.8 if kind == "reference draws" else 1.0,
+                    label=kind)
+        kinds.append(None if line is None else line[3])
     for ax in list(axes.flat)[len(params):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
+    for ax, kind in zip(list(axes.flat)[1:], kinds[1:]):  # a panel whose reference differs
+        if kind is not None and kind != kinds[0]:
+            ax.legend(handles=[h for h in ax.get_lines() if h.get_label() == kind], fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def _reference_curve(ref, p: str, draws, engine_draws: list):
+    """(grid, density, line style, label) of the reference's marginal of parameter ``p``, or
+    None where the reference says nothing about it: its exact density ("exact"), a kernel
+    density estimate of its draws ("reference draws"), or a normal with its exact mean and sd
+    ("normal approx.")."""
+    from scipy.stats import gaussian_kde, norm
+
+    if ref is None:
+        return None
+    var, _, idx = p.partition("[")
+    j = int(idx[:-1]) if idx else 0
+    m = s = None
+    if ref.mean is not None and var in ref.mean and ref.sd is not None and var in ref.sd:
+        m, s = float(np.ravel(ref.mean[var])[j]), float(np.ravel(ref.sd[var])[j])
+    density = (getattr(ref, "density", None) or {}).get(p)
+    if density is not None:
+        xs = [np.asarray(x, float) for x in engine_draws] + ([] if draws is None else [draws])
+        if xs:
+            grid = _grid(np.concatenate(xs), None)
+        elif m is not None:
+            grid = np.linspace(m - 4 * s, m + 4 * s, 200)
+        else:
+            return None
+        return grid, np.asarray(density(grid), float), "k-", "exact"
+    if draws is not None and np.ptp(draws) > 0:
+        grid = _grid(draws, None)
+        return grid, gaussian_kde(draws)(grid), "k-", "reference draws"
+    if m is not None:
+        grid = np.linspace(m - 4 * s, m + 4 * s, 200)
+        return grid, norm.pdf(grid, m, s), "k--", "normal approx."
+    return None
 
 
 class _DrawsFit:
@@ -134,23 +171,33 @@ def _grid(x, other):
 
 def plot_cost(comparison):
     """Bars per engine (mean over seeds): wall time (compile time hatched) and the smallest
-    bulk ESS per second. Returns the Figure."""
+    bulk ESS per second of sampling (compilation left out). An engine with a run whose
+    compiled programs came from the cache (``compile_cached``) is marked ``*`` : its compile
+    bar is not a cold start's. Returns the Figure."""
     import matplotlib.pyplot as plt
 
     t = comparison.table[comparison.table["status"] == "ok"]
     g = t.groupby("engine", sort=False)[["wall_s", "compile_s", "ess_bulk_per_s"]].mean()
+    cached = t["compile_cached"].map(lambda v: isinstance(v, (bool, np.bool_)) and bool(v)) \
+        .groupby(t["engine"], sort=False).any() if "compile_cached" in t else None
+    names = [f"{e}*" if cached is not None and cached.get(e, False) else e for e in g.index]
     fig, ax = plt.subplots(1, 2, figsize=(9, 3))
     x = np.arange(len(g))
     ax[0].bar(x, g["wall_s"], color=[f"C{i}" for i in x])
     ax[0].bar(x, g["compile_s"].fillna(0), color="none", edgecolor="k", hatch="//",
               label="compile")
-    ax[0].set(ylabel="wall time (s)", xticks=x, xticklabels=g.index)
+    ax[0].set(ylabel="wall time (s)", xticks=x, xticklabels=names)
     ax[0].legend(fontsize=8)
     ax[1].bar(x, g["ess_bulk_per_s"], color=[f"C{i}" for i in x])
-    ax[1].set(ylabel="min bulk ESS / s", xticks=x, xticklabels=g.index)
+    ax[1].set(ylabel="min bulk ESS / sampling s", xticks=x, xticklabels=names)
     for a in ax:
         a.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
+    if any(n.endswith("*") for n in names):
+        fig.text(0.01, 0.01, "* compiled programs reused from an earlier run (compile not a "
+                 "cold start's)", fontsize=7)
+        fig.tight_layout(rect=(0, 0.06, 1, 1))
+    else:
+        fig.tight_layout()
     return fig
 
 

@@ -42,7 +42,9 @@ class Problem:
 
     ``posterior_mean`` and ``posterior_sd`` map site names to exact values (None where only
     reference draws are known); ``posterior_cov`` holds exact covariances of vector sites;
-    ``reference_draws`` maps site names to (chains, draws, ...) arrays (e.g. posteriordb).
+    ``reference_draws`` maps site names to (chains, draws, ...) arrays (e.g. posteriordb);
+    ``marginal_pdf`` maps parameters (a scalar site's name, or ``"site[j]"`` for the j-th entry of
+    a flattened vector site) to their exact marginal posterior densities ``pdf(x)``, where known.
     """
 
     name: str
@@ -54,6 +56,7 @@ class Problem:
     posterior_cov: dict[str, np.ndarray] = field(default_factory=dict)
     log_evidence: float | None = None
     reference_draws: dict[str, np.ndarray] | None = None
+    marginal_pdf: dict[str, Callable[[np.ndarray], np.ndarray]] = field(default_factory=dict)
 
     def posterior(self):
         """The bayeslik.Posterior of this problem's model with its data bound."""
@@ -93,7 +96,7 @@ def normal_mean(y=None, sigma=1.0, prior_mean=0.0, prior_sd=10.0) -> Problem:
         {"y": y.astype(np.float32), "sigma": sigma, "prior_mean": prior_mean, "prior_sd": prior_sd},
         "normal mean, known noise, normal prior (conjugate)",
         posterior_mean={"mu": np.array(mean)}, posterior_sd={"mu": np.array(prec**-0.5)},
-        log_evidence=float(logz),
+        log_evidence=float(logz), marginal_pdf={"mu": stats.norm(mean, prec**-0.5).pdf},
     )
 
 
@@ -134,7 +137,7 @@ def normal_inverse_gamma(y=None, m0=0.0, kappa0=1.0, a0=2.0, b0=2.0) -> Problem:
         "normal data, unknown mean and variance, Normal-Inverse-Gamma prior (conjugate)",
         posterior_mean={"mu": np.array(t.mean()), "sigma2": np.array(ig.mean())},
         posterior_sd={"mu": np.array(t.std()), "sigma2": np.array(ig.std())},
-        log_evidence=float(logz),
+        log_evidence=float(logz), marginal_pdf={"mu": t.pdf, "sigma2": ig.pdf},
     )
 
 
@@ -175,6 +178,7 @@ def correlated_gaussian(dim: int = 6, rho: float = 0.95, prior_scale: float = 3.
         f"{dim}-D Gaussian posterior, correlated noise (rho={rho})",
         posterior_mean={"x": mean}, posterior_sd={"x": np.sqrt(np.diag(C))},
         posterior_cov={"x": C}, log_evidence=float(logz),
+        marginal_pdf={f"x[{j}]": stats.norm(mean[j], math.sqrt(C[j, j])).pdf for j in range(dim)},
     )
 
 

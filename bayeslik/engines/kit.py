@@ -35,7 +35,9 @@ import contextvars
 import dataclasses
 import math
 import os
+import threading
 import time
+import weakref
 from typing import Any, Iterable, Mapping
 
 import jax
@@ -128,6 +130,72 @@ def pointwise_size(posterior: Any) -> tuple[int, int]:
             max((int(a.dtype.itemsize) for a in leaves), default=0))
 
 
+# ---------------------------------------------------------------------------- the compile clock
+# JAX reports each compilation as time spans: tracing to a jaxpr, lowering to MLIR, XLA's
+# compile (only the last means a program was built; a bare trace, e.g. jax.eval_shape, is not)
+_TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
+_LOWER_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
+_BACKEND_EVENT = "/jax/core/compile/backend_compile_duration"
+_CLOCK_STATE: dict[str, Any] = {"listening": False, "local": threading.local()}
+_CLOCK_LOCK = threading.Lock()
+
+
+class _CompileClock:
+    """The JAX compile time spans seen in the thread that started the clock (a run's own
+    compiles: runs in other threads, e.g. a ThreadPoolExecutor's, have their own clocks)."""
+
+    __slots__ = ("spans", "built", "__weakref__")
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[float, float]] = []
+        self.built = False  # whether XLA compiled anything (not only traced)
+
+    def seconds(self) -> float:
+        """The length of the union of the spans (nested ones, e.g. an inner jit traced inside
+        an outer one, count once)."""
+        total, end = 0.0, -math.inf
+        for a, b in sorted(self.spans):
+            if b > end:
+                total += b - max(a, end)
+                end = b
+        return total
+
+
+def _on_compile_span(event: str, start: float, end: float, **_: Any) -> None:
+    if event not in (_TRACE_EVENT, _LOWER_EVENT, _BACKEND_EVENT):
+        return
+    for ref in getattr(_CLOCK_STATE["local"], "clocks", ()):
+        clock = ref()
+        if clock is not None:
+            clock.spans.append((start, end))
+            clock.built = clock.built or event == _BACKEND_EVENT
+
+
+def _start_compile_clock() -> _CompileClock | None:
+    """A clock of this thread's JAX compiles from now on; None where this JAX cannot tell
+    (no time-span listeners)."""
+    register = getattr(jax.monitoring, "register_event_time_span_listener", None)
+    if register is None:
+        return None
+    with _CLOCK_LOCK:
+        if not _CLOCK_STATE["listening"]:
+            register(_on_compile_span)
+            _CLOCK_STATE["listening"] = True
+    local = _CLOCK_STATE["local"]
+    clock = _CompileClock()
+    # the thread's clocks, weakly held: a finished run's clock goes with its Run
+    local.clocks = [r for r in getattr(local, "clocks", ()) if r() is not None]
+    local.clocks.append(weakref.ref(clock))
+    return clock
+
+
+def _num_compiled(programs: Any) -> int | None:
+    """How many compiled programs a tracked object holds (a Programs, or an object with its
+    Programs in ``_progs``, as the nested engine's likelihood); None where it cannot tell."""
+    compiled = getattr(getattr(programs, "_progs", programs), "_compiled", None)
+    return None if compiled is None else len(compiled)
+
+
 # ---------------------------------------------------------------------------- the run context
 class Run:
     """One engine run: the timer, compile accounting, progress bar, interrupt policy, flags.
@@ -154,8 +222,18 @@ class Run:
 
     # ---------------------------------------------------------------- accounting
     def track(self, programs: Any) -> Any:
-        """Count the compile seconds ``programs.compile_s`` gains from now on; returns it."""
+        """Count the compile seconds ``programs.compile_s`` gains from now on; returns it.
+
+        The first call also starts the run's compile clock: every JAX compilation in this
+        thread from then on (eager operations, an engine's own jitted helpers, not only the
+        tracked programs) counts in the Cost's ``compile_s`` (see :meth:`cost`). Whether
+        ``programs`` already held compiled programs (it came from the cache, compiled by an
+        earlier run) becomes the Cost's ``compile_cached``."""
         self._tracked.append((programs, float(programs.compile_s)))
+        if not hasattr(self, "_clock"):
+            self._clock = _start_compile_clock()
+            self._held: list[int | None] = []
+        self._held.append(_num_compiled(programs))
         return programs
 
     @property
@@ -219,11 +297,15 @@ class Run:
 
     # ---------------------------------------------------------------- progress and interrupts
     def progress(self, **tqdm_kwargs: Any):
-        """A tqdm bar, disabled unless ``config.progress_bar`` (or ``disable=`` says otherwise)."""
-        from tqdm.auto import tqdm
+        """A progress bar from :func:`bayeslik.progress.bar` (``BAYESLIK_PROGRESS`` chooses its
+        kind, or turns every bar off), disabled unless ``config.progress_bar`` (or ``disable=``
+        says otherwise). It reads "(compiling)" until the engine's first ``update`` (give
+        ``compiling=False`` where that first step compiles nothing); its rate and ETA count
+        from there."""
+        from bayeslik.progress import bar
 
         tqdm_kwargs.setdefault("disable", not getattr(self.config, "progress_bar", False))
-        return tqdm(**tqdm_kwargs)
+        return bar(**tqdm_kwargs)
 
     @contextlib.contextmanager
     def interruptible(self, bar: Any = None):
@@ -250,11 +332,110 @@ class Run:
     # ---------------------------------------------------------------- the Fit
     def cost(self, *, num_loglik_evals: int | None, num_grad_evals: int | None,
              extra: Mapping[str, Any] | None = None, share: int = 1) -> Cost:
-        """The run's Cost now; ``share`` splits wall and compile time over a batch of fits."""
-        return Cost(wall_s=self.wall_s / share, compile_s=self.compile_s / share,
+        """The run's Cost now; ``share`` splits wall and compile time over a batch of fits.
+
+        ``compile_s``: the tracked programs' compile seconds or, where XLA compiled anything
+        in this thread since the first :meth:`track`, the time JAX spent compiling there
+        (tracing, lowering, XLA; overlapping spans once), whichever is larger (the tracked
+        programs may compile in other threads, e.g. the nested engine's pool). A run that
+        compiled nothing has 0.0. ``compile_cached``: True where a tracked Programs held
+        compiled programs when tracked (from the cache: this run did not pay for them), False
+        where none did, None where the run tracked none."""
+        wall = self.wall_s
+        compile_s = self.compile_s
+        clock = getattr(self, "_clock", None)
+        if clock is not None and clock.built:
+            compile_s = min(max(compile_s, clock.seconds()), wall)
+        held = [h for h in getattr(self, "_held", ()) if h is not None]
+        return Cost(wall_s=wall / share, compile_s=compile_s / share,
                     num_loglik_evals=None if num_loglik_evals is None else int(num_loglik_evals),
                     num_grad_evals=None if num_grad_evals is None else int(num_grad_evals),
-                    extra=dict(extra or {}))
+                    extra=dict(extra or {}),
+                    compile_cached=any(h > 0 for h in held) if held else None)
+
+    # ---------------------------------------------------------------- non-finite densities
+    def nonfinite(self, count: int, total: int, *, what: str = "log-likelihood",
+                  point: Any = None, where: str | None = None, scope: str = "") -> dict:
+        """Record that ``count`` of the run's ``total`` evaluations of ``what`` ("log-likelihood",
+        "log prior", "log density") were NaN or +inf, and flag the Fit when ``count`` > 0: the
+        engine took them for zero density, so its answer is for the model truncated to where the
+        density is finite. ``scope`` says which evaluations were checked where not all were
+        (e.g. "at the initial live points"). Returns the entries to merge into ``Cost.extra``:
+        ``num_nonfinite`` (all kinds, this run so far), ``num_nonfinite_<what>`` and
+        ``num_<what>_checked`` (``what`` without spaces or dashes: ``num_nonfinite_loglikelihood``).
+
+        The flag names the site where it can: ``where`` if the engine knows it, else
+        :func:`bayeslik.posterior.nonfinite_sites` at ``point`` (an unconstrained point or a
+        batch where the engine saw a non-finite value), else at 256 prior draws (a fixed key; for
+        an improper prior, uniform points in ``[-2, 2]``); else the site is unknown. Where the only
+        points found lie far out (a constrained site's unconstrained coordinate beyond 20: a
+        scale that under- or overflowed, as early NUTS trajectories make) and the prior draws
+        show none, the values are floating point giving up where the density is negligible, not
+        the model: counted and described in ``Cost.extra["nonfinite_where"]``, not flagged.
+        Every other count > 0 is flagged, ``nonfinite_where`` saying where. Only called after
+        the run, from host numbers: no cost inside compiled loops.
+
+        >>> run = Run("demo", posterior=None, config=None)
+        >>> run.nonfinite(0, 100)
+        {'num_nonfinite': 0, 'num_nonfinite_loglikelihood': 0, 'num_loglikelihood_checked': 100}
+        >>> run.flags
+        []
+        """
+        count, total = int(count), int(total)
+        slug = what.replace(" ", "").replace("-", "").replace("_", "")
+        done = getattr(self, "_nonfinite_done", {})
+        done[slug] = count
+        self._nonfinite_done = done
+        out = {"num_nonfinite": int(sum(done.values())), f"num_nonfinite_{slug}": count,
+               f"num_{slug}_checked": total}
+        if count > 0:
+            far_out = False
+            if where is None:
+                where, far_out = self._nonfinite_where(point)
+            out["nonfinite_where"] = where
+            if far_out:
+                return out
+            self.flag(f"{count} of {total} {what} evaluations{' ' + scope if scope else ''} "
+                      f"were NaN or +inf ({where}); the engine treated them as zero density, so "
+                      "the result is for a model truncated to where the density is finite: "
+                      "constrain the parameter (e.g. a positive prior for a scale) or fix the "
+                      "density there")
+        return out
+
+    def _nonfinite_where(self, point: Any) -> tuple[str, bool]:
+        """(which site made the non-finite values, in words; whether the only points found lie
+        far out), found once per run."""
+        cached = getattr(self, "_nonfinite_found", None)
+        if cached is not None:
+            return cached
+        from bayeslik.posterior import nonfinite_sites
+
+        post, found, how = self.posterior, [], ""
+        if post is not None and point is not None and np.size(point):
+            found = nonfinite_sites(post, point)
+        if post is not None and (not found or found[0].extreme):
+            try:
+                key = jax.random.key(0)
+                if getattr(post, "has_proper_prior", False):
+                    probe = jax.jit(lambda k: post.sample_prior(k, 256))(key)
+                    how = "of 256 prior draws"
+                else:
+                    probe = jax.random.uniform(key, (256, post.ndim), minval=-2.0, maxval=2.0)
+                    how = "of 256 points uniform in [-2, 2] (unconstrained)"
+                found = nonfinite_sites(post, probe) or found
+            except Exception:  # a posterior kind without a prior to draw from: no probe
+                how = ""
+        far_out = bool(found) and found[0].extreme
+        if found:
+            text = "; ".join(s.describe() for s in found[:3])
+            if far_out:
+                text += (" (far out on the unconstrained scale, where floating point under- or "
+                         f"overflows; none {how} has a non-finite term)")
+        else:
+            text = ("which site made them is unknown" + (f": none {how} has a non-finite term"
+                                                         if how else ""))
+        self._nonfinite_found = (text, far_out)
+        return text, far_out
 
 
 def _attrs(run: Run, wall: float, attrs: Mapping[str, Any] | None) -> dict:
@@ -302,7 +483,7 @@ def chains_fit(run: Run, values: Mapping[str, np.ndarray], *, posterior: Any = N
 
 def weighted_fit(run: Run, draws: Mapping[str, np.ndarray], *, group: str,
                  weighted: Mapping[str, np.ndarray], log_weight: np.ndarray,
-                 log_evidence: float, log_evidence_err: float,
+                 log_evidence: float, log_evidence_err: float, point_dim: str = "point",
                  log_likelihood: Mapping[str, np.ndarray] | None = None,
                  sample_stats: Mapping[str, np.ndarray] | None = None,
                  group_attrs: Mapping[str, Any] | None = None,
@@ -310,9 +491,15 @@ def weighted_fit(run: Run, draws: Mapping[str, np.ndarray], *, group: str,
                  extra: Mapping[str, Any] | None = None,
                  more_groups: Mapping[str, Any] | None = None) -> Fit:
     """The Fit of weighted points: equal-weight ``draws`` {site: (chain, draw, ...)} in
-    ``posterior``; the weighted points ``weighted`` {name: (chain, point, ...)} with their
-    ``log_weight`` (chain, point) in the extra group ``group``, whose attributes get
+    ``posterior``; the weighted points ``weighted`` {name: (run, point, ...)} with their
+    ``log_weight`` (run, point) in the extra group ``group``, whose attributes get
     ``group_attrs`` and the evidence; the evidence also in the Fit and the root attributes.
+
+    The weighted group's dimensions are ``("run", point_dim, ...)``, never ``chain`` / ``draw``:
+    the points are not draws, and ArviZ must not summarise them as draws (see
+    :func:`bayeslik.weights.weighted_summary`). The trailing axes of a site take its dimension
+    names (plate names) and the coordinates of the ``posterior`` group or the Posterior's
+    ``coords``; other variables' axes are named ``<name>_dim_<i>``.
     ``more_groups`` {name: xarray.Dataset} are added as they are (e.g. SMC's stage history).
     ``log_likelihood`` is left out where the run's option says so (:meth:`Run.keep_loglikelihood`).
     """
@@ -323,16 +510,50 @@ def weighted_fit(run: Run, draws: Mapping[str, np.ndarray], *, group: str,
     wall = run.wall_s
     evidence = {"log_evidence": log_evidence, "log_evidence_err": log_evidence_err}
     idata = build_datatree(posterior, draws, sample_stats=sample_stats,
-                           log_likelihood=log_likelihood,
-                           extra_groups={group: {**weighted, "log_weight": log_weight}},
-                           attrs=_attrs(run, wall, evidence))
-    idata[group].attrs.update({**evidence, **dict(group_attrs or {})})
+                           log_likelihood=log_likelihood, attrs=_attrs(run, wall, evidence))
+    idata[group] = xr.DataTree(_weighted_dataset(
+        posterior, idata, {**weighted, "log_weight": log_weight}, point_dim,
+        {**evidence, **dict(group_attrs or {})}))
     for name, ds in (more_groups or {}).items():
         idata[name] = xr.DataTree(ds)
     cost = run.cost(num_loglik_evals=num_loglik_evals, num_grad_evals=num_grad_evals, extra=extra)
     return Fit(idata=idata, engine=run.engine, config=_config_dict(run.config), seed=None,
                cost=cost, log_evidence=log_evidence, log_evidence_err=log_evidence_err,
                model=posterior.name, flags=tuple(run.flags))
+
+
+def _weighted_dataset(posterior: Any, tree: Any, values: Mapping[str, np.ndarray],
+                      point_dim: str, attrs: Mapping[str, Any]):
+    """The weighted points {name: (run, point, ...)} as an xarray.Dataset with dims
+    ``("run", point_dim, *site dims)``; no ``sample_dims`` attribute (ArviZ would take them for
+    draws)."""
+    import arviz_base as azb
+    import xarray as xr
+
+    lead = ("run", point_dim)
+    sites = posterior.sites
+    built = tree["posterior"].coords if "posterior" in tree.children else {}
+    given = dict(getattr(posterior, "coords", None) or {})
+    data_vars: dict[str, Any] = {}
+    coords: dict[str, np.ndarray] = {}
+    for name, v in values.items():
+        v = np.asarray(v)
+        trailing = v.ndim - len(lead)
+        site_dims = list(sites[name].dims[:trailing]) if name in sites else []
+        dims = lead + tuple(site_dims) + tuple(f"{name}_dim_{i}"
+                                               for i in range(len(site_dims), trailing))
+        data_vars[name] = (dims, v)
+        for d, size in zip(dims, v.shape):
+            if d in coords:
+                continue
+            if d in built and built[d].size == size:
+                coords[d] = built[d].values
+            elif d in given and np.size(given[d]) == size:
+                coords[d] = np.asarray(given[d])
+            else:
+                coords[d] = np.arange(size)
+    return xr.Dataset(data_vars, coords=coords,
+                      attrs=azb.make_attrs(attrs={"weighted_dims": list(lead), **attrs}))
 
 
 # ---------------------------------------------------------------------------- the group, later

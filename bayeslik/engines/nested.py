@@ -216,10 +216,9 @@ class _Programs(Programs):
         super().__init__()
         pt = posterior.prior_transform
 
-        def loglik(u, data):
+        def loglik(u, data):  # NaN as it is: true_batch_fn counts it, then makes it -inf
             fns = posterior.at(data)
-            ll = jax.vmap(lambda x: fns.loglikelihood(pt(x)))(u)
-            return jnp.where(jnp.isnan(ll), -jnp.inf, ll)
+            return jax.vmap(lambda x: fns.loglikelihood(pt(x)))(u)
 
         def values(u, data):
             fns = posterior.at(data)
@@ -259,12 +258,16 @@ class true_batch_fn:  # noqa: N801 - a callable, named as the hook's documentati
     """The true log-likelihood of unit-cube points: ``fn(u (n, ndim)) -> (n,)`` float64.
 
     One compiled, vmapped call per padded chunk of points; NaN becomes -inf. ``num_calls``
-    counts the points evaluated (the engine's count of true likelihood calls).
+    counts the points evaluated (the engine's count of true likelihood calls),
+    ``num_nonfinite`` those whose log-likelihood was NaN or +inf, ``nonfinite_u`` the first of
+    them (None while there is none).
     """
 
     def __init__(self, posterior):
         self.posterior = posterior
         self.num_calls = 0
+        self.num_nonfinite = 0
+        self.nonfinite_u = None
         self._progs = _programs(posterior)
         self._data = posterior.data_arrays
         self.ndim = posterior.ndim
@@ -275,7 +278,13 @@ class true_batch_fn:  # noqa: N801 - a callable, named as the hook's documentati
             raise DataError(f"batch_fn expects unit-cube points of shape (n, {self.ndim}), "
                             f"got {u.shape}.")
         self.num_calls += u.shape[0]
-        return np.asarray(_map_padded(self._progs, "loglik", u, self._data), dtype=np.float64)
+        logl = np.asarray(_map_padded(self._progs, "loglik", u, self._data), dtype=np.float64)
+        bad = np.isnan(logl) | np.isposinf(logl)
+        if bad.any():
+            self.num_nonfinite += int(bad.sum())
+            if self.nonfinite_u is None:
+                self.nonfinite_u = u[np.argmax(bad)].copy()
+        return np.where(np.isnan(logl), -np.inf, logl)
 
     @property
     def compile_s(self) -> float:
@@ -538,6 +547,7 @@ def run(posterior, rng_key: jax.Array, config: NestedConfig, *,
     idx = equal_weight_indices(_np_rng(k_draw), log_w, num_draws)
     keep = run.keep_loglikelihood(len(idx))
     dead_values, draw_values, pointwise = _constrained(true_fn, posterior, res.u, idx, keep)
+    nonfinite = _nonfinite_extra(run, true_fn)
     for flag in final["flags"] + _flags(config, res, ess, run.interrupted):
         run.flag(flag)
     attrs = {"dynesty_logz": res.logz, "dynesty_logzerr": res.dynesty_logzerr,
@@ -552,7 +562,7 @@ def run(posterior, rng_key: jax.Array, config: NestedConfig, *,
         sample_stats={"loglikelihood": res.logl[idx][None]}, group_attrs=attrs,
         num_loglik_evals=num_true, num_grad_evals=0,
         extra={**_cost_extra(res, start, config, ess, len(res.u) + len(idx), batcher),
-               **final["cost_extra"]})
+               **final["cost_extra"], **nonfinite})
 
 
 # ---------------------------------------------------------------------------- run helpers
@@ -732,14 +742,19 @@ def _sign_checkpoints(sampler, ckpt: checkpoints.CheckpointFile) -> None:
 def _run_nested(run: kit.Run, start: _Start, config: NestedConfig,
                 ckpt: checkpoints.CheckpointFile | None, resuming: bool) -> None:
     """Run (or continue) dynesty to its stopping rule, checkpointing to ``ckpt`` (signed);
-    dynesty keeps its own progress bar (``print_progress``)."""
+    dynesty's progress goes to our bar (``kit.Run.progress``) through its ``print_func``."""
+    from dynesty.utils import print_fn
+
     if ckpt is not None:
         _sign_checkpoints(start.sampler, ckpt)
+    bar = run.progress(desc=f"dynesty {run.posterior.name}", unit="it",
+                       initial=max(int(getattr(start.sampler, "it", 1)) - 1, 0) if resuming else 0)
     run_kw = dict(maxiter=config.max_iterations, maxcall=config.max_calls,
-                  print_progress=config.progress_bar,
+                  print_progress=not bar.disable,
+                  print_func=lambda *a, **k: print_fn(*a, pbar=bar, **k),
                   checkpoint_file=None if ckpt is None else ckpt.path,
                   checkpoint_every=config.checkpoint_every)
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, contextlib.closing(bar):
         # dynesty's own warnings (e.g. a very large bootstrap enlargement factor, which it
         # can repeat hundreds of times) become one Fit flag each instead of a flood
         warnings.simplefilter("always")
@@ -845,6 +860,18 @@ def _constrained(true_fn: true_batch_fn, posterior, u: np.ndarray, idx: np.ndarr
 def _one_chain(values: dict) -> dict:
     """{name: array} with a leading chain axis of length one."""
     return {k: np.asarray(v)[None] for k, v in values.items()}
+
+
+def _nonfinite_extra(run: kit.Run, true_fn: true_batch_fn) -> dict:
+    """Cost.extra's count of the true log-likelihood evaluations (this session's, on a resumed
+    run) that were NaN or +inf, flagged with the site that made them (at the first such point,
+    mapped from the unit cube to the prior)."""
+    point = None
+    if true_fn.nonfinite_u is not None:  # compiled: an eager trace would validate the arguments
+        point = np.asarray(jax.jit(run.posterior.prior_transform)(
+            jnp.asarray(true_fn.nonfinite_u, _float_dtype())))
+    return run.nonfinite(true_fn.num_nonfinite, true_fn.num_calls, what="log-likelihood",
+                         point=point)
 
 
 def _flags(config: NestedConfig, res: _Results, ess: float, interrupted: bool) -> list[str]:

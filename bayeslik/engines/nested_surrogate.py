@@ -24,6 +24,12 @@ evaluations (sampling and guard); ``Fit.cost.extra`` holds ``num_surrogate_calls
 ``guard_ess_fraction``. The posterior draws use the values the sampler saw (surrogate ones
 included).
 
+Every true likelihood evaluation (the initial live points, training, re-checks, fallbacks and
+the guard: all go through the engine's ``true_batch_fn``) is checked for NaN and +inf as the
+"nested" engine checks its own: counted in ``Fit.cost.extra`` (``num_nonfinite``,
+``num_nonfinite_loglikelihood``, ``num_loglikelihood_checked``) and flagged with the site that
+made them (the zero density they were taken for truncates the model).
+
 A resumed run (``resume=True``) starts the surrogate afresh: its training state is not in the
 checkpoint.
 

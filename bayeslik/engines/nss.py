@@ -193,7 +193,13 @@ class _Programs(Programs):
                                 num_delete=num_delete)
 
         def init(positions, key_data, data):
-            return algorithm(data).init(positions, jax.random.wrap_key_data(key_data))
+            # and the prior draws whose log-likelihood / log prior is NaN or +inf: their counts
+            # (2,) and the first such draw's index
+            fns = posterior.at(data)
+            bad = jnp.stack([_nonfinite(jax.vmap(fns.loglikelihood)(positions)),
+                             _nonfinite(jax.vmap(fns.logprior)(positions))], axis=1)
+            return (algorithm(data).init(positions, jax.random.wrap_key_data(key_data)),
+                    bad.sum(axis=0), jnp.argmax(bad.any(axis=1)))
 
         def chunk(state, key_data, data):
             step = algorithm(data).step
@@ -212,6 +218,11 @@ class _Programs(Programs):
                      "values": jax.jit(values_fn(posterior)),
                      "pointwise": jax.jit(pointwise_fn(posterior))}
 
+
+
+def _nonfinite(x: jax.Array) -> jax.Array:
+    """NaN or +inf (-inf, a zero density, is legitimate), as int32."""
+    return (jnp.isnan(x) | (x == jnp.inf)).astype(jnp.int32)
 
 
 _CACHE = ProgramCache(16)
@@ -242,16 +253,17 @@ def _check_posterior(posterior, config: NSSConfig) -> tuple[int, int, int]:
 
 
 def _initial_state(progs: _Programs, posterior, config: NSSConfig, k_prior, k_init, data):
-    """The live state of ``num_live`` prior draws (an InitializationError if none has a finite
-    log-likelihood)."""
+    """(the live state of ``num_live`` prior draws (an InitializationError if none has a finite
+    log-likelihood), the counts (log-likelihood, log prior) of draws where it was NaN or +inf,
+    the first such draw)."""
     positions = np.asarray(posterior.sample_prior(k_prior, config.num_live))
-    state = progs("init", positions, np.asarray(jax.random.key_data(k_init)), data)
+    state, bad, first = progs("init", positions, np.asarray(jax.random.key_data(k_init)), data)
     if not np.isfinite(np.asarray(state.particles.loglikelihood)).any():
         raise InitializationError(
             f"model '{posterior.name}': the log-likelihood is -inf or NaN at all "
             f"{config.num_live} prior draws. Check that the data fit the likelihood's support "
             "for parameters the prior allows.")
-    return state
+    return state, np.asarray(bad), positions[int(first)]
 
 
 def _advance(bar, integrator) -> float:
@@ -338,7 +350,7 @@ def run(posterior, rng_key: jax.Array, config: NSSConfig) -> Fit:
     progs = run.track(_programs(posterior, k, inner, chunk_len))
     data = posterior.data_arrays
     k_prior, k_init, k_run, k_vol, k_draw = jax.random.split(rng_key, 5)
-    state = _initial_state(progs, posterior, config, k_prior, k_init, data)
+    state, bad, point = _initial_state(progs, posterior, config, k_prior, k_init, data)
     num_evals, steps, chunks, hit_max = config.num_live, 0, [], False
     bar = run.progress(desc=f"NSS {posterior.name}", unit="e-fold",
                        bar_format="{desc}: {n:.1f} e-folds [{elapsed}{postfix}]")
@@ -367,6 +379,11 @@ def run(posterior, rng_key: jax.Array, config: NSSConfig) -> Fit:
     pointwise = _constrained(progs, "pointwise", dead.position[idx], data) if keep else {}
     for flag in _flags(config, steps, ess, hit_max, run.interrupted):
         run.flag(flag)
+    # the initial live points only: the slice proposals' values do not leave blackjax's step
+    nonfinite = {**run.nonfinite(int(bad[0]), config.num_live, what="log-likelihood",
+                                 point=point, scope="at the initial live points"),
+                 **run.nonfinite(int(bad[1]), config.num_live, what="log prior", point=point,
+                                 scope="at the initial live points")}
     attrs = {"num_live": config.num_live, "num_delete": k, "num_inner_steps": inner,
              "num_steps": steps, "ess": ess, "logz_integrator": float(state.integrator.logZ)}
     return kit.weighted_fit(
@@ -379,4 +396,4 @@ def run(posterior, rng_key: jax.Array, config: NSSConfig) -> Fit:
         log_likelihood=_one_chain(pointwise),
         sample_stats={"loglikelihood": dead.loglikelihood[idx][None]}, group_attrs=attrs,
         num_loglik_evals=num_evals, num_grad_evals=0,
-        extra=_cost_extra(dead, steps, ess, k, inner, len(idx)))
+        extra={**_cost_extra(dead, steps, ess, k, inner, len(idx)), **nonfinite})

@@ -123,7 +123,10 @@ class DrawInfo(NamedTuple):
     """One transition, as kept per iteration: the new ``position`` and its ``logdensity``,
     whether it ``diverging``, its ``tree_depth`` (trajectory doublings), ``acceptance_rate``
     (the mean Metropolis acceptance over the trajectory, Stan's accept_stat), ``energy`` (the
-    Hamiltonian at the new point) and ``num_steps`` (leapfrog steps, gradient evaluations)."""
+    Hamiltonian at the new point), ``num_steps`` (leapfrog steps, gradient evaluations),
+    ``num_nonfinite`` (1 where the trajectory reached a point whose log density is NaN or +inf:
+    the trajectory ends there, counted as a divergence; else 0) and ``nonfinite_position`` (that
+    point; the chunk programs keep the last one per chain and chunk, and give None here)."""
 
     position: jax.Array
     logdensity: jax.Array
@@ -132,6 +135,8 @@ class DrawInfo(NamedTuple):
     acceptance_rate: jax.Array
     energy: jax.Array
     num_steps: jax.Array
+    num_nonfinite: jax.Array = None
+    nonfinite_position: jax.Array = None
 
 
 class DualAveragingState(NamedTuple):
@@ -292,6 +297,11 @@ def init(rng_key: jax.Array, position: jax.Array, logdensity_fn, config: NUTSCon
                       inverse_mass_matrix)
 
 
+def _nonfinite(logdensity: jax.Array) -> jax.Array:
+    """NaN or +inf: a log density no engine can weigh (-inf, a zero density, is legitimate)."""
+    return jnp.isnan(logdensity) | (logdensity == jnp.inf)
+
+
 def build_kernel(logdensity_fn, config: NUTSConfig):
     """``kernel(rng_key, state) -> (ChainState, DrawInfo)``: one NUTS transition (blackjax's
     iterative NUTS: multinomial sampling, generalised U-turn criterion) at the state's step
@@ -309,9 +319,14 @@ def build_kernel(logdensity_fn, config: NUTSConfig):
             max_num_doublings=config.max_tree_depth)
         new = state._replace(position=hmc.position, logdensity=hmc.logdensity,
                              logdensity_grad=hmc.logdensity_grad)
+        # a NaN (or +inf) log density ends the trajectory at one of its two ends
+        left, right = info.trajectory_leftmost_state, info.trajectory_rightmost_state
+        bad_left, bad_right = _nonfinite(left.logdensity), _nonfinite(right.logdensity)
         return new, DrawInfo(hmc.position, hmc.logdensity, info.is_divergent,
                              info.num_trajectory_expansions, info.acceptance_rate, info.energy,
-                             info.num_integration_steps)
+                             info.num_integration_steps,
+                             (bad_left | bad_right).astype(jnp.int32),
+                             jnp.where(bad_left, left.position, right.position))
 
     return kernel
 
@@ -480,7 +495,9 @@ class _Programs(kit.Programs):
             ok = jnp.isfinite(val) & jnp.all(jnp.isfinite(grad), axis=1)
             first = jnp.argmax(ok)
             chain = init(jax.random.wrap_key_data(key_data), candidates[first], logdensity, config)
-            return build_warmup(logdensity, config)[0](chain), first, ok.sum()
+            bad = _nonfinite(val)
+            return (build_warmup(logdensity, config)[0](chain), first, ok.sum(),
+                    (bad.sum(), jnp.argmax(bad)))
 
         def chunk(state, key_data, offset, stage, end, active, data):
             kernel = build_warmup(posterior.at(data).logdensity, config)[1]
@@ -492,7 +509,12 @@ class _Programs(kit.Programs):
             # the key of step t of a phase is fold_in(phase key, t): no key arrays on the host
             key = jax.random.wrap_key_data(key_data)
             keys = jax.vmap(lambda t: jax.random.fold_in(key, t))(offset + jnp.arange(stage.shape[0]))
-            return jax.lax.scan(step, state, (keys, stage, end, active))
+            state, info = jax.lax.scan(step, state, (keys, stage, end, active))
+            # of the points where the log density was NaN or +inf, the chunk keeps the last
+            # (later ones are less likely to be early warmup's excursions far out)
+            last = stage.shape[0] - 1 - jnp.argmax(info.num_nonfinite[::-1] > 0)
+            point = info.nonfinite_position[last]
+            return state, info._replace(nonfinite_position=None), point
 
         # batched: each chain has its own data (a leading axis of one row per chain)
         d = 0 if batched else None
@@ -504,7 +526,8 @@ class _Programs(kit.Programs):
             c, r = P("chain"), P()
             vinit = jax.shard_map(vinit, mesh=mesh, in_specs=(c, c, r), out_specs=c, check_vma=False)
             vchunk = jax.shard_map(
-                vchunk, mesh=mesh, in_specs=(c, c, r, r, r, r, r), out_specs=(c, c), check_vma=False
+                vchunk, mesh=mesh, in_specs=(c, c, r, r, r, r, r), out_specs=(c, c, c),
+                check_vma=False
             )
 
         values, pointwise = kit.values_fn(posterior), kit.pointwise_fn(posterior)
@@ -569,10 +592,17 @@ def _starts(posteriors, rng_keys, config: NUTSConfig) -> _Starts:
     return _Starts(np.concatenate(cands), *(np.concatenate(k) for k in zip(*keys)), inits)
 
 
-def _start(progs, posteriors, starts: _Starts, idx, data, config: NUTSConfig) -> WarmupState:
-    """The warmup states of the chain rows ``idx``, or the error naming a chain with no start."""
-    state, _, num_ok = progs("init", starts.candidates[idx], starts.init_keys[idx], data)
+def _start(progs, posteriors, starts: _Starts, idx, data, config: NUTSConfig,
+           work: dict | None = None) -> WarmupState:
+    """The warmup states of the chain rows ``idx``, or the error naming a chain with no start;
+    counts the candidates whose log density is NaN or +inf in ``work`` (with the first one)."""
+    state, _, num_ok, (num_bad, first_bad) = progs("init", starts.candidates[idx],
+                                                   starts.init_keys[idx], data)
     num_ok = np.asarray(num_ok)
+    if work is not None:
+        _count_nonfinite(work, idx, np.asarray(num_bad),
+                         np.asarray(starts.candidates[idx])[np.arange(len(idx)),
+                                                            np.asarray(first_bad)], "_init")
     if np.any(num_ok == 0):
         b = int(idx[np.argmin(num_ok)]) // config.num_chains
         raise _no_start_error(posteriors[b], np.asarray(starts.candidates[idx]), num_ok,
@@ -640,25 +670,39 @@ def _chunks(total: int, num_chunks: int, multiple: int = 1) -> tuple[int, int]:
 
 def _phase(progs, state, keys, stage, end, data, config: NUTSConfig, multiple: int = 1):
     """Run the chunks of one phase (its ``stage`` and ``end`` arrays, padded to whole chunks);
-    yields (state, DrawInfo as NumPy, number of real iterations) after each chunk."""
+    yields (state, DrawInfo as NumPy, number of real iterations, the last point per chain
+    where the log density was NaN or +inf) after each chunk."""
     total = stage.shape[0]
     length, n = _chunks(total, config.num_chunks, multiple)
     for i in range(n):
         sl = slice(i * length, min((i + 1) * length, total))
         k = sl.stop - sl.start
         pad = length - k
-        state, info = progs("chunk", state, keys, np.int32(sl.start),
-                            np.pad(stage[sl], (0, pad)).astype(np.int32),
-                            np.pad(end[sl], (0, pad)).astype(bool), np.arange(length) < k, data)
-        yield state, jax.tree.map(np.asarray, info), k
+        state, info, point = progs("chunk", state, keys, np.int32(sl.start),
+                                   np.pad(stage[sl], (0, pad)).astype(np.int32),
+                                   np.pad(end[sl], (0, pad)).astype(bool), np.arange(length) < k,
+                                   data)
+        yield state, jax.tree.map(np.asarray, info), k, np.asarray(point)
+
+
+def _count_nonfinite(work: dict, idx, counts: np.ndarray, points: np.ndarray,
+                     phase: str = "") -> None:
+    """Add the chain rows' counts of NaN / +inf log densities of a ``phase`` ("_init": the
+    starting candidates, the first point kept; "": the trajectories, the latest kept)."""
+    hit = counts > 0
+    if phase:
+        hit &= work[f"num_nonfinite{phase}"][idx] == 0
+    work[f"nonfinite{phase}_point"][idx[hit]] = points[hit]
+    work[f"num_nonfinite{phase}"][idx] += counts
 
 
 def _warmup(progs, state, keys, data, config, idx, work, bar) -> WarmupState:
     """Stan's warmup of the chain rows ``idx``; counts their gradients and divergences."""
     stage, end = warmup_schedule(config.num_warmup)
-    for state, info, k in _phase(progs, state, keys, stage, end, data, config):
+    for state, info, k, point in _phase(progs, state, keys, stage, end, data, config):
         work["num_grad"][idx] += info.num_steps.sum(axis=1)
         work["warmup_divergences"][idx] += info.diverging.sum(axis=1)
+        _count_nonfinite(work, idx, info.num_nonfinite.sum(axis=1), point)
         bar.update(k * len(idx))
     return end_warmup(state) if config.num_warmup else state
 
@@ -668,13 +712,16 @@ def _sample(progs, state, keys, data, config, idx, work, sink, kept, bar) -> Non
     ``sink`` (one of ``kept``, whose divergences the bar shows)."""
     total, T = config.num_samples * config.thinning, config.thinning
     stage, end = np.full(total, SAMPLING, np.int32), np.zeros(total, bool)
-    for state, info, k in _phase(progs, state, keys, stage, end, data, config, multiple=T):
+    for state, info, k, point in _phase(progs, state, keys, stage, end, data, config,
+                                        multiple=T):
         work["num_grad"][idx] += info.num_steps.sum(axis=1)
+        _count_nonfinite(work, idx, info.num_nonfinite.sum(axis=1), point)
         # thinning: keep every T-th iteration, summing the work and divergences between
         draws = jax.tree.map(lambda a: a[:, T - 1:k:T], info)
         sink.append(draws._replace(
             diverging=info.diverging[:, :k].reshape(len(idx), -1, T).any(-1),
-            num_steps=info.num_steps[:, :k].reshape(len(idx), -1, T).sum(-1)))
+            num_steps=info.num_steps[:, :k].reshape(len(idx), -1, T).sum(-1),
+            num_nonfinite=info.num_nonfinite[:, :k].reshape(len(idx), -1, T).sum(-1)))
         bar.update(k * len(idx))
         bar.set_postfix(divergences=sum(int(d.diverging.sum()) for kg in kept for d in kg))
 
@@ -708,7 +755,8 @@ def _gather_processes(info, step_size, rows_kept, work):
     # each process counted only its own chains' work
     mine = np.zeros(len(work["num_grad"]), bool)
     mine[rows_kept] = True
-    work = {k: gather(np.where(mine, v, 0)).reshape(-1, v.size).sum(0) for k, v in work.items()}
+    work = {k: gather(np.where(mine.reshape((-1,) + (1,) * (v.ndim - 1)), v, 0))
+            .reshape((-1,) + v.shape).sum(0) for k, v in work.items()}
     return info, step_size[order], all_rows[order], work
 
 
@@ -732,6 +780,17 @@ def _constrained(progs, position, data, posteriors, lay: _Layout, num_chains: in
     pointwise = {k: np.asarray(v).reshape(shape3 + v.shape[(2 if lay.batched else 1):])
                  for k, v in pointwise.items()}
     return values, pointwise
+
+
+def _nonfinite_counts(acct: kit.Run, work: dict, rows: slice, num_init: int) -> dict:
+    """Cost.extra's counts of the log densities that were NaN or +inf in the chain ``rows``
+    (starting candidates and trajectories), flagged on ``acct`` with the site that made them."""
+    init, count = work["num_nonfinite_init"][rows], work["num_nonfinite"][rows]
+    points = np.concatenate([work["nonfinite_init_point"][rows][init > 0],
+                             work["nonfinite_point"][rows][count > 0]])
+    return acct.nonfinite(int(init.sum() + count.sum()),
+                          num_init + int(work["num_grad"][rows].sum()), what="log density",
+                          point=points)
 
 
 def _sample_stats(info: DrawInfo, step_size, config: NUTSConfig) -> dict:
@@ -793,14 +852,18 @@ def _run(posteriors, rng_keys, config: NUTSConfig) -> list[Fit]:
     bar = run.progress(total=(config.num_warmup + S * config.thinning) * len(lay.own),
                        desc=f"NUTS {posteriors[0].name}" + (f" x{B}" if lay.batched else ""),
                        unit="it", disable=not config.progress_bar or jax.process_index() != 0)
-    # the initial gradient of each chain, then each transition's
-    work = {"num_grad": np.ones(B * C, np.int64), "warmup_divergences": np.zeros(B * C, np.int64)}
+    # the initial gradient of each chain, then each transition's; the NaN / +inf log densities
+    # (trajectories; starting candidates) and a point of each chain where one was
+    zero, dim = np.zeros(B * C, np.int64), (B * C, posteriors[0].ndim)
+    work = {"num_grad": np.ones(B * C, np.int64), "warmup_divergences": zero.copy(),
+            "num_nonfinite": zero.copy(), "num_nonfinite_init": zero.copy(),
+            "nonfinite_point": np.zeros(dim), "nonfinite_init_point": np.zeros(dim)}
     kept, step_sizes = [[] for _ in lay.groups], {}
     with run.interruptible(bar):
         for g, chains in enumerate(lay.groups):
             idx = np.array(chains)
             d = _take(data, idx, lay.batched)
-            state = _start(progs, posteriors, starts, idx, d, config)
+            state = _start(progs, posteriors, starts, idx, d, config, work)
             state = _warmup(progs, state, starts.warmup_keys[idx], d, config, idx, work, bar)
             step_sizes[g] = np.asarray(state.chain.step_size)
             _sample(progs, state, starts.sample_keys[idx], d, config, idx, work, kept[g], kept, bar)
@@ -821,9 +884,13 @@ def _run(posteriors, rng_keys, config: NUTSConfig) -> list[Fit]:
         extra = {"num_warmup_divergences": int(work["warmup_divergences"][b * C:(b + 1) * C].sum()),
                  "num_postprocess_evals": c * n, "num_init_evals": C * starts.candidates.shape[1],
                  **batch}
+        nonfinite = kit.Run("nuts", post, config)  # this posterior's count, flag and site
+        extra.update(_nonfinite_counts(nonfinite, work, slice(b * C, (b + 1) * C),
+                                       C * starts.candidates.shape[1]))
         fits.append(kit.chains_fit(
             run, {k: v[b] for k, v in values.items()}, posterior=post,
             sample_stats=_sample_stats(inf, step_size[b * c:(b + 1) * c], config),
             log_likelihood={k: v[b] for k, v in pointwise.items()}, num_loglik_evals=grads,
-            num_grad_evals=grads, extra=extra, flags=_flags(inf, config, interrupted), share=B))
+            num_grad_evals=grads, extra=extra,
+            flags=nonfinite.flags + _flags(inf, config, interrupted), share=B))
     return fits

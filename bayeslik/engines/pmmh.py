@@ -143,11 +143,13 @@ class PMMHState(NamedTuple):
 
 class PMMHInfo(NamedTuple):
     """One iteration: ``acceptance_rate`` = min(1, alpha), ``accepted``, the proposal's
-    log-likelihood estimate."""
+    log-likelihood estimate (-inf where its log prior is not finite: no filter counts there)
+    and its log prior."""
 
     acceptance_rate: jax.Array
     accepted: jax.Array
     proposal_loglikelihood: jax.Array
+    proposal_logprior: jax.Array = None
 
 
 def _loglik_fn(posterior: StateSpacePosterior, config: PMMHConfig) -> Callable:
@@ -233,7 +235,7 @@ def build_kernel(posterior: StateSpacePosterior, config: PMMHConfig) -> Callable
         new = new._replace(mean=mean, scatter=scatter,
                            count=state.count + jnp.asarray(adapt, jnp.int32),
                            log_scale=log_scale, chol=chol)
-        return new, PMMHInfo(alpha, accept, ll_new)
+        return new, PMMHInfo(alpha, accept, ll_new, lp_new)
 
     return kernel
 
@@ -309,7 +311,7 @@ def _check(posterior: StateSpacePosterior, config: PMMHConfig) -> None:
 
 
 def _start(progs: _Programs, posterior: StateSpacePosterior, config: PMMHConfig,
-           k_cand: jax.Array, k_init: jax.Array) -> PMMHState:
+           k_cand: jax.Array, k_init: jax.Array, counts: dict | None = None) -> PMMHState:
     """Each chain's state at the best of ``num_init_tries`` candidates (from the prior or about
     ``init``), by log prior + log-likelihood estimate; one batch of C x R filters."""
     C, R, d = config.num_chains, config.num_init_tries, posterior.ndim
@@ -333,11 +335,44 @@ def _start(progs: _Programs, posterior: StateSpacePosterior, config: PMMHConfig,
             "Give init={site: value} near the posterior, raise num_init_tries or num_particles, "
             "or check that the state-space model's observation log-density is finite.")
     best = np.arange(C) * R + score.argmax(axis=1)
+    if counts is not None:  # the candidates' NaN / +inf log-likelihood estimates and log priors
+        _count_nonfinite(counts, np.asarray(ll), np.asarray(lp), cands.reshape(M, d))
     return PMMHState(
         jnp.asarray(cands.reshape(M, d)[best]), lp[best], ll[best],
         jax.tree.map(lambda a: a[best], noise) if config.correlated else jnp.zeros(C),
         jnp.zeros((C, d)), jnp.zeros((C, d, d)), jnp.zeros(C, jnp.int32), jnp.zeros(C),
         jnp.broadcast_to(float(config.initial_scale) * jnp.eye(d), (C, d, d)))
+
+
+def _nonfinite(x: np.ndarray) -> np.ndarray:
+    return np.isnan(x) | np.isposinf(x)
+
+
+def _count_nonfinite(counts: dict, ll: np.ndarray, lp: np.ndarray, zs=None) -> None:
+    """Add the NaN / +inf log-likelihood estimates (where the log prior is finite: elsewhere
+    no filter runs) and log priors of a batch of evaluations to ``counts``; keep the first
+    point ``zs`` (rows as ``ll``) where an estimate was one."""
+    bad_ll = _nonfinite(ll) & np.isfinite(lp)
+    counts["loglikelihood"] = counts.get("loglikelihood", 0) + int(bad_ll.sum())
+    counts["logprior"] = counts.get("logprior", 0) + int(_nonfinite(lp).sum())
+    counts["checked"] = counts.get("checked", 0) + int(ll.size)
+    if zs is not None and bad_ll.any() and counts.get("point") is None:
+        counts["point"] = np.asarray(zs)[np.argmax(bad_ll)]
+
+
+def _nonfinite_extra(run: kit.Run, counts: dict) -> dict:
+    """Cost.extra's counts of NaN / +inf log-likelihood estimates and log priors (starting
+    candidates and proposals), flagged: a prior site where the prior made them, else the
+    particle filter (at a starting candidate where one gave a NaN estimate)."""
+    where = "the particle filter's log-likelihood estimate"
+    if counts.get("point") is not None:
+        values = jax.jit(run.posterior.constrain)(jnp.asarray(counts["point"]))
+        where += " at " + ", ".join(f"{n}={np.asarray(values[n]).round(3).tolist()}"
+                                    for n in run.posterior.latent_names[:6])
+    return {**run.nonfinite(counts.get("loglikelihood", 0), counts.get("checked", 0),
+                            what="log-likelihood", where=where),
+            **run.nonfinite(counts.get("logprior", 0), counts.get("checked", 0),
+                            what="log prior")}
 
 
 def _adaptation_schedule(num_warmup: int, d: int) -> tuple[int, int]:
@@ -416,7 +451,8 @@ def run(posterior: StateSpacePosterior, rng_key: jax.Array, config: PMMHConfig) 
     C, W, S, d = config.num_chains, config.num_warmup, config.num_samples, posterior.ndim
     N, T = config.num_particles, posterior.num_steps
     k_cand, k_init, k_warm, k_samp, k_var = jax.random.split(rng_key, 5)
-    box = {"states": _start(progs, posterior, config, k_cand, k_init)}
+    counts: dict = {}
+    box = {"states": _start(progs, posterior, config, k_cand, k_init, counts)}
     schedule = _adaptation_schedule(W, d)
     keys = [np.asarray(jax.random.key_data(jax.random.split(k, C))) for k in (k_warm, k_samp)]
     bar = run.progress(total=(W + S) * C, desc=f"PMMH {posterior.name}", unit="it")
@@ -426,6 +462,8 @@ def run(posterior: StateSpacePosterior, rng_key: jax.Array, config: PMMHConfig) 
         _phase(progs, box, keys[1], S, False, schedule, config, posterior.ys, kept, bar)
     run.require(bool(kept), "PMMH was interrupted before any draw was kept")
     info, zs, lps, lls = jax.tree.map(lambda *a: np.concatenate(a, axis=1), *kept)
+    for o in warm + kept:  # every proposal (warmup and kept iterations)
+        _count_nonfinite(counts, o[0].proposal_loglikelihood, o[0].proposal_logprior)
     ll_sd, num_checks = _loglik_sd(progs, posterior, config, jnp.asarray(zs.reshape(-1, d).mean(0)),
                                    k_var)
     _flag(run, info.accepted, ll_sd, config)
@@ -437,7 +475,8 @@ def run(posterior: StateSpacePosterior, rng_key: jax.Array, config: PMMHConfig) 
     extra = {"num_particle_filters": runs, "num_particle_steps": runs * N * T,
              "num_particles": N, "num_steps": T, "loglikelihood_sd_at_posterior_mean": ll_sd,
              "acceptance_rate": float(info.accepted.mean()), "warmup_acceptance_rate": warm_rate,
-             "step_scale": np.exp(np.asarray(box["states"].log_scale)).tolist()}
+             "step_scale": np.exp(np.asarray(box["states"].log_scale)).tolist(),
+             **_nonfinite_extra(run, counts)}
     sample_stats = {"acceptance_rate": info.acceptance_rate, "accepted": info.accepted,
                     "lp": lps + lls, "loglikelihood_estimate": lls,
                     "proposal_loglikelihood_estimate": info.proposal_loglikelihood}

@@ -195,6 +195,10 @@ class StageInfo(NamedTuple):
     particle_acceptance : (N,) mean acceptance probability per particle.
     log_weight : (N,) the normalised log weights of the reweighting, of the positions the stage
         started from (before resampling).
+    num_nonfinite_loglikelihood, num_nonfinite_logprior : the moves' evaluations whose
+        log-likelihood / log prior was NaN or +inf (taken as zero density: rejected), as the
+        move reports them (0 for a move that does not; see :class:`Move`).
+    nonfinite_position : (D,) a point where one was (zeros where none was).
     """
 
     temperature: jax.Array
@@ -209,6 +213,9 @@ class StageInfo(NamedTuple):
     degenerate: jax.Array
     particle_acceptance: jax.Array
     log_weight: jax.Array
+    num_nonfinite_loglikelihood: jax.Array = None
+    num_nonfinite_logprior: jax.Array = None
+    nonfinite_position: jax.Array = None
 
 
 class StageParams(NamedTuple):
@@ -261,7 +268,10 @@ class Move(NamedTuple):
     step(rng_key, particle, eval_fn, temperature, scale, shape) -> (Particle, accepted,
         acceptance_probability) : one move of one particle (mapped over the population);
         ``scale`` is the adapted step size / scale, tuned toward ``target_accept`` from the mean
-        acceptance probability.
+        acceptance probability. A step may return a fourth output, ``(nonfinite, point)``:
+        int (2,), how many of its ``eval_fn`` calls gave a NaN or +inf (log-likelihood, log
+        prior), and a point (D,) where one did (any point where none did); the built-in moves
+        do, and the engine counts and flags them (:class:`StageInfo`).
 
     ``eval_fn(z) -> (logprior, loglikelihood)`` at one flat unconstrained ``z``.
     """
@@ -274,6 +284,13 @@ class Move(NamedTuple):
 def _clean(x: jax.Array) -> jax.Array:
     """NaN log densities count as -inf (rejected moves, zero weights)."""
     return jnp.where(jnp.isnan(x), -jnp.inf, x)
+
+
+def _nonfinite(lp: jax.Array, ll: jax.Array) -> jax.Array:
+    """int (2,): whether the log-likelihood ``ll`` and the log prior ``lp`` are NaN or +inf
+    (-inf, a zero density, is legitimate): the counts of :class:`StageInfo`."""
+    return jnp.stack([jnp.isnan(ll) | (ll == jnp.inf),
+                      jnp.isnan(lp) | (lp == jnp.inf)]).astype(jnp.int32)
 
 
 def _tempered_value_and_grad(eval_fn: Callable, z: jax.Array, lam: jax.Array):
@@ -323,10 +340,11 @@ def rwm_move() -> Move:
         k1, k2 = jax.random.split(rng_key)
         prop = z + scale * (chol @ jax.random.normal(k1, z.shape, z.dtype))
         lp1, ll1 = eval_fn(prop)
+        bad = _nonfinite(lp1, ll1)
         lp1, ll1 = _clean(lp1), _clean(ll1)
         log_acc = jnp.nan_to_num(lp1 + lam * ll1 - (lp + lam * ll), nan=-jnp.inf)
         (z, lp, ll), accept, prob = _metropolis(k2, log_acc, (prop, lp1, ll1), (z, lp, ll))
-        return Particle(z, lp, ll, aux), accept, prob
+        return Particle(z, lp, ll, aux), accept, prob, (bad, prop)
 
     return Move(dense_shape, init, step)
 
@@ -368,21 +386,24 @@ def hmc_move(num_leapfrog_steps: int = 10, dense_mass: bool | None = None) -> Mo
         e = eps * jax.random.uniform(k2, (), z.dtype, 0.8, 1.2)
 
         def leapfrog(carry, _):
-            x, p, lp_, ll_, g_ = carry
+            x, p, lp_, ll_, g_, bad, x_bad = carry
             p = p + 0.5 * e * g_
             x = x + e * velocity(p)
             (lp_, ll_), g_ = _tempered_value_and_grad(eval_fn, x, lam)
             p = p + 0.5 * e * g_
-            return (x, p, lp_, ll_, g_), None
+            now = _nonfinite(lp_, ll_)
+            x_bad = jnp.where((bad.sum() == 0) & (now.sum() > 0), x, x_bad)  # the first
+            return (x, p, lp_, ll_, g_, bad + now, x_bad), None
 
-        (x, p, lp1, ll1, g1), _ = jax.lax.scan(leapfrog, (z, p0, lp, ll, g), None,
-                                               length=num_leapfrog_steps)
+        (x, p, lp1, ll1, g1, bad, x_bad), _ = jax.lax.scan(
+            leapfrog, (z, p0, lp, ll, g, jnp.zeros(2, jnp.int32), z), None,
+            length=num_leapfrog_steps)
         lp1, ll1 = _clean(lp1), _clean(ll1)
         log_acc = (lp1 + lam * ll1 - kinetic(p)) - (lp + lam * ll - kinetic(p0))
         log_acc = jnp.where(jnp.all(jnp.isfinite(g1)), jnp.nan_to_num(log_acc, nan=-jnp.inf),
                             -jnp.inf)
         new, accept, prob = _metropolis(k3, log_acc, (x, lp1, ll1, g1), (z, lp, ll, g))
-        return Particle(*new), accept, prob
+        return Particle(*new), accept, prob, (bad, x_bad)
 
     return Move(precondition, init, step)
 
@@ -512,29 +533,36 @@ def build_kernel(eval_fn: Callable, move: Move, resampling: str = "systematic") 
             return (step < min_steps) | (need & (step < max_steps))
 
         def body(c):
-            step, key, log_scale, pos, acc_sum, moved, hist, corr, _ = c
+            step, key, log_scale, pos, acc_sum, (bad, bad_z), moved, hist, corr, _ = c
             hist = hist.at[step % W].set(corr)  # read back W steps later
             key, sub = jax.random.split(key)
             keys = jax.random.split(sub, n)
             scale = jnp.exp(log_scale)
-            pos, acc, prob = jax.vmap(lambda k, p: move.step(k, p, eval_fn, lam, scale, shape))(
-                keys, pos)
+            out = jax.vmap(lambda k, p: move.step(k, p, eval_fn, lam, scale, shape))(keys, pos)
+            pos, acc, prob = out[:3]
+            if len(out) > 3:  # the move counts its NaN / +inf evaluations
+                counts, points = out[3]
+                hit = jnp.sum(counts, axis=1) > 0
+                bad = bad + jnp.sum(counts, axis=0).astype(jnp.int32)
+                bad_z = jnp.where(hit.any(), points[jnp.argmax(hit)].astype(dtype), bad_z)
             mean_acc = prob.mean()
             log_scale = jnp.where(adapt, log_scale + gain * (mean_acc - target_acc), log_scale)
             moved = moved | acc
-            return (step + 1, key, log_scale, pos, acc_sum + prob, moved, hist,
+            return (step + 1, key, log_scale, pos, acc_sum + prob, (bad, bad_z), moved, hist,
                     _max_corr(z0, ll0, pos.position, pos.loglikelihood, axes), unique_frac(moved))
 
         start = (jnp.zeros((), jnp.int32), k_mut, state.log_scale, Particle(z0, lp0, ll0, aux0),
-                 jnp.zeros(n, dtype), jnp.zeros(n, bool), jnp.ones(W, dtype), jnp.ones((), dtype),
+                 jnp.zeros(n, dtype), (jnp.zeros(2, jnp.int32), jnp.zeros(dim, dtype)),
+                 jnp.zeros(n, bool), jnp.ones(W, dtype), jnp.ones((), dtype),
                  unique_res.astype(dtype))
-        steps, _, log_scale, pos, acc_sum, moved, _, corr, uniq = jax.lax.while_loop(
-            cond, body, start)
+        steps, _, log_scale, pos, acc_sum, (bad, bad_z), moved, _, corr, uniq = \
+            jax.lax.while_loop(cond, body, start)
         new_state = SMCState(pos.position, pos.logprior, pos.loglikelihood, lam,
                              state.log_evidence + log_inc, log_scale)
         particle_acc = acc_sum / jnp.maximum(steps, 1)
         info = StageInfo(lam, ess, log_inc, unique_res, uniq, particle_acc.mean(), steps, corr,
-                         jnp.exp(log_scale), uniq < min_unique, particle_acc, log_w)
+                         jnp.exp(log_scale), uniq < min_unique, particle_acc, log_w, bad[0], bad[1],
+                         bad_z)
         return new_state, info
 
     return kernel
@@ -571,7 +599,12 @@ class _Programs(Programs):
             return eval_fn
 
         def init_fn(position, log_scale, data):
-            return init(position, eval_fn_of(data), log_scale)
+            # and the prior draws whose log-likelihood / log prior is NaN or +inf: their
+            # counts (2,) and the first such draw's index
+            eval_fn = eval_fn_of(data)
+            bad = jax.vmap(lambda z: _nonfinite(*eval_fn(z)))(position)
+            return (init(position, eval_fn, log_scale), bad.sum(axis=0),
+                    jnp.argmax(bad.sum(axis=1) > 0))
 
         def stage_fn(key_data, stage_index, state, params, data):
             key = jax.random.fold_in(jax.random.wrap_key_data(key_data), stage_index)
@@ -616,6 +649,16 @@ def run(posterior, rng_key: jax.Array, config: SMCConfig) -> Fit:
     weighted particles of the last reweighting with their ``log_weight`` in the group
     ``particles``, and the stage history in the group ``smc_stages`` (dims chain x stage).
 
+    Ctrl-C (KeyboardInterrupt) keeps the runs that reached lambda = 1 (flagged
+    ``interrupted: kept k of R completed runs``); the run in progress is dropped, as a partial
+    tempered run targets ``p(z) L(z)^lambda`` with lambda < 1, not the posterior, and has no
+    log evidence. An interrupt before the first run finished raises KeyboardInterrupt saying
+    where the run was and how to keep part of a long fit: split it into runs (``num_runs``).
+
+    Log densities that are NaN or +inf (at the prior draws or a move's proposals) count as zero
+    density; they are counted in ``cost.extra`` (``num_nonfinite_loglikelihood``,
+    ``num_nonfinite_logprior``) and flagged with the site that made them.
+
     >>> import bayeslik as bl
     >>> from bayeslik.models import reference
     >>> prob = reference.get("normal_mean")
@@ -643,10 +686,10 @@ def run(posterior, rng_key: jax.Array, config: SMCConfig) -> Fit:
         run.flag(f"{tally['degenerate']} degenerate stages in all (the first is described "
                  "above); the log evidence is not to be trusted")
     if run.interrupted:
-        run.require(bool(runs), "SMC was interrupted before its first run reached lambda=1: a "
-                    "partial tempered run has neither a log evidence nor particles that target "
-                    "the posterior, so nothing was kept.")
-        run.flag(f"interrupted: kept {len(runs)} of {R} completed runs")
+        run.require(bool(runs), _interrupted_message(run, tally))
+        run.flag(f"interrupted: kept {len(runs)} of {R} completed runs (the run in progress "
+                 "was dropped)")
+    nonfinite = _nonfinite_extra(run, tally)
     run.flag(_stuck_flag([c.history for c in runs], config))
     R = len(runs)
     keep = run.keep_loglikelihood(config.num_particles, num_chains=R)
@@ -657,7 +700,7 @@ def run(posterior, rng_key: jax.Array, config: SMCConfig) -> Fit:
     if not np.isfinite(log_evidence):
         run.flag("the log evidence is not finite: every particle had zero likelihood weight")
     return kit.weighted_fit(
-        run, draws, group="particles", weighted=weighted,
+        run, draws, group="particles", point_dim="particle", weighted=weighted,
         log_weight=np.stack([c.last.log_weight for c in runs]),
         log_evidence=log_evidence, log_evidence_err=err, log_likelihood=pointwise,
         sample_stats={"lp": np.stack([np.asarray(c.state.logprior + c.state.loglikelihood)
@@ -668,7 +711,7 @@ def run(posterior, rng_key: jax.Array, config: SMCConfig) -> Fit:
                      "num_runs": R},
         num_loglik_evals=tally["evals"], num_grad_evals=tally["grads"],
         extra={"num_stages": [len(c.history["temperature"]) for c in runs],
-               "num_postprocess_evals": 2 * R * N},
+               "num_postprocess_evals": 2 * R * N, **nonfinite},
         more_groups={"smc_stages": _stage_dataset([c.history for c in runs])})
 
 
@@ -680,9 +723,12 @@ def _tempered_run(rng_key: jax.Array, run: kit.Run, progs: _Programs, r: int, ba
     N, R, data = config.num_particles, config.num_runs, posterior.data_arrays
     params = stage_params(config)
     k_prior, k_run = jax.random.split(rng_key)
-    state = progs("init", posterior.sample_prior(k_prior, N),
-                  np.float32(default_log_scale(config, posterior.ndim)), data)
+    prior = posterior.sample_prior(k_prior, N)
+    state, bad, first = progs("init", prior, np.float32(default_log_scale(config, posterior.ndim)),
+                              data)
     tally["evals"] += N
+    _count_nonfinite(tally, np.asarray(bad), N, np.asarray(prior[first]))
+    tally["progress"] = (r, 0, 0.0)
     if not (np.isfinite(np.asarray(state.loglikelihood)).any()
             and np.isfinite(np.asarray(state.logprior)).any()):
         raise InitializationError(
@@ -710,6 +756,10 @@ def _tempered_run(rng_key: jax.Array, run: kit.Run, progs: _Programs, r: int, ba
         rows.append(row)
         steps = int(row["num_mutation_steps"])
         tally["evals"] += N * steps * per_step + (N if hmc else 0)
+        _count_nonfinite(tally, np.array([info.num_nonfinite_loglikelihood,
+                                          info.num_nonfinite_logprior]), N * steps * per_step,
+                         info.nonfinite_position)
+        tally["progress"] = (r, len(rows), row["temperature"])
         tally["grads"] += N * steps * per_step + N if hmc else 0
         bar.update(row["temperature"] - lam)
         lam = row["temperature"]
@@ -724,6 +774,39 @@ def _tempered_run(rng_key: jax.Array, run: kit.Run, progs: _Programs, r: int, ba
                 run.flag(msg)
     return _Completed(state, np.asarray(start), info,
                       {f: np.array([s[f] for s in rows]) for f in _STAGE_FIELDS})
+
+
+def _count_nonfinite(tally: dict, bad: np.ndarray, checked: int, point=None) -> None:
+    """Add (log-likelihood, log prior) counts of NaN / +inf evaluations out of ``checked``; keep
+    the ``point`` given where there were some (a prior draw or a proposal; up to 16)."""
+    tally["nonfinite"] = tally.get("nonfinite", np.zeros(2, np.int64)) + bad.astype(np.int64)
+    tally["checked"] = tally.get("checked", 0) + int(checked)
+    points = tally.setdefault("points", [])
+    if point is not None and bad.sum() > 0 and len(points) < 16:
+        points.append(np.asarray(point))
+
+
+def _nonfinite_extra(run: kit.Run, tally: dict) -> dict:
+    """Cost.extra's counts of NaN / +inf log-likelihoods and log priors (prior draws and every
+    move's proposals), flagged with the site that made them."""
+    bad, checked = tally.get("nonfinite", np.zeros(2)), tally.get("checked", 0)
+    point = np.stack(tally["points"]) if tally.get("points") else None
+    return {**run.nonfinite(int(bad[0]), checked, what="log-likelihood", point=point),
+            **run.nonfinite(int(bad[1]), checked, what="log prior", point=point)}
+
+
+def _interrupted_message(run: kit.Run, tally: dict) -> str:
+    """What an interrupt before the first run reached lambda=1 loses, and how to keep it."""
+    config = run.config
+    r, stages, lam = tally.get("progress", (0, 0, 0.0))
+    R, N = config.num_runs, config.num_particles
+    how = (f"split it into runs (e.g. num_runs=4, num_particles={max(N // 4, 10)})" if R == 1
+           else f"use more, smaller runs (e.g. num_runs={2 * R}, num_particles={max(N // 2, 10)})")
+    return (f"SMC was interrupted in run {r + 1} of {R} at stage {stages} (lambda={lam:.3g}, "
+            f"after {run.wall_s:.0f} s), before its first run reached lambda=1: a partial "
+            "tempered run targets p(z) L(z)^lambda, not the posterior, and has no log evidence, "
+            "so nothing was kept. An interrupted fit keeps the runs it finished: to keep part "
+            f"of a long fit, {how}.")
 
 
 def _degenerate_message(posterior, run: int, stage: int, info: dict, config: SMCConfig) -> str:
