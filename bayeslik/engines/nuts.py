@@ -668,12 +668,23 @@ def _chunks(total: int, num_chunks: int, multiple: int = 1) -> tuple[int, int]:
     return length, math.ceil(total / length)
 
 
-def _phase(progs, state, keys, stage, end, data, config: NUTSConfig, multiple: int = 1):
+def _chunk_length(config: NUTSConfig) -> int:
+    """One chunk length for the warmup and the sampling (a multiple of the thinning), so the
+    chunk program compiles once: with a length per phase, num_warmup != num_samples * thinning
+    compiled it twice (31.6 s against 18.0 s of CPU on eight schools, 1000 warmup/200 draws).
+    The iterations' keys come from their index, so the length changes no number."""
+    warm = _chunks(config.num_warmup, config.num_chunks)[0]
+    draw = _chunks(config.num_samples * config.thinning, config.num_chunks, config.thinning)[0]
+    return config.thinning * math.ceil(max(warm, draw) / config.thinning)
+
+
+def _phase(progs, state, keys, stage, end, data, config: NUTSConfig):
     """Run the chunks of one phase (its ``stage`` and ``end`` arrays, padded to whole chunks);
     yields (state, DrawInfo as NumPy, number of real iterations, the last point per chain
     where the log density was NaN or +inf) after each chunk."""
     total = stage.shape[0]
-    length, n = _chunks(total, config.num_chunks, multiple)
+    length = _chunk_length(config)
+    n = math.ceil(total / length)
     for i in range(n):
         sl = slice(i * length, min((i + 1) * length, total))
         k = sl.stop - sl.start
@@ -712,8 +723,7 @@ def _sample(progs, state, keys, data, config, idx, work, sink, kept, bar) -> Non
     ``sink`` (one of ``kept``, whose divergences the bar shows)."""
     total, T = config.num_samples * config.thinning, config.thinning
     stage, end = np.full(total, SAMPLING, np.int32), np.zeros(total, bool)
-    for state, info, k, point in _phase(progs, state, keys, stage, end, data, config,
-                                        multiple=T):
+    for state, info, k, point in _phase(progs, state, keys, stage, end, data, config):
         work["num_grad"][idx] += info.num_steps.sum(axis=1)
         _count_nonfinite(work, idx, info.num_nonfinite.sum(axis=1), point)
         # thinning: keep every T-th iteration, summing the work and divergences between
