@@ -1675,47 +1675,20 @@ def _is_real(support: Any) -> bool:
     return isinstance(support, type(constraints.real))
 
 
-def nonfinite_sites(posterior: PosteriorBase, z: Any) -> list[NonfiniteSite]:
-    """The terms of the log density that are NaN or +inf at the unconstrained point ``z``
-    (ndim,), or at a row of a batch ``z`` (n, ndim) where one is: each latent site's prior term,
-    each observed site and factor, the log-Jacobian of the constraining map. A site whose
-    distribution has arguments outside their constraint there (a negative Normal scale) lists
-    them with their values. ``[]`` where every term is finite or -inf (a zero density is
-    legitimate) at every row, or where the program cannot be run there.
+#: the rows of one block of :func:`nonfinite_sites` (one compiled shape)
+_PROBE_ROWS = 256
 
-    The row is the first bad one that is not *extreme*, else the first bad one. A point is
-    extreme where an unconstrained coordinate of a site with a constrained support lies beyond
-    ``EXTREME_Z`` = 20 (a scale below 2e-9 or above 5e8, a probability within 2e-9 of 0 or 1):
-    there the constraining map is at the limits of floating point and a density that should be
-    a huge negative number comes out NaN or +inf (an InverseGamma at 1e-29 in float32), which
-    says nothing about the model where it has mass. A point with a non-finite coordinate (an
-    integrator that overflowed) is extreme too.
 
-    The batch is run in one compiled, vmapped call (compiled afresh each call: it is for after a
-    run, when an engine counted non-finite values and says which site made them, see
-    :meth:`bayeslik.engines.kit.Run.nonfinite`).
-
-    >>> import jax.numpy as jnp, numpyro, numpyro.distributions as dist, bayeslik as bl
-    >>> def model(y):
-    ...     sigma = numpyro.sample("sigma", dist.Normal(1.0, 1.0))
-    ...     numpyro.sample("y", dist.Normal(0.0, sigma), obs=y)
-    >>> post = bl.Posterior(model, y=jnp.array([0.5, -0.2]))
-    >>> [s.describe() for s in nonfinite_sites(post, jnp.array([-0.5]))]
-    ["observed site 'y' is NaN where Normal scale=-0.5 is not positive, at sigma=-0.5"]
-    >>> nonfinite_sites(post, jnp.array([0.5]))
-    []
-    """
-    rows = np.asarray(z)
-    rows = rows.reshape(-1, rows.shape[-1]) if rows.ndim else rows.reshape(1, 1)
-    if rows.shape[0] == 0 or rows.shape[1] != posterior.ndim:
-        return []
+def _nonfinite_program(posterior: PosteriorBase) -> tuple:
+    """(the compiled, vmapped terms of the log density at a block of rows; each checked
+    argument's (site, distribution, argument, constraint); each latent site's support: real or
+    not) for :func:`nonfinite_sites`. The lists are filled while the program is traced."""
     sites = posterior.sites
-    # filled while tracing: each checked argument's (site, distribution, argument, constraint);
-    # each latent site's support (real or not)
     arg_info: list[tuple[str, str, str, str]] = []
     real: dict[str, bool] = {}
 
     def terms(zr):
+        arg_info.clear()  # a new trace (another dtype) fills them again
         tr, log_jac = posterior._run(zr)
         lps = {n: posterior._site_logprob(s) for n, s in tr.items()
                if s["type"] == "sample" and n in sites}
@@ -1738,11 +1711,58 @@ def nonfinite_sites(posterior: PosteriorBase, z: Any) -> list[NonfiniteSite]:
         values = {n: tr[n]["value"] for n in posterior.latent_names if n in tr}
         return lps, oks, vals, values
 
+    return jax.jit(jax.vmap(terms)), arg_info, real
+
+
+def nonfinite_sites(posterior: PosteriorBase, z: Any) -> list[NonfiniteSite]:
+    """The terms of the log density that are NaN or +inf at the unconstrained point ``z``
+    (ndim,), or at a row of a batch ``z`` (n, ndim) where one is: each latent site's prior term,
+    each observed site and factor, the log-Jacobian of the constraining map. A site whose
+    distribution has arguments outside their constraint there (a negative Normal scale) lists
+    them with their values. ``[]`` where every term is finite or -inf (a zero density is
+    legitimate) at every row, or where the program cannot be run there.
+
+    The row is the first bad one that is not *extreme*, else the first bad one. A point is
+    extreme where an unconstrained coordinate of a site with a constrained support lies beyond
+    ``EXTREME_Z`` = 20 (a scale below 2e-9 or above 5e8, a probability within 2e-9 of 0 or 1):
+    there the constraining map is at the limits of floating point and a density that should be
+    a huge negative number comes out NaN or +inf (an InverseGamma at 1e-29 in float32), which
+    says nothing about the model where it has mass. A point with a non-finite coordinate (an
+    integrator that overflowed) is extreme too.
+
+    The batch is run in blocks of 256 rows by one compiled, vmapped program, compiled once per
+    Posterior (it runs after a run, when an engine counted non-finite values and says which
+    site made them, see :meth:`bayeslik.engines.kit.Run.nonfinite`).
+
+    >>> import jax.numpy as jnp, numpyro, numpyro.distributions as dist, bayeslik as bl
+    >>> def model(y):
+    ...     sigma = numpyro.sample("sigma", dist.Normal(1.0, 1.0))
+    ...     numpyro.sample("y", dist.Normal(0.0, sigma), obs=y)
+    >>> post = bl.Posterior(model, y=jnp.array([0.5, -0.2]))
+    >>> [s.describe() for s in nonfinite_sites(post, jnp.array([-0.5]))]
+    ["observed site 'y' is NaN where Normal scale=-0.5 is not positive, at sigma=-0.5"]
+    >>> nonfinite_sites(post, jnp.array([0.5]))
+    []
+    """
+    rows = np.asarray(z)
+    rows = rows.reshape(-1, rows.shape[-1]) if rows.ndim else rows.reshape(1, 1)
+    if rows.shape[0] == 0 or rows.shape[1] != posterior.ndim:
+        return []
+    sites = posterior.sites
+    program = posterior.__dict__.get("_nonfinite_program")
+    if program is None:
+        program = posterior.__dict__["_nonfinite_program"] = _nonfinite_program(posterior)
+    fn, arg_info, real = program
+    n = rows.shape[0]
+    size = _PROBE_ROWS * math.ceil(n / _PROBE_ROWS)  # whole blocks: one shape, one compile
+    padded = np.concatenate([rows, np.zeros((size - n, rows.shape[1]), rows.dtype)])
     try:
         with _validation_off():
-            lps, oks, vals, values = jax.jit(jax.vmap(terms))(jnp.asarray(rows))
+            parts = [fn(jnp.asarray(padded[i:i + _PROBE_ROWS]))
+                     for i in range(0, size, _PROBE_ROWS)]
     except Exception:  # a program that cannot be run at these points: no answer here
         return []
+    lps, oks, vals, values = jax.tree.map(lambda *a: np.concatenate(a)[:n], *parts)
     lps = {k: np.asarray(v).reshape(rows.shape[0], -1) for k, v in lps.items()}
     bad = np.zeros(rows.shape[0], bool)
     for v in lps.values():

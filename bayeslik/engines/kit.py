@@ -417,7 +417,10 @@ class Run:
             try:
                 key = jax.random.key(0)
                 if getattr(post, "has_proper_prior", False):
-                    probe = jax.jit(lambda k: post.sample_prior(k, 256))(key)
+                    probe = post.__dict__.get("_nonfinite_probe")  # drawn once per Posterior
+                    if probe is None:
+                        probe = post.__dict__["_nonfinite_probe"] = np.asarray(
+                            jax.jit(lambda k: post.sample_prior(k, 256))(key))
                     how = "of 256 prior draws"
                 else:
                     probe = jax.random.uniform(key, (256, post.ndim), minval=-2.0, maxval=2.0)
