@@ -41,7 +41,7 @@ import xarray as xr
 from numpyro import handlers
 from numpyro.primitives import Messenger
 
-from bayeslik.engines.kit import ProgramCache, Programs
+from bayeslik.engines.kit import ProgramCache, Programs, matching_draws
 from bayeslik.errors import ModelError, OptionError
 from bayeslik.fit import Fit
 from bayeslik.posterior import Posterior, PosteriorBase
@@ -246,27 +246,8 @@ def posterior_predictive(fit: Fit, posterior: Posterior, *, seed: int = 0,
         raise OptionError(f"{who}: needs a bayeslik Fit, got {type(fit).__name__}.")
     observed, factors = _observed_sites(posterior, who)
     seed = _check_seed(seed, who)
-    if "posterior" not in fit.idata.children:
-        raise OptionError(f"{who}: the Fit has no posterior group to draw from.")
-    draws = fit.idata["posterior"].to_dataset()
+    draws, C, S = matching_draws(fit, posterior, lambda why: OptionError(f"{who}: {why}"))
     sites = posterior.sites
-    missing = [n for n in posterior.latent_names if n not in draws.data_vars]
-    if missing:
-        raise OptionError(f"{who}: the Fit's posterior group lacks the latent site(s) {missing} "
-                          f"of {posterior.name!r}; pass the Posterior the Fit was made from.")
-    C, S = int(draws.sizes["chain"]), int(draws.sizes["draw"])
-    for n in posterior.latent_names:
-        if draws[n].shape != (C, S) + tuple(sites[n].shape):
-            raise OptionError(f"{who}: site {n!r} has shape {draws[n].shape[2:]} in the Fit and "
-                              f"{tuple(sites[n].shape)} in {posterior.name!r}; pass the "
-                              "Posterior the Fit was made from.")
-    if "observed_data" in fit.idata.children:
-        given = fit.idata["observed_data"].to_dataset()
-        for n, v in posterior.observed_data.items():
-            if n in given.data_vars and given[n].shape != np.shape(v):
-                raise OptionError(f"{who}: observed site {n!r} has shape {given[n].shape} in the "
-                                  f"Fit and {np.shape(v)} in the Posterior; pass the Posterior "
-                                  "the Fit was made from.")
     if num_draws is None:
         index = np.arange(S)
     else:

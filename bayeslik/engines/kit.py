@@ -578,6 +578,34 @@ class _LaterPrograms(Programs):
 _LATER = ProgramCache(8)
 
 
+def matching_draws(fit: Fit, posterior: Any, refuse) -> tuple[Any, int, int]:
+    """(the Fit's posterior group as a Dataset, chains, draws) after checking that the Fit was
+    made from ``posterior``: its latent sites and their shapes, the observed data's shapes;
+    ``refuse(why)`` makes the error raised otherwise (e.g. an OptionError naming the caller)."""
+    if "posterior" not in fit.idata.children:
+        raise refuse("the Fit has no posterior group to draw from.")
+    draws = fit.idata["posterior"].to_dataset()
+    sites = posterior.sites
+    missing = [n for n in posterior.latent_names if n not in draws.data_vars]
+    if missing:
+        raise refuse(f"the Fit's posterior group lacks the latent site(s) {missing} of "
+                     f"{posterior.name!r}; pass the Posterior the Fit was made from.")
+    C, S = int(draws.sizes["chain"]), int(draws.sizes["draw"])
+    for n in posterior.latent_names:
+        if draws[n].shape != (C, S) + tuple(sites[n].shape):
+            raise refuse(f"site {n!r} has shape {draws[n].shape[2:]} in the Fit and "
+                         f"{tuple(sites[n].shape)} in {posterior.name!r}; pass the Posterior "
+                         "the Fit was made from.")
+    if "observed_data" in fit.idata.children:
+        given = fit.idata["observed_data"].to_dataset()
+        for n, v in posterior.observed_data.items():
+            if n in given.data_vars and given[n].shape != np.shape(v):
+                raise refuse(f"observed site {n!r} has shape {given[n].shape} in the Fit and "
+                             f"{np.shape(v)} in the Posterior; pass the Posterior the Fit was "
+                             "made from.")
+    return draws, C, S
+
+
 def pointwise_loglikelihood(fit: Fit, posterior: Any, *, chunk_bytes: int | None = None) -> Fit:
     """``fit`` with its ``log_likelihood`` group (pointwise log-likelihood of every draw in its
     ``posterior`` group: for weighted engines, the equal-weight draws), computed from
@@ -602,27 +630,8 @@ def pointwise_loglikelihood(fit: Fit, posterior: Any, *, chunk_bytes: int | None
         raise refuse(f"needs a bayeslik Fit, got {type(fit).__name__}.")
     if not hasattr(posterior, "pointwise_loglikelihood"):
         raise refuse(f"a {type(posterior).__name__} has no pointwise log-likelihood.")
-    if "posterior" not in fit.idata.children:
-        raise refuse("the Fit has no posterior group to evaluate.")
-    draws = fit.idata["posterior"].to_dataset()
+    draws, C, S = matching_draws(fit, posterior, refuse)
     sites = posterior.sites
-    missing = [n for n in posterior.latent_names if n not in draws.data_vars]
-    if missing:
-        raise refuse(f"the Fit's posterior group lacks the latent site(s) {missing} of "
-                     f"{posterior.name!r}; pass the Posterior the Fit was made from.")
-    C, S = int(draws.sizes["chain"]), int(draws.sizes["draw"])
-    for n in posterior.latent_names:
-        if draws[n].shape != (C, S) + tuple(sites[n].shape):
-            raise refuse(f"site {n!r} has shape {draws[n].shape[2:]} in the Fit and "
-                         f"{tuple(sites[n].shape)} in {posterior.name!r}; pass the Posterior "
-                         "the Fit was made from.")
-    if "observed_data" in fit.idata.children:
-        given = fit.idata["observed_data"].to_dataset()
-        for n, v in posterior.observed_data.items():
-            if n in given.data_vars and given[n].shape != np.shape(v):
-                raise refuse(f"observed site {n!r} has shape {given[n].shape} in the Fit and "
-                             f"{np.shape(v)} in the Posterior; pass the Posterior the Fit was "
-                             "made from.")
     rows = {n: np.asarray(draws[n].values).reshape((C * S,) + tuple(sites[n].shape))
             for n in posterior.latent_names}
     progs = _LATER.get(posterior, lambda: _LaterPrograms(posterior))
