@@ -116,11 +116,13 @@ def _interrupt_on(monkeypatch, program: str, call: int) -> None:
 def test_interrupt_keeps_draws(monkeypatch):
     """A KeyboardInterrupt during sampling returns the draws made so far, flagged."""
     post = reference.get("normal_mean").posterior()
-    _interrupt_on(monkeypatch, "chunk", 10 + 3)  # 10 warmup chunks, then the third sampling chunk
+    # one chunk length for both phases (5 = 50 warmup / 10 chunks): 10 warmup chunks, then the
+    # third of the 4 sampling chunks is interrupted, after 2 x 5 draws
+    _interrupt_on(monkeypatch, "chunk", 10 + 3)
     fit = bl.fit(post, "nuts", num_warmup=50, num_samples=20, num_chains=2, num_chunks=10,
                  progress_bar=False)
-    assert fit.num_draws == 4
-    assert any("interrupted: kept 4 of 20" in f for f in fit.flags)
+    assert fit.num_draws == 10
+    assert any("interrupted: kept 10 of 20" in f for f in fit.flags)
 
 
 def test_interrupt_of_sequential_chains_keeps_finished_ones(monkeypatch):
