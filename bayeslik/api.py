@@ -189,15 +189,23 @@ def _seed_key(seed: Any) -> tuple[int, jax.Array]:
         except ValueError:
             raise EngineError(f"seed=None takes the seed from the environment variable "
                               f"BAYESLIK_SEED, but it is {raw!r}, not an integer.") from None
+    seed = check_seed(seed)
+    return seed, jax.random.key(seed)
+
+
+def check_seed(seed: Any, error: type = EngineError, where: str = "") -> int:
+    """``seed`` as an int, or ``error`` (its message prefixed by ``where``) unless it is an
+    integer (NumPy's too, not a bool) in :data:`SEED_RANGE`."""
+    prefix = f"{where}: " if where else ""
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, (bool, np.bool_)):
-        raise EngineError(f"seed must be an int, got {seed!r}.")
+        raise error(f"{prefix}seed must be an int, got {seed!r}.")
     seed = int(seed)
     low, high = SEED_RANGE
     if not low <= seed <= high:
-        raise EngineError(f"seed={seed}: must lie in [-2**63, 2**63 - 1] (a signed 64-bit "
-                          "integer), which jax.random.key takes; pass a smaller seed (e.g. "
-                          "seed % 2**32).")
-    return seed, jax.random.key(seed)
+        raise error(f"{prefix}seed={seed}: must lie in [-2**63, 2**63 - 1] (a signed 64-bit "
+                    "integer), which jax.random.key takes; pass a smaller seed (e.g. "
+                    "seed % 2**32).")
+    return seed
 
 
 def _check_init_option(posterior: Any, config: Any) -> None:

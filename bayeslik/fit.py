@@ -580,6 +580,29 @@ def _read_cost(raw: dict, shown: str, written_by: Any) -> Cost:
         raise DataError(f"{shown!r}: the cost in its '{_ATTR}' attribute is unusable ({e}).") from None
 
 
+def site_dataset(posterior, data: Mapping[str, np.ndarray], sample_dims: list[str], *,
+                 coords: Mapping[str, Any] | None = None,
+                 attrs: Mapping[str, Any] | None = None) -> xr.Dataset:
+    """One ArviZ group of ``data`` {name: array with leading ``sample_dims`` axes}: a site's
+    other axes take its dims (``posterior.sites[name].dims``: plate names, the data's or the
+    user's names, ``<site>_dim_<i>``; a pointwise log-likelihood, whose event axes are summed,
+    takes the leading ones), labelled by the Posterior's ``coords`` where their lengths agree;
+    ``coords`` adds labels (e.g. of the sample dims)."""
+    import arviz_base as azb
+
+    sites = posterior.sites
+    known = dict(getattr(posterior, "coords", None) or {})
+    lead = len(sample_dims)
+    data = {k: np.asarray(v) for k, v in data.items()}
+    dims = {k: list(sites[k].dims[: v.ndim - lead]) for k, v in data.items() if k in sites}
+    labels = {dim: known[dim] for k, names in dims.items() for axis, dim in enumerate(names)
+              if dim in known and len(known[dim]) == data[k].shape[lead + axis]}
+    labels.update(coords or {})
+    return azb.dict_to_dataset(data, dims=dims, coords=labels or None, sample_dims=sample_dims,
+                               attrs=None if attrs is None else dict(attrs),
+                               inference_library=None, check_conventions=False)
+
+
 def build_datatree(
     posterior,
     draws: Mapping[str, np.ndarray],
@@ -595,37 +618,11 @@ def build_datatree(
     the Posterior's ``coords`` label them in every group; observed data is taken from the
     Posterior.
     """
-    import arviz_base as azb
-
-    sites = posterior.sites
-    coords = dict(getattr(posterior, "coords", None) or {})
-
-    def dims_of(group: Mapping[str, np.ndarray], lead: int) -> dict[str, list[str]]:
-        # a site's axis names; a pointwise log-likelihood has only the data's batch axes (its
-        # event axes are summed), so it takes the leading ones
-        return {k: list(sites[k].dims[: np.ndim(v) - lead]) for k, v in group.items() if k in sites}
-
-    def coords_of(group: Mapping[str, np.ndarray], dims: Mapping[str, list[str]],
-                  lead: int) -> dict[str, list]:
-        # the coords of the dims this group uses, where their lengths agree
-        out = {}
-        for k, names in dims.items():
-            for axis, dim in enumerate(names):
-                if dim in coords and len(coords[dim]) == np.shape(group[k])[lead + axis]:
-                    out[dim] = coords[dim]
-        return out
-
     groups: dict[str, xr.Dataset] = {}
 
     def add(name: str, data: Mapping[str, np.ndarray] | None, lead: int = 2) -> None:
         if data:
-            data = {k: np.asarray(v) for k, v in data.items()}
-            dims = dims_of(data, lead)
-            groups[name] = azb.dict_to_dataset(
-                data, dims=dims, coords=coords_of(data, dims, lead) or None,
-                sample_dims=["chain", "draw"] if lead else [],
-                inference_library=None, check_conventions=False,
-            )
+            groups[name] = site_dataset(posterior, data, ["chain", "draw"][:lead])
 
     add("posterior", draws)
     add("sample_stats", sample_stats)

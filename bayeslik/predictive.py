@@ -41,9 +41,10 @@ import xarray as xr
 from numpyro import handlers
 from numpyro.primitives import Messenger
 
+from bayeslik.api import check_seed
 from bayeslik.engines.kit import ProgramCache, Programs, matching_draws
 from bayeslik.errors import ModelError, OptionError
-from bayeslik.fit import Fit
+from bayeslik.fit import Fit, site_dataset
 from bayeslik.posterior import Posterior, PosteriorBase
 
 __all__ = ["posterior_predictive", "prior_predictive"]
@@ -53,8 +54,6 @@ CHUNK_BYTES: int | None = None
 #: draws per chunk (a power of two; fewer where a chunk's draws would pass CHUNK_BYTES): every
 #: chunk is padded to it, so one shape compiles whatever the number of draws
 CHUNK_ROWS = 256
-#: the seeds jax.random.PRNGKey takes: signed 64-bit integers
-_SEED_RANGE = (-(2**63), 2**63 - 1)
 
 
 class _Unobserve(Messenger):
@@ -159,16 +158,6 @@ def _observed_sites(posterior: Any, who: str) -> tuple[tuple[str, ...], tuple[st
     return observed, factors
 
 
-def _check_seed(seed: Any, who: str) -> int:
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, (bool, np.bool_)):
-        raise OptionError(f"{who}: seed must be an int, got {seed!r}.")
-    seed = int(seed)
-    if not _SEED_RANGE[0] <= seed <= _SEED_RANGE[1]:
-        raise OptionError(f"{who}: seed={seed} must lie in [-2**63, 2**63 - 1] (a signed 64-bit "
-                          "integer); pass a smaller seed (e.g. seed % 2**32).")
-    return seed
-
-
 def _check_count(value: Any, who: str, most: int | None = None, what: str = "") -> int:
     ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
     if not ok or int(value) < 1 or (most is not None and int(value) > most):
@@ -180,24 +169,6 @@ def _check_count(value: Any, who: str, most: int | None = None, what: str = "") 
 
 def _keys(seed: int, n: int) -> np.ndarray:
     return np.asarray(jax.random.split(jax.random.PRNGKey(seed), n))
-
-
-def _dataset(posterior: Posterior, values: dict, sample_dims: list[str],
-             sample_coords: dict | None = None, attrs: dict | None = None) -> xr.Dataset:
-    """An ArviZ group of ``values``: the sites' dims (plate names, ``<site>_dim_<i>``), the
-    Posterior's coords where it has them (``posterior.coords``, dim -> labels)."""
-    import arviz_base as azb
-
-    sites = posterior.sites
-    lead = len(sample_dims)
-    dims = {k: list(sites[k].dims[: np.ndim(v) - lead]) for k, v in values.items()}
-    sizes = {d: np.shape(v)[lead + i] for k, v in values.items() for i, d in enumerate(dims[k])}
-    coords = {d: np.asarray(labels) for d, labels in (getattr(posterior, "coords", None) or {}).items()
-              if d in sizes and len(np.asarray(labels)) == sizes[d]}
-    coords.update(sample_coords or {})
-    return azb.dict_to_dataset(
-        {k: np.asarray(v) for k, v in values.items()}, dims=dims, coords=coords,
-        sample_dims=sample_dims, attrs=attrs, inference_library=None, check_conventions=False)
 
 
 def _group_attrs(seed: int, factors: tuple[str, ...]) -> dict:
@@ -245,7 +216,7 @@ def posterior_predictive(fit: Fit, posterior: Posterior, *, seed: int = 0,
     if not isinstance(fit, Fit):
         raise OptionError(f"{who}: needs a bayeslik Fit, got {type(fit).__name__}.")
     observed, factors = _observed_sites(posterior, who)
-    seed = _check_seed(seed, who)
+    seed = check_seed(seed, OptionError, who)
     draws, C, S = matching_draws(fit, posterior, lambda why: OptionError(f"{who}: {why}"))
     sites = posterior.sites
     if num_draws is None:
@@ -261,13 +232,14 @@ def posterior_predictive(fit: Fit, posterior: Posterior, *, seed: int = 0,
     out = progs.map_into("posterior", rows, posterior.data_arrays, smallest=CHUNK_ROWS,
                          largest=CHUNK_ROWS, chunk_bytes=CHUNK_BYTES)
     out = {n: v.reshape((C, K) + v.shape[1:]) for n, v in out.items()}
-    group = _dataset(posterior, out, ["chain", "draw"],
-                     {"chain": draws["chain"].values, "draw": draws["draw"].values[index]},
-                     attrs=_group_attrs(seed, factors))
+    group = site_dataset(posterior, out, ["chain", "draw"],
+                         coords={"chain": draws["chain"].values,
+                                 "draw": draws["draw"].values[index]},
+                         attrs=_group_attrs(seed, factors))
     tree = fit.idata.copy()
     tree["posterior_predictive"] = xr.DataTree(group)
     if "observed_data" not in tree.children:
-        tree["observed_data"] = xr.DataTree(_dataset(posterior, posterior.observed_data, []))
+        tree["observed_data"] = xr.DataTree(site_dataset(posterior, posterior.observed_data, []))
     return dataclasses.replace(fit, idata=tree)
 
 
@@ -295,7 +267,7 @@ def prior_predictive(posterior: Posterior, *, num_draws: int = 500, seed: int = 
     who = "prior_predictive"
     observed, factors = _observed_sites(posterior, who)
     n = _check_count(num_draws, who)
-    seed = _check_seed(seed, who)
+    seed = check_seed(seed, OptionError, who)
     posterior.require_proper_prior(f"{who} (draws from the prior)")
     progs = _programs(posterior, observed)
     obs, latent = progs.map_into("prior", _keys(seed, n), posterior.data_arrays,
@@ -308,10 +280,11 @@ def prior_predictive(posterior: Posterior, *, num_draws: int = 500, seed: int = 
         return {k: v.reshape((1, n) + v.shape[1:]) for k, v in group.items()}
 
     tree = xr.DataTree.from_dict({
-        "prior": _dataset(posterior, lead(latent), ["chain", "draw"], coords, attrs=attrs),
-        "prior_predictive": _dataset(posterior, lead(obs), ["chain", "draw"], coords,
-                                     attrs=attrs),
-        "observed_data": _dataset(posterior, posterior.observed_data, []),
+        "prior": site_dataset(posterior, lead(latent), ["chain", "draw"], coords=coords,
+                              attrs=attrs),
+        "prior_predictive": site_dataset(posterior, lead(obs), ["chain", "draw"],
+                                         coords=coords, attrs=attrs),
+        "observed_data": site_dataset(posterior, posterior.observed_data, []),
     })
     tree.attrs.update({"inference_library": "bayeslik", "model": posterior.name})
     return tree

@@ -48,7 +48,7 @@ from bayeslik.convergence import convergence_flags
 from bayeslik.engines._programs import (ProgramCache, Programs, draws_fn, pointwise_fn,
                                         values_fn)
 from bayeslik.errors import EngineError, OptionError
-from bayeslik.fit import Cost, Fit, build_datatree, format_bytes
+from bayeslik.fit import Cost, Fit, build_datatree, format_bytes, site_dataset
 
 __all__ = ["Run", "Check", "chains_fit", "weighted_fit", "Programs", "ProgramCache", "draws_fn",
            "values_fn", "pointwise_fn", "loglikelihood_option", "loglikelihood_budget",
@@ -219,6 +219,10 @@ class Run:
         self.log_likelihood = _OPTION.get()
         self._budget = loglikelihood_budget() if self.log_likelihood == "auto" else None
         self._keep: bool | None = None
+        self._clock: _CompileClock | None = None  # started by the first track()
+        self._held: list[int | None] = []  # per tracked Programs: compiled programs it held
+        self._nonfinite_counts: dict[str, int] = {}  # what -> count (see nonfinite)
+        self._nonfinite_found: tuple[str, bool] | None = None  # the site search, once per run
 
     # ---------------------------------------------------------------- accounting
     def track(self, programs: Any) -> Any:
@@ -230,9 +234,8 @@ class Run:
         ``programs`` already held compiled programs (it came from the cache, compiled by an
         earlier run) becomes the Cost's ``compile_cached``."""
         self._tracked.append((programs, float(programs.compile_s)))
-        if not hasattr(self, "_clock"):
+        if not self._held:
             self._clock = _start_compile_clock()
-            self._held: list[int | None] = []
         self._held.append(_num_compiled(programs))
         return programs
 
@@ -343,10 +346,10 @@ class Run:
         where none did, None where the run tracked none."""
         wall = self.wall_s
         compile_s = self.compile_s
-        clock = getattr(self, "_clock", None)
+        clock = self._clock
         if clock is not None and clock.built:
             compile_s = min(max(compile_s, clock.seconds()), wall)
-        held = [h for h in getattr(self, "_held", ()) if h is not None]
+        held = [h for h in self._held if h is not None]
         return Cost(wall_s=wall / share, compile_s=compile_s / share,
                     num_loglik_evals=None if num_loglik_evals is None else int(num_loglik_evals),
                     num_grad_evals=None if num_grad_evals is None else int(num_grad_evals),
@@ -383,10 +386,9 @@ class Run:
         """
         count, total = int(count), int(total)
         slug = what.replace(" ", "").replace("-", "").replace("_", "")
-        done = getattr(self, "_nonfinite_done", {})
-        done[slug] = count
-        self._nonfinite_done = done
-        out = {"num_nonfinite": int(sum(done.values())), f"num_nonfinite_{slug}": count,
+        self._nonfinite_counts[slug] = count
+        out = {"num_nonfinite": int(sum(self._nonfinite_counts.values())),
+               f"num_nonfinite_{slug}": count,
                f"num_{slug}_checked": total}
         if count > 0:
             far_out = False
@@ -405,9 +407,8 @@ class Run:
     def _nonfinite_where(self, point: Any) -> tuple[str, bool]:
         """(which site made the non-finite values, in words; whether the only points found lie
         far out), found once per run."""
-        cached = getattr(self, "_nonfinite_found", None)
-        if cached is not None:
-            return cached
+        if self._nonfinite_found is not None:
+            return self._nonfinite_found
         from bayeslik.posterior import nonfinite_sites
 
         post, found, how = self.posterior, [], ""
@@ -515,7 +516,7 @@ def weighted_fit(run: Run, draws: Mapping[str, np.ndarray], *, group: str,
     idata = build_datatree(posterior, draws, sample_stats=sample_stats,
                            log_likelihood=log_likelihood, attrs=_attrs(run, wall, evidence))
     idata[group] = xr.DataTree(_weighted_dataset(
-        posterior, idata, {**weighted, "log_weight": log_weight}, point_dim,
+        posterior, {**weighted, "log_weight": log_weight}, point_dim,
         {**evidence, **dict(group_attrs or {})}))
     for name, ds in (more_groups or {}).items():
         idata[name] = xr.DataTree(ds)
@@ -525,38 +526,16 @@ def weighted_fit(run: Run, draws: Mapping[str, np.ndarray], *, group: str,
                model=posterior.name, flags=tuple(run.flags))
 
 
-def _weighted_dataset(posterior: Any, tree: Any, values: Mapping[str, np.ndarray],
-                      point_dim: str, attrs: Mapping[str, Any]):
+def _weighted_dataset(posterior: Any, values: Mapping[str, np.ndarray], point_dim: str,
+                      attrs: Mapping[str, Any]):
     """The weighted points {name: (run, point, ...)} as an xarray.Dataset with dims
-    ``("run", point_dim, *site dims)``; no ``sample_dims`` attribute (ArviZ would take them for
+    ``("run", point_dim, *site dims)``, labelled as :func:`bayeslik.fit.site_dataset` labels
+    the other groups, without the ``sample_dims`` attribute (ArviZ would take them for
     draws)."""
-    import arviz_base as azb
-    import xarray as xr
-
-    lead = ("run", point_dim)
-    sites = posterior.sites
-    built = tree["posterior"].coords if "posterior" in tree.children else {}
-    given = dict(getattr(posterior, "coords", None) or {})
-    data_vars: dict[str, Any] = {}
-    coords: dict[str, np.ndarray] = {}
-    for name, v in values.items():
-        v = np.asarray(v)
-        trailing = v.ndim - len(lead)
-        site_dims = list(sites[name].dims[:trailing]) if name in sites else []
-        dims = lead + tuple(site_dims) + tuple(f"{name}_dim_{i}"
-                                               for i in range(len(site_dims), trailing))
-        data_vars[name] = (dims, v)
-        for d, size in zip(dims, v.shape):
-            if d in coords:
-                continue
-            if d in built and built[d].size == size:
-                coords[d] = built[d].values
-            elif d in given and np.size(given[d]) == size:
-                coords[d] = np.asarray(given[d])
-            else:
-                coords[d] = np.arange(size)
-    return xr.Dataset(data_vars, coords=coords,
-                      attrs=azb.make_attrs(attrs={"weighted_dims": list(lead), **attrs}))
+    ds = site_dataset(posterior, values, ["run", point_dim],
+                      attrs={"weighted_dims": ["run", point_dim], **attrs})
+    ds.attrs.pop("sample_dims", None)
+    return ds
 
 
 # ---------------------------------------------------------------------------- the group, later
