@@ -286,25 +286,20 @@ def _check_out(path: str | None, folder: bool) -> None:
     if not path:
         return
     path = os.path.abspath(path)
-    if folder:
-        if os.path.exists(path) and not os.path.isdir(path):
-            raise _UsageError(f"--out {path!r} is a file; give a folder (nothing was run)")
-        where = path
-        while not os.path.exists(where):
-            where = os.path.dirname(where)
-    else:
-        if os.path.isdir(path):
-            raise _UsageError(f"--out {path!r} is a directory; give a file name such as "
-                              "fit.nc (nothing was run)")
-        where = os.path.dirname(path)
-        if not os.path.isdir(where):
-            raise _UsageError(f"--out {path!r}: the directory {where!r} does not exist; create "
-                              "it first (nothing was run)")
+    if not folder:  # a file: the checks Fit.save makes before it writes
+        from bayeslik.fit import save_path_problem
+
+        why = save_path_problem(path)
+        if why is not None:
+            raise _UsageError(f"--out {path!r}: {why} (nothing was run)")
+        return
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise _UsageError(f"--out {path!r} is a file; give a folder (nothing was run)")
+    where = path
+    while not os.path.exists(where):
+        where = os.path.dirname(where)
     if not os.access(where, os.W_OK | os.X_OK):
         raise _UsageError(f"--out {path!r}: {where!r} is not writable (nothing was run)")
-    if not folder and os.path.exists(path) and not os.access(path, os.W_OK):
-        raise _UsageError(f"--out {path!r}: the file exists and is read-only; remove it or give "
-                          "another name (nothing was run)")
 
 
 #: --log-likelihood's choices -> bl.fit's ``log_likelihood``

@@ -373,36 +373,41 @@ def _tree_nbytes(tree: xr.DataTree) -> int:
     return total
 
 
-def check_save_path(path: str | os.PathLike, nbytes: int = 0) -> str:
-    """Check that a Fit can be saved at ``path`` before anything is written (a run can call it
-    before it starts): its directory exists and is writable, ``path`` is not a directory nor a
-    read-only file, and the disk has room for ``nbytes``. Return the path the file is written
-    to (symbolic links resolved). A bad path raises OptionError naming it."""
-    shown = os.fspath(path)
-    target = os.path.realpath(shown)
+def save_path_problem(path: str | os.PathLike, nbytes: int = 0) -> str | None:
+    """What would stop a Fit of ``nbytes`` from being saved at ``path``, in words (its
+    directory missing or not writable, ``path`` a directory or a read-only file, a disk
+    without room), or None where nothing would. Writes nothing."""
+    target = os.path.realpath(os.fspath(path))
     folder = os.path.dirname(target)
-    keep = "Nothing was written"
-
-    def refuse(why: str) -> OptionError:
-        return OptionError(f"cannot save the Fit to {shown!r}: {why}. {keep}; the Fit is still "
-                           "in memory and can be saved elsewhere (fit.save(other_path)).")
-
     if not os.path.isdir(folder):
-        raise refuse(f"its directory {folder!r} does not exist (create it first)")
+        return f"its directory {folder!r} does not exist (create it first)"
     if os.path.isdir(target):
-        raise refuse("it is a directory; give a file name (e.g. 'run.nc')")
+        return "it is a directory; give a file name (e.g. 'run.nc')"
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise refuse(f"its directory {folder!r} is not writable")
+        return f"its directory {folder!r} is not writable"
     if os.path.exists(target) and not os.access(target, os.W_OK):
-        raise refuse("the file exists and is read-only (remove it or change its permissions)")
+        return "the file exists and is read-only (remove it or change its permissions)"
     try:
         free = shutil.disk_usage(folder).free
     except OSError:
         free = None
     if free is not None and nbytes > free:
-        raise refuse(f"the Fit takes about {format_bytes(nbytes)} and the disk holding {folder!r} "
-                     f"has only {format_bytes(free)} free")
-    return target
+        return (f"the Fit takes about {format_bytes(nbytes)} and the disk holding {folder!r} "
+                f"has only {format_bytes(free)} free")
+    return None
+
+
+def check_save_path(path: str | os.PathLike, nbytes: int = 0) -> str:
+    """Check that a Fit can be saved at ``path`` before anything is written (a run can call it
+    before it starts): :func:`save_path_problem`. Return the path the file is written to
+    (symbolic links resolved). A bad path raises OptionError naming it."""
+    shown = os.fspath(path)
+    why = save_path_problem(shown, nbytes)
+    if why is not None:
+        raise OptionError(f"cannot save the Fit to {shown!r}: {why}. Nothing was written; the "
+                          "Fit is still in memory and can be saved elsewhere "
+                          "(fit.save(other_path)).")
+    return os.path.realpath(shown)
 
 
 def format_bytes(n: float) -> str:
