@@ -188,9 +188,9 @@ def _strategy_draws(posterior, strategy: Callable) -> Callable:
     """A compiled ``keys (n,) -> (n, ndim)``: the unconstrained point a NumPyro init strategy
     gives under each key (the strategy sees every sample site, as in ``numpyro.infer``)."""
     import jax
-    from jax.flatten_util import ravel_pytree
     from numpyro import handlers
-    from numpyro.distributions.transforms import biject_to
+
+    from bayeslik.posterior import flat_unconstrained
 
     latent = posterior.latent_names
 
@@ -198,8 +198,7 @@ def _strategy_draws(posterior, strategy: Callable) -> Callable:
         model = handlers.substitute(handlers.seed(posterior.model, rng_seed=key),
                                     substitute_fn=strategy)
         tr = handlers.trace(model).get_trace(*posterior.args, **posterior.data)
-        return ravel_pytree({n: biject_to(tr[n]["fn"].support).inv(tr[n]["value"])
-                             for n in latent})[0]
+        return flat_unconstrained(tr, latent)
 
     return jax.jit(jax.vmap(one))
 

@@ -118,6 +118,14 @@ def _float(x: Any) -> jax.Array:
     return x.astype(jnp.result_type(float)) if jnp.issubdtype(x.dtype, jnp.floating) else x
 
 
+def flat_unconstrained(trace: dict, latent) -> jax.Array:
+    """The flat unconstrained vector of the ``latent`` sites' values in a NumPyro ``trace``
+    (each mapped by the inverse of its support's bijection, then raveled in the Posterior's
+    order)."""
+    return ravel_pytree({n: biject_to(trace[n]["fn"].support).inv(trace[n]["value"])
+                         for n in latent})[0]
+
+
 def _first_index(mask: np.ndarray) -> tuple:
     """The index of the first True entry of a boolean array with at least one (() for a 0-d one),
     for messages that point at the offending value."""
@@ -1275,8 +1283,7 @@ class PosteriorBase:
             tr = handlers.trace(handlers.substitute(seeded, data=data)).get_trace(
                 *self._args, **self._kwargs
             )
-            u = {n: biject_to(tr[n]["fn"].support).inv(tr[n]["value"]) for n in latent}
-            return ravel_pytree(u)[0]
+            return flat_unconstrained(tr, latent)
 
         return unconstrain
 
@@ -1291,8 +1298,7 @@ class PosteriorBase:
                 tr = handlers.trace(handlers.seed(self._model, rng_seed=key)).get_trace(
                     *self._args, **self._kwargs
                 )
-                u = {n: biject_to(tr[n]["fn"].support).inv(tr[n]["value"]) for n in latent}
-                return ravel_pytree(u)[0]
+                return flat_unconstrained(tr, latent)
 
             return jax.vmap(one)(jax.random.split(rng_key, num_samples))
 
