@@ -196,6 +196,12 @@ def _num_compiled(programs: Any) -> int | None:
     return None if compiled is None else len(compiled)
 
 
+def nonfinite_mask(x: Any) -> Any:
+    """Where a log density ``x`` is NaN or +inf: a value no engine can weigh (-inf, a zero
+    density, is legitimate). NumPy and JAX arrays alike (inside ``jit`` too)."""
+    return (x != x) | (x == math.inf)
+
+
 # ---------------------------------------------------------------------------- the run context
 class Run:
     """One engine run: the timer, compile accounting, progress bar, interrupt policy, flags.

@@ -279,7 +279,7 @@ class true_batch_fn:  # noqa: N801 - a callable, named as the hook's documentati
                             f"got {u.shape}.")
         self.num_calls += u.shape[0]
         logl = np.asarray(_map_padded(self._progs, "loglik", u, self._data), dtype=np.float64)
-        bad = np.isnan(logl) | np.isposinf(logl)
+        bad = kit.nonfinite_mask(logl)
         if bad.any():
             self.num_nonfinite += int(bad.sum())
             if self.nonfinite_u is None:

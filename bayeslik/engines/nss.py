@@ -221,8 +221,8 @@ class _Programs(Programs):
 
 
 def _nonfinite(x: jax.Array) -> jax.Array:
-    """NaN or +inf (-inf, a zero density, is legitimate), as int32."""
-    return (jnp.isnan(x) | (x == jnp.inf)).astype(jnp.int32)
+    """:func:`kit.nonfinite_mask` as int32."""
+    return kit.nonfinite_mask(x).astype(jnp.int32)
 
 
 _CACHE = ProgramCache(16)

@@ -297,11 +297,6 @@ def init(rng_key: jax.Array, position: jax.Array, logdensity_fn, config: NUTSCon
                       inverse_mass_matrix)
 
 
-def _nonfinite(logdensity: jax.Array) -> jax.Array:
-    """NaN or +inf: a log density no engine can weigh (-inf, a zero density, is legitimate)."""
-    return jnp.isnan(logdensity) | (logdensity == jnp.inf)
-
-
 def build_kernel(logdensity_fn, config: NUTSConfig):
     """``kernel(rng_key, state) -> (ChainState, DrawInfo)``: one NUTS transition (blackjax's
     iterative NUTS: multinomial sampling, generalised U-turn criterion) at the state's step
@@ -321,7 +316,7 @@ def build_kernel(logdensity_fn, config: NUTSConfig):
                              logdensity_grad=hmc.logdensity_grad)
         # a NaN (or +inf) log density ends the trajectory at one of its two ends
         left, right = info.trajectory_leftmost_state, info.trajectory_rightmost_state
-        bad_left, bad_right = _nonfinite(left.logdensity), _nonfinite(right.logdensity)
+        bad_left, bad_right = kit.nonfinite_mask(left.logdensity), kit.nonfinite_mask(right.logdensity)
         return new, DrawInfo(hmc.position, hmc.logdensity, info.is_divergent,
                              info.num_trajectory_expansions, info.acceptance_rate, info.energy,
                              info.num_integration_steps,
@@ -495,7 +490,7 @@ class _Programs(kit.Programs):
             ok = jnp.isfinite(val) & jnp.all(jnp.isfinite(grad), axis=1)
             first = jnp.argmax(ok)
             chain = init(jax.random.wrap_key_data(key_data), candidates[first], logdensity, config)
-            bad = _nonfinite(val)
+            bad = kit.nonfinite_mask(val)
             return (build_warmup(logdensity, config)[0](chain), first, ok.sum(),
                     (bad.sum(), jnp.argmax(bad)))
 

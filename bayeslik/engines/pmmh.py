@@ -344,17 +344,13 @@ def _start(progs: _Programs, posterior: StateSpacePosterior, config: PMMHConfig,
         jnp.broadcast_to(float(config.initial_scale) * jnp.eye(d), (C, d, d)))
 
 
-def _nonfinite(x: np.ndarray) -> np.ndarray:
-    return np.isnan(x) | np.isposinf(x)
-
-
 def _count_nonfinite(counts: dict, ll: np.ndarray, lp: np.ndarray, zs=None) -> None:
     """Add the NaN / +inf log-likelihood estimates (where the log prior is finite: elsewhere
     no filter runs) and log priors of a batch of evaluations to ``counts``; keep the first
     point ``zs`` (rows as ``ll``) where an estimate was one."""
-    bad_ll = _nonfinite(ll) & np.isfinite(lp)
+    bad_ll = kit.nonfinite_mask(ll) & np.isfinite(lp)
     counts["loglikelihood"] = counts.get("loglikelihood", 0) + int(bad_ll.sum())
-    counts["logprior"] = counts.get("logprior", 0) + int(_nonfinite(lp).sum())
+    counts["logprior"] = counts.get("logprior", 0) + int(kit.nonfinite_mask(lp).sum())
     counts["checked"] = counts.get("checked", 0) + int(ll.size)
     if zs is not None and bad_ll.any() and counts.get("point") is None:
         counts["point"] = np.asarray(zs)[np.argmax(bad_ll)]

@@ -289,8 +289,7 @@ def _clean(x: jax.Array) -> jax.Array:
 def _nonfinite(lp: jax.Array, ll: jax.Array) -> jax.Array:
     """int (2,): whether the log-likelihood ``ll`` and the log prior ``lp`` are NaN or +inf
     (-inf, a zero density, is legitimate): the counts of :class:`StageInfo`."""
-    return jnp.stack([jnp.isnan(ll) | (ll == jnp.inf),
-                      jnp.isnan(lp) | (lp == jnp.inf)]).astype(jnp.int32)
+    return jnp.stack([kit.nonfinite_mask(ll), kit.nonfinite_mask(lp)]).astype(jnp.int32)
 
 
 def _tempered_value_and_grad(eval_fn: Callable, z: jax.Array, lam: jax.Array):
