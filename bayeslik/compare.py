@@ -160,24 +160,34 @@ def _one(posterior: Posterior, run: _Run) -> tuple[Fit | None, str | None]:
 
 
 def _quality(fit: Fit) -> dict[str, float]:
-    import arviz_stats as azs
+    """Smallest bulk / tail ESS and largest R-hat over the posterior's scalar elements that vary
+    (a constant element, e.g. a fixed entry of a left-to-right transition row, has no ESS or
+    R-hat: ArviZ would divide 0 by 0 there, and its NaN would say nothing)."""
+    from arviz_stats.base import array_stats
+
+    from bayeslik.convergence import _elements
 
     out = {"ess_bulk_min": np.nan, "ess_tail_min": np.nan, "rhat_max": np.nan}
     post = fit.idata["posterior"]
     if not post.data_vars or fit.num_draws < 4:
         return out
+    _, x = _elements({v: np.asarray(post[v]) for v in post.data_vars})
+    x = x[:, :, np.ptp(x.reshape(-1, x.shape[2]), axis=0) > 0] if x.shape[2] else x
+    if x.shape[2] == 0:
+        return out
+    ary = np.moveaxis(x, 2, 0)  # (elements, chain, draw)
 
-    def smallest(ds) -> float:
-        vals = [np.asarray(ds[v]).ravel() for v in ds.data_vars]
-        vals = np.concatenate(vals) if vals else np.array([np.nan])
-        return float(np.nanmin(vals)) if np.isfinite(vals).any() else np.nan
+    def smallest(v) -> float:
+        v = np.asarray(v, dtype=float)
+        return float(np.nanmin(v)) if np.isfinite(v).any() else np.nan
 
-    out["ess_bulk_min"] = smallest(azs.ess(fit.idata, method="bulk"))
-    out["ess_tail_min"] = smallest(azs.ess(fit.idata, method="tail"))
+    for method in ("bulk", "tail"):
+        out[f"ess_{method}_min"] = smallest(array_stats.ess(
+            ary, chain_axis=-2, draw_axis=-1, method=method,
+            **({"prob": (0.05, 0.95)} if method == "tail" else {})))  # ArviZ's tail quantiles
     if fit.num_chains > 1:
-        r = azs.rhat(fit.idata)
-        vals = np.concatenate([np.asarray(r[v]).ravel() for v in r.data_vars])
-        out["rhat_max"] = float(np.nanmax(vals)) if np.isfinite(vals).any() else np.nan
+        r = np.asarray(array_stats.rhat(ary, chain_axis=-2, draw_axis=-1, method="rank"))
+        out["rhat_max"] = float(np.nanmax(r)) if np.isfinite(r).any() else np.nan
     return out
 
 

@@ -335,3 +335,26 @@ def test_nuts_cold_and_warm_compare_fairly():
     assert cold["compile_s"] > 1.0 and warm["compile_s"] < 0.25 * cold["compile_s"]
     assert cold["ess_bulk_min"] == warm["ess_bulk_min"]
     assert 0.5 < cold["ess_bulk_per_s"] / warm["ess_bulk_per_s"] < 2.0, (cold, warm)
+
+
+def test_quality_skips_constant_elements_without_numpy_warnings(problem):
+    """A fixed element (e.g. the last row [1] of a left-to-right transition matrix) has no ESS or
+    R-hat: the table's numbers come from the varying elements, and no RuntimeWarning from ArviZ's
+    0/0 reaches the user (the demo printed one)."""
+    import warnings
+
+    from bayeslik.compare import _quality
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 200))
+    idata = build_datatree(problem.posterior(), {"mu": x})
+    import xarray as xr
+    idata["posterior"]["fixed"] = xr.DataArray(np.ones((2, 200, 2)), dims=("chain", "draw", "k"))
+    fit = Fit(idata=idata, engine="exact", config={}, seed=None, cost=Cost(wall_s=0.5),
+              model="m")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q = _quality(fit)
+    from arviz_stats.base import array_stats
+    assert q["rhat_max"] == pytest.approx(float(array_stats.rhat(x, method="rank")))
+    assert q["ess_bulk_min"] == pytest.approx(float(array_stats.ess(x, method="bulk")))
