@@ -158,6 +158,15 @@ def fit(posterior: Posterior, engine: Any = "nuts", *, seed: int | None = 0,
     >>> fit = bl.fit(post, "nuts", seed=0, num_chains=4)              # doctest: +SKIP
     >>> fit = bl.fit(post, bl.engines.NUTS(num_samples=2000), seed=1) # doctest: +SKIP
     """
+    result = fit_quietly(posterior, engine, seed=seed, log_likelihood=log_likelihood, **options)
+    warn_flags(result)  # every flag is also a FitWarning, so trouble is seen outside the Fit too
+    return result
+
+
+def fit_quietly(posterior: Posterior, engine: Any = "nuts", *, seed: int | None = 0,
+                log_likelihood: Any = "auto", **options: Any) -> Fit:
+    """:func:`fit` without turning the Fit's flags into FitWarnings: for callers that report
+    the flags themselves (``bl.compare`` warns once per flagged run, from the user's call)."""
     if not isinstance(posterior, posterior_kinds()):
         raise EngineError(
             f"fit() needs a bayeslik.Posterior, got {type(posterior).__name__}; build one with "
@@ -170,9 +179,7 @@ def fit(posterior: Posterior, engine: Any = "nuts", *, seed: int | None = 0,
     from bayeslik.engines import kit  # the option reaches every engine's kit.Run
 
     with kit.loglikelihood_option(log_likelihood, posterior):
-        result = dataclasses.replace(spec.run(posterior, key, config), seed=seed)
-    warn_flags(result)  # every flag is also a FitWarning, so trouble is seen outside the Fit too
-    return result
+        return dataclasses.replace(spec.run(posterior, key, config), seed=seed)
 
 
 #: the seeds jax.random.key takes: signed 64-bit integers

@@ -148,15 +148,29 @@ class _Run:
 
 
 def _one(posterior: Posterior, run: _Run) -> tuple[Fit | None, str | None]:
-    from bayeslik.api import fit as run_fit
+    from bayeslik.api import fit_quietly  # compare warns once per flagged run, from its caller
 
     try:
-        return run_fit(posterior, run.engine, seed=run.seed, **dict(run.options)), None
+        return fit_quietly(posterior, run.engine, seed=run.seed, **dict(run.options)), None
     except BayeslikError as e:
         return None, f"{type(e).__name__}: {e}"
     except Exception as e:  # noqa: BLE001 - a comparison reports a crashed engine and goes on
         tb = traceback.format_exception_only(type(e), e)[-1].strip()
         return None, f"crashed: {tb}"
+
+
+def _warn_flags(posterior: Posterior, runs: list, results: dict) -> None:
+    """One FitWarning per flag of each run, attributed to the caller of ``bl.compare`` (the
+    engines' own warnings would point into this module) and naming the run's label and seed."""
+    import warnings
+
+    from bayeslik.convergence import FitWarning
+
+    for r in runs:
+        fit = results.get((r.label, r.seed), (None, None))[0]
+        for flag in fit.flags if fit is not None else ():
+            warnings.warn(f"{r.label} (seed {r.seed}) on '{posterior.name}': {flag}", FitWarning,
+                          stacklevel=3)
 
 
 def _quality(fit: Fit) -> dict[str, float]:
@@ -463,6 +477,7 @@ def compare(posterior: Posterior, engines: Sequence[Any] | Mapping[str, Any] = (
         rows.append(_row(r, fit, err, ref))
         fits[r.label].append(fit)
     table = pd.DataFrame(rows, columns=COLUMNS)
+    _warn_flags(posterior, runs, results)
     # True / False / None as Python objects (pandas would make an all-known column numpy bools)
     table["compile_cached"] = pd.Series([_known_bool(v) for v in table["compile_cached"]],
                                         index=table.index, dtype=object)

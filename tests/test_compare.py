@@ -12,6 +12,7 @@ import pytest
 
 import bayeslik as bl
 from bayeslik import api
+from bayeslik.convergence import FitWarning
 from bayeslik.fit import Cost, Fit, build_datatree
 from bayeslik.models import reference
 
@@ -358,3 +359,25 @@ def test_quality_skips_constant_elements_without_numpy_warnings(problem):
     from arviz_stats.base import array_stats
     assert q["rhat_max"] == pytest.approx(float(array_stats.rhat(x, method="rank")))
     assert q["ess_bulk_min"] == pytest.approx(float(array_stats.ess(x, method="bulk")))
+
+
+def test_flags_are_warned_once_from_the_callers_line(monkeypatch, problem):
+    """compare warns once per flag of each run, naming the run, from the user's call (not from
+    inside bayeslik, whose path a stored notebook would show)."""
+    import dataclasses
+    import warnings
+
+    def flagged(posterior, rng_key, config):
+        return dataclasses.replace(_exact_run(posterior, rng_key, config),
+                                   flags=["something went wrong"])
+
+    monkeypatch.setitem(api._REGISTRY, "flagged",
+                        api.EngineSpec("flagged", ExactConfig, flagged, "test stand-in"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cmp = bl.compare(problem.posterior(), ["flagged"], seeds=[0, 1], progress_bar=False)
+    fit_warnings = [w for w in caught if issubclass(w.category, FitWarning)]
+    assert [str(w.message) for w in fit_warnings] == [
+        f"flagged (seed {s}) on '{problem.posterior().name}': something went wrong" for s in (0, 1)]
+    assert all(w.filename == __file__ for w in fit_warnings)
+    assert list(cmp.table["num_flags"]) == [1, 1]
