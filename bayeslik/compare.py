@@ -179,13 +179,13 @@ def _quality(fit: Fit) -> dict[str, float]:
     R-hat: ArviZ would divide 0 by 0 there, and its NaN would say nothing)."""
     from arviz_stats.base import array_stats
 
-    from bayeslik.convergence import _elements
+    from bayeslik.convergence import scalar_elements
 
     out = {"ess_bulk_min": np.nan, "ess_tail_min": np.nan, "rhat_max": np.nan}
     post = fit.idata["posterior"]
     if not post.data_vars or fit.num_draws < 4:
         return out
-    _, x = _elements({v: np.asarray(post[v]) for v in post.data_vars})
+    _, x = scalar_elements({v: np.asarray(post[v]) for v in post.data_vars})
     x = x[:, :, np.ptp(x.reshape(-1, x.shape[2]), axis=0) > 0] if x.shape[2] else x
     if x.shape[2] == 0:
         return out

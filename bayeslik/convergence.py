@@ -17,7 +17,7 @@ from typing import Mapping
 
 import numpy as np
 
-__all__ = ["FitWarning", "convergence_flags", "warn_flags", "RHAT_MAX", "ESS_PER_CHAIN_MIN"]
+__all__ = ["FitWarning", "convergence_flags", "warn_flags", "scalar_elements", "RHAT_MAX", "ESS_PER_CHAIN_MIN"]
 
 #: split R-hat above this is flagged
 RHAT_MAX = 1.01
@@ -30,8 +30,15 @@ class FitWarning(UserWarning):
     effective draws, a surrogate that never switched in... The same text is in ``fit.flags``."""
 
 
-def _elements(draws: Mapping[str, np.ndarray]):
-    """(name of each scalar element, array (chain, draw, elements)) of all sites."""
+def scalar_elements(draws: Mapping[str, np.ndarray]) -> tuple[list[str], np.ndarray]:
+    """``(names, x)``: the name of every scalar element of the sites (``"A[0,1]"``) and their
+    draws side by side, ``x`` of shape ``(chain, draw, elements)``; ``draws`` maps each site to
+    ``(chain, draw, ...)``.
+
+    >>> names, x = scalar_elements({"mu": np.zeros((2, 5)), "b": np.zeros((2, 5, 2))})
+    >>> names, x.shape
+    (['mu', 'b[0]', 'b[1]'], (2, 5, 3))
+    """
     names, columns = [], []
     for site, a in draws.items():
         a = np.asarray(a, dtype=float)
@@ -72,7 +79,7 @@ def convergence_flags(draws: Mapping[str, np.ndarray], *, rhat_max: float = RHAT
     """
     from arviz_stats.base import array_stats
 
-    names, x = _elements(draws)
+    names, x = scalar_elements(draws)
     num_chains, num_draws = x.shape[0], x.shape[1]
     if x.shape[2] == 0 or num_draws < 4:
         return []
