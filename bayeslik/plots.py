@@ -75,7 +75,6 @@ def plot_marginals(comparison, var_names: Sequence[str] | None = None, max_param
     its draws), or "normal approx." (dashed: a normal with the exact mean and sd, where nothing
     more is known). Returns the Figure."""
     import matplotlib.pyplot as plt
-    from scipy.stats import gaussian_kde
 
     labels = [lab for lab, fits in comparison.fits.items() if any(f is not None for f in fits)]
     if not labels:
@@ -94,9 +93,8 @@ def plot_marginals(comparison, var_names: Sequence[str] | None = None, max_param
     for i, lab in enumerate(labels):
         for ax, (p, x) in zip(axes.flat, _scalar_marginals(comparison[lab], names, max_params)):
             drawn.setdefault(p, []).append(x)
-            grid = _grid(x, ref_draws.get(p))
             if np.ptp(x) > 0:
-                ax.plot(grid, gaussian_kde(x)(grid), color=f"C{i}", lw=1.3, label=lab)
+                ax.plot(*_kde(x), color=f"C{i}", lw=1.3, label=lab)
             ax.set_title(p, fontsize=9)
             ax.set_yticks([])
     kinds = []
@@ -122,7 +120,7 @@ def _reference_curve(ref, p: str, draws, engine_draws: list):
     None where the reference says nothing about it: its exact density ("exact"), a kernel
     density estimate of its draws ("reference draws"), or a normal with its exact mean and sd
     ("normal approx.")."""
-    from scipy.stats import gaussian_kde, norm
+    from scipy.stats import norm
 
     if ref is None:
         return None
@@ -135,15 +133,14 @@ def _reference_curve(ref, p: str, draws, engine_draws: list):
     if density is not None:
         xs = [np.asarray(x, float) for x in engine_draws] + ([] if draws is None else [draws])
         if xs:
-            grid = _grid(np.concatenate(xs), None)
+            grid = _grid(np.concatenate(xs))
         elif m is not None:
             grid = np.linspace(m - 4 * s, m + 4 * s, 200)
         else:
             return None
         return grid, np.asarray(density(grid), float), "k-", "exact"
     if draws is not None and np.ptp(draws) > 0:
-        grid = _grid(draws, None)
-        return grid, gaussian_kde(draws)(grid), "k-", "reference draws"
+        return (*_kde(draws), "k-", "reference draws")
     if m is not None:
         grid = np.linspace(m - 4 * s, m + 4 * s, 200)
         return grid, norm.pdf(grid, m, s), "k--", "normal approx."
@@ -161,10 +158,18 @@ class _DrawsFit:
         return np.asarray(self._d[v])
 
 
-def _grid(x, other):
+def _kde(x) -> tuple[np.ndarray, np.ndarray]:
+    """(grid, density): ArviZ's kernel density estimate (the one its plots draw), on the draws'
+    range with boundary correction, so the density of a positive parameter whose draws crowd 0
+    does not spill below 0 nor dip at the edge (scipy's Gaussian KDE did both)."""
+    from arviz_stats.base import array_stats
+
+    grid, density, _ = array_stats.kde(np.asarray(x, float), grid_len=256)
+    return grid, density
+
+
+def _grid(x):
     lo, hi = np.quantile(x, [0.001, 0.999])
-    if other is not None:
-        lo, hi = min(lo, np.quantile(other, 0.001)), max(hi, np.quantile(other, 0.999))
     pad = 0.1 * (hi - lo + 1e-12)
     return np.linspace(lo - pad, hi + pad, 200)
 

@@ -321,6 +321,35 @@ def test_plot_marginals_draws_the_exact_marginal(monkeypatch):
         plt.close(fig)
 
 
+def test_plot_marginals_densities_stay_inside_the_support():
+    """The engines' density curves of a positive parameter whose draws crowd 0 start at the
+    smallest draw (boundary-corrected KDE, as ArviZ draws it) and integrate to 1 there; scipy's
+    Gaussian KDE spilled below 0 and halved the density at the edge."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    matplotlib.use("Agg")
+    from bayeslik.plots import _kde
+
+    x = np.random.default_rng(0).exponential(1.0, 4000)
+    grid, dens = _kde(x)
+    assert grid.min() >= 0.0
+    assert float(np.sum(dens) * (grid[1] - grid[0])) == pytest.approx(1.0, abs=0.02)
+    assert dens[0] == pytest.approx(1.0, abs=0.15)  # the exponential's density at 0 is 1
+    prob = reference.get("normal_mean")
+    post = prob.posterior()
+    fit = Fit(idata=build_datatree(post, {"mu": x[None]}), engine="exact", config={}, seed=None,
+              cost=Cost(wall_s=0.5), model=post.name)
+    from bayeslik.compare import Comparison
+    import pandas as pd
+    cmp = Comparison(table=pd.DataFrame(), fits={"exact": [fit]}, reference=None, posterior=post,
+                     seeds=[0])
+    fig = cmp.plot("marginals")
+    (line,) = [ln for ln in fig.axes[0].get_lines() if ln.get_label() == "exact"]
+    assert np.min(line.get_xdata()) >= 0.0
+    plt.close(fig)
+
+
 @pytest.mark.slow
 def test_nuts_cold_and_warm_compare_fairly():
     """The issue's case: one NUTS fit compared with its programs compiled, then cached: sampling
