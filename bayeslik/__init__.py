@@ -35,7 +35,7 @@ _LAZY = {
     "fit": "bayeslik.api", "register_engine": "bayeslik.api",
     "pointwise_loglikelihood": "bayeslik.engines.kit",
     "compare": "bayeslik.compare", "Comparison": "bayeslik.compare", "Reference": "bayeslik.compare",
-    "use_cpu_cores": "bayeslik.devices",
+    "use_cpu_cores": "bayeslik.devices", "FitWarning": "bayeslik.convergence",
     "StateSpacePosterior": "bayeslik.statespace",
     "Cost": "bayeslik.fit", "Fit": "bayeslik.fit", "load_fit": "bayeslik.fit",
     "Posterior": "bayeslik.posterior",
@@ -51,7 +51,7 @@ __all__ = [
     "OptionError", "compare", "Comparison", "Reference", "StateSpacePosterior", "relabel", "use_cpu_cores",
     "BayeslikError", "DataError", "EngineError", "ImproperPriorError", "InitializationError",
     "ModelError", "PriorTransformError", "pointwise_loglikelihood",
-    "posterior_predictive", "prior_predictive",
+    "posterior_predictive", "prior_predictive", "FitWarning",
 ]
 
 
