@@ -24,11 +24,36 @@ Stopping rule
     with ``Z_live = X * mean(L_live)``; then the live points join the dead ones. ``max_iterations``
     (steps of ``num_delete`` deaths) is a hard cap (flagged).
 
+Self-check (are the new points fresh draws?)
+    Nested sampling is exact only if each new point is a draw from the prior inside the contour,
+    independent of the live point its slice chain started from; chains too short to forget
+    their start (``num_inner_steps`` too small for the dimension or the shape) bias logZ, and
+    ``log_evidence_err`` cannot see it. Inside the compiled chunk, each new point is ranked by
+    log-likelihood among the ``num_live - num_delete`` points that stayed live (its insertion
+    index), and so is its chain's start. For correct draws the insertion rank is uniform
+    (Fowlie, Handley & Su 2020) and independent of the start's rank (the start is picked
+    uniformly). :func:`self_check` tests both over the whole run and in windows of about
+    ``num_live`` new points (Kolmogorov-Smirnov for uniformity; one-sided for a rank correlation
+    above ``START_RHO_MIN`` = 0.08, the memory a healthy run may keep; windows Sidak-corrected,
+    the four p-values Bonferroni-combined into ``selfcheck_pvalue``). Below ``SELFCHECK_ALPHA``
+    = 1e-3 the Fit is flagged (and ``bl.fit`` warns): the new points are not independent
+    draws; use more ``num_inner_steps``. The p-values, the mean insertion rank (0.5
+    expected), the start-rank correlation (0 expected)
+    and the number of ranked points are in the ``nested_samples`` group's attributes. The
+    start-rank test is the sharp one: an undermixed chain moves its point little, so the point
+    inherits its start's (uniform) insertion rank, while its start's rank predicts it. With
+    separated modes of different shapes no slice chain leaves its start's mode, so the
+    correlation stays however long the chains (the flag is then right that the draws are not
+    independent, but more steps will not help). Not checked: the log-likelihood values the
+    slice proposals meet inside blackjax's step-out and shrink loops (NaN there is taken as
+    -inf, outside the contour, and not counted; only a bool leaves those loops).
+
 What the Fit holds (as for "nested")
     ``posterior``: equal-weight draws (chain=1); ``log_likelihood``: their pointwise
     log-likelihood; ``nested_samples``: every dead point (constrained values per site,
     ``log_weight`` normalised to ``logsumexp = 0``, ``loglikelihood``, ``loglikelihood_birth``,
-    ``log_volume``) with the evidence in its attributes; ``Fit.log_evidence`` and its error;
+    ``log_volume``) with the evidence and the self-check's p-values in its attributes;
+    ``Fit.log_evidence`` and its error;
     ``Cost.num_loglik_evals``: every likelihood evaluation (the initial live points and each
     slice sampler's bracket, step-out and shrink evaluations).
 
@@ -59,7 +84,8 @@ from bayeslik.errors import EngineError, ImproperPriorError, InitializationError
 from bayeslik.fit import Fit
 from bayeslik.weights import equal_weight_indices, kish_ess
 
-__all__ = ["NSSConfig", "NSS", "run", "DeadPoints", "log_weights", "evidence"]
+__all__ = ["NSSConfig", "NSS", "run", "DeadPoints", "log_weights", "evidence", "self_check",
+           "SELFCHECK_ALPHA"]
 
 
 @dataclass(frozen=True)
@@ -70,9 +96,11 @@ class NSSConfig:
     num_delete : points replaced per step (None: max(1, num_live // 10)); larger values do more
         in parallel (GPU) at the same accuracy per dead point.
     num_inner_steps : slice moves per new point (None: max(5, 5 * ndim)); too few bias logZ
-        upwards in many dimensions and leave the live points clumped (the new point stays
-        correlated with its start): on the 5-D Gaussian shells 15 steps gave posterior means
-        3-4 standard errors off in 2 of 3 runs, 40 steps none.
+        in many dimensions and leave the live points clumped (the new point stays correlated
+        with its start): on the 5-D Gaussian shells 15 steps gave posterior means 3-4 standard
+        errors off in 2 of 3 runs, 40 steps none. The run's self-check (module docs) flags
+        new points whose likelihood rank follows their start's or is not uniform among the
+        live points: the sign that this is too small.
     dlogz : stop when the live points could raise logZ by less than this (nats).
     max_iterations : at most this many steps (None: no cap; flagged if reached).
     num_volume_samples : simulated prior-volume sequences for logZ's error.
@@ -170,6 +198,143 @@ def evidence(rng: np.random.Generator, dead: DeadPoints, num_samples: int = 100)
     }
 
 
+# ---------------------------------------------------------------------------- the self-check
+#: a run is flagged when its self-check p-value (:func:`self_check`) is below this
+SELFCHECK_ALPHA = 1e-3
+#: the start-rank test asks whether the rank correlation between new points and their starts
+#: exceeds this: healthy default runs keep a little memory (eggbox, 10 moves in 2-D: 0.06,
+#: at most 0.10 over 20 seeds), while 5 moves on the 6-D correlated Gaussian (0.125) already
+#: understate logZ's error ~1.5x
+START_RHO_MIN = 0.08
+#: fewer ranked new points than this: no check (p-values NaN, no flag)
+SELFCHECK_MIN_POINTS = 50
+
+
+def _ks_pvalue(u: np.ndarray, inflation: float) -> float:
+    """Kolmogorov-Smirnov p-value of ``u`` against U(0, 1), for draws whose empirical process
+    has ``inflation`` times the variance of independent ones (the effective size is
+    ``len(u) / inflation``); Stephens' finite-size form of the asymptotic distribution."""
+    from scipy import special
+
+    x = np.sort(u)
+    i = np.arange(1, len(x) + 1)
+    d = max(np.max(i / len(x) - x), np.max(x - (i - 1) / len(x)))
+    n = len(u) / inflation
+    return float(special.kolmogorov((math.sqrt(n) + 0.12 + 0.11 / math.sqrt(n)) * d))
+
+
+def _dependence_pvalue(s: np.ndarray, u: np.ndarray, rho_min: float = 0.0) -> float:
+    """One-sided p-value of the hypothesis that the correlation of the uniforms ``s`` and ``u``
+    is at most ``rho_min``, from ``T = sum (s - 1/2)(u - 1/2)`` (mean ``rho n / 12``). At
+    ``rho_min = 0``, with each ``s`` U(0, 1) and independent of ``u`` and of the past, ``T`` is a
+    martingale; it is standardised by its realised variance ``sum (u - 1/2)^2 / 12``."""
+    from scipy import special
+
+    du = u - 0.5
+    t = np.sum((s - 0.5) * du) - rho_min * len(u) / 12.0
+    return float(special.ndtr(-t / math.sqrt(max(np.sum(du**2) / 12.0, 1e-300))))
+
+
+def _windowed(pvalue, *arrays: np.ndarray, steps: int) -> tuple[float, int]:
+    """(the smallest of ``pvalue`` over consecutive windows of ``steps`` steps (the last one
+    longer), Sidak-corrected for their number ``m``: ``1 - (1 - p_min)^m``; m)."""
+    m = max(1, len(arrays[0]) // steps)
+    p_min = min(pvalue(*(a.ravel() for a in w))
+                for w in zip(*(np.array_split(a, m) for a in arrays)))
+    return float(-np.expm1(m * np.log1p(-min(p_min, 1.0 - 1e-16)))), m
+
+
+def self_check(rng: np.random.Generator, counts, num_live: int, num_delete: int,
+               rho_min: float = START_RHO_MIN) -> dict:
+    """The self-check of a run from each step's rank counts (:func:`_rank_counts`, stacked over
+    steps in their order): are the new points fresh draws from the prior inside the contour?
+
+    Each step's new points are ranked (by log-likelihood) among the ``M = num_live -
+    num_delete`` points that stayed live, ties broken at random and the rank jittered:
+    ``u = (below + U(0, tied + 1)) / (M + 1)``; the survivor each one's slice chain started
+    from is ranked likewise, ``s`` (on 0..M-1, divided by M). For correctly drawn points
+    ``u ~ U(0, 1)`` (the insertion-index test of Fowlie, Handley & Su 2020) and ``s`` (the start
+    is picked uniformly) is independent of ``u``. Four p-values:
+
+    * ``insertion_pvalue_run``: Kolmogorov-Smirnov of u over the run. The new points of one
+      step share their reference points, which makes the empirical process of the u's
+      ``1 + (num_delete - 1) / M`` times as variable as that of independent draws: the KS
+      p-values use that effective size;
+    * ``insertion_pvalue_windows``: the same in consecutive windows of about ``num_live`` new
+      points (a failure in part of the run only), the smallest corrected for the number of
+      windows ``m`` by Sidak, ``1 - (1 - p_min)^m`` (windows share no points);
+    * ``start_pvalue_run`` / ``start_pvalue_windows``: the one-sided test that the rank
+      correlation of u and s is at most ``rho_min`` (:func:`_dependence_pvalue`; at
+      ``rho_min = 0`` the statistic is a martingale needing no correction for shared reference
+      points, as the starts are drawn independently). A slice chain too short to forget its
+      start leaves a new point near it in likelihood: the rank correlation
+      ``start_rank_correlation`` is positive. The floor ``rho_min``
+      (:data:`START_RHO_MIN`) keeps the small memory healthy runs have (a p-value test of
+      exactly 0 rejects it in long runs) from flagging. This is the stronger test: an
+      undermixed chain moves its point little, so its insertion rank stays nearly uniform
+      (it inherits its start's) while the start's rank predicts it;
+
+    ``selfcheck_pvalue = min(1, 4 min(all four))`` (Bonferroni), flagged below
+    :data:`SELFCHECK_ALPHA`. Also the number of ranked points and windows and the mean of u
+    (0.5 expected). Steps whose survivors are not all strictly above the contour (a -inf
+    contour with zero-likelihood survivors, a plateau) are left out.
+    """
+    below, tied, start_below, start_tied, usable = (np.asarray(c) for c in counts)
+    usable = usable.reshape(-1).astype(bool)
+    shape = (len(usable), num_delete)
+    below, tied, start_below, start_tied = (np.asarray(a, np.float64).reshape(shape)[usable]
+                                            for a in (below, tied, start_below, start_tied))
+    m_ref = num_live - num_delete
+    u = (below + rng.random(below.shape) * (tied + 1.0)) / (m_ref + 1.0)
+    s = (start_below + rng.random(below.shape) * (start_tied + 1.0)) / m_ref
+    n = int(u.size)
+    out = {"selfcheck_pvalue": math.nan, "insertion_pvalue_run": math.nan,
+           "insertion_pvalue_windows": math.nan, "start_pvalue_run": math.nan,
+           "start_pvalue_windows": math.nan, "selfcheck_num_points": n,
+           "selfcheck_num_windows": 0, "insertion_mean_rank": math.nan,
+           "start_rank_correlation": math.nan}
+    if n < SELFCHECK_MIN_POINTS:
+        return out
+    inflation = 1.0 + (num_delete - 1) / m_ref
+    ks = lambda x: _ks_pvalue(x, inflation)  # noqa: E731
+    steps = max(1, int(round(num_live / num_delete)))
+    p_ins, m = _windowed(ks, u, steps=steps)
+    dep = lambda a, b: _dependence_pvalue(a, b, rho_min)  # noqa: E731
+    p_dep, _ = _windowed(dep, s, u, steps=steps)
+    found = {"insertion_pvalue_run": ks(u.ravel()), "insertion_pvalue_windows": p_ins,
+             "start_pvalue_run": dep(s.ravel(), u.ravel()),
+             "start_pvalue_windows": p_dep}
+    out.update(found, selfcheck_pvalue=min(1.0, 4.0 * min(found.values())),
+               selfcheck_num_windows=m, insertion_mean_rank=float(u.mean()),
+               start_rank_correlation=float(np.corrcoef(s.ravel(), u.ravel())[0, 1]))
+    return out
+
+
+def _selfcheck_flag(check: dict, inner: int, ndim: int) -> str | None:
+    """The flag of a run whose self-check rejects (None where it passes)."""
+    p = check["selfcheck_pvalue"]
+    if not p < SELFCHECK_ALPHA:
+        return None
+    seen = []
+    if min(check["start_pvalue_run"], check["start_pvalue_windows"]) * 4 < SELFCHECK_ALPHA:
+        seen.append(f"a new point's likelihood rank follows that of the live point its slice "
+                    f"chain started from (rank correlation "
+                    f"{check['start_rank_correlation']:.3f}, 0 expected, more than "
+                    f"{START_RHO_MIN:g} is flagged)")
+    if min(check["insertion_pvalue_run"], check["insertion_pvalue_windows"]) * 4 \
+            < SELFCHECK_ALPHA:
+        seen.append(f"the ranks of new points among the live ones are not uniform (mean "
+                    f"{check['insertion_mean_rank']:.3f}, 0.5 expected)")
+    return (f"self-check failed (p = {p:.2g} < {SELFCHECK_ALPHA:g} over "
+            f"{check['selfcheck_num_points']} new points): {'; '.join(seen)}. The new points are "
+            "not fresh draws from the prior inside the likelihood contour: the slice chains "
+            "are too short to forget their starts, which biases logZ and makes its error too "
+            f"small. Use more slice moves per new point: num_inner_steps="
+            f"{max(2 * inner, 5 * ndim)} or more (now {inner}); if the posterior has separated "
+            "modes of different shapes, chains cannot leave their start's mode and more steps "
+            "will not clear this")
+
+
 # ---------------------------------------------------------------------------- compiled programs
 class _Programs(Programs):
     """``init``: live states from prior draws; ``chunk``: a scan of NS steps returning the dead
@@ -190,7 +355,7 @@ class _Programs(Programs):
                 return jnp.where(jnp.isnan(ll), -jnp.inf, ll)
 
             return blackjax.nss(fns.logprior, loglik, num_inner_steps=num_inner,
-                                num_delete=num_delete)
+                                num_delete=num_delete, update_strategy=_take_last_with_starts)
 
         def init(positions, key_data, data):
             # and the prior draws whose log-likelihood / log prior is NaN or +inf: their counts
@@ -206,11 +371,14 @@ class _Programs(Programs):
             keys = jax.random.split(jax.random.wrap_key_data(key_data), chunk_len)
 
             def body(st, key):
+                old = st.particles.loglikelihood
                 st, info = step(key, st)
-                ui = info.update_info
+                ui, start = info.update_info
                 num_evals = jnp.sum(2 + ui.num_expansions + ui.num_shrink)
                 p = info.particles
-                return st, (p.position, p.loglikelihood, p.loglikelihood_birth, num_evals)
+                ranks = _rank_counts(old, st.particles.loglikelihood, start, num_delete)
+                return st, (p.position, p.loglikelihood, p.loglikelihood_birth, num_evals,
+                            ranks)
 
             return jax.lax.scan(body, state, keys)
 
@@ -218,6 +386,54 @@ class _Programs(Programs):
                      "values": jax.jit(values_fn(posterior)),
                      "pointwise": jax.jit(pointwise_fn(posterior))}
 
+
+
+def _take_last_with_starts(constrained_step, num_inner: int, num_delete: int):
+    """blackjax's ``update_strategy`` seam: each of the ``num_delete`` new points is the last of
+    ``num_inner`` constrained moves from a live point drawn uniformly among those strictly
+    inside the contour (all of them where none is), born at the contour. Its update info is
+    (the moves' infos (num_delete, num_inner), the start indices (num_delete,)): the self-check
+    ranks the starts."""
+
+    def update(rng_key, state, loglikelihood_0, **params):
+        pick, move = jax.random.split(rng_key)
+        inside = state.particles.loglikelihood > loglikelihood_0
+        logits = jnp.where(inside | ~jnp.any(inside), 0.0, -jnp.inf)
+        start = jax.random.categorical(pick, logits, shape=(num_delete,))
+
+        def chain(key, particle):
+            def one(p, k):
+                return constrained_step(k, p, loglikelihood_0, **params)
+
+            return jax.lax.scan(one, particle, jax.random.split(key, num_inner))
+
+        first = jax.tree.map(lambda x: x[start], state.particles)
+        new, infos = jax.vmap(chain)(jax.random.split(move, num_delete), first)
+        birth = jnp.full_like(new.loglikelihood_birth, loglikelihood_0)
+        return new._replace(loglikelihood_birth=birth), (infos, start)
+
+    return update
+
+
+def _rank_counts(old: jax.Array, new: jax.Array, start: jax.Array, num_delete: int):
+    """The ranks of one step, from the live log-likelihoods before (``old``) and after (``new``)
+    it and the start indices of its slice chains: the slots blackjax overwrote are the
+    ``num_delete`` of lowest ``old`` (its ``delete_fn``: the same ``top_k``, so the same slots);
+    the reference set is the points that stayed live. Returns (below, tied (num_delete,):
+    survivors with a lower / equal log-likelihood than each new point; start_below, start_tied:
+    the same for each start (itself not counted); usable (): whether every survivor lies
+    strictly above the contour, the condition under which a correct point's rank is uniform)."""
+    _, dead = jax.lax.top_k(-old, num_delete)
+    survivor = jnp.ones(old.shape, bool).at[dead].set(False)
+
+    def count(values, minus=0):
+        less = survivor[None] & (old[None] < values[:, None])
+        same = survivor[None] & (old[None] == values[:, None])
+        return (jnp.sum(less, axis=1, dtype=jnp.int32),
+                jnp.sum(same, axis=1, dtype=jnp.int32) - minus)
+
+    usable = jnp.all(jnp.where(survivor, old > jnp.max(old[dead]), True))
+    return (*count(new[dead]), *count(old[start], minus=1), usable)
 
 
 def _nonfinite(x: jax.Array) -> jax.Array:
@@ -369,6 +585,9 @@ def run(posterior, rng_key: jax.Array, config: NSSConfig) -> Fit:
                 break
 
     dead = _dead_points(chunks, state.particles, posterior.ndim)
+    counts = [np.concatenate([c[4][i] for c in chunks]) if chunks else np.zeros((0, k))
+              for i in range(5)]
+    check = self_check(_rng(jax.random.fold_in(k_vol, 1)), counts, config.num_live, k)
     ev = evidence(_rng(k_vol), dead, config.num_volume_samples)
     log_w = ev["log_weight"]
     ess = kish_ess(log_w)
@@ -379,13 +598,15 @@ def run(posterior, rng_key: jax.Array, config: NSSConfig) -> Fit:
     pointwise = _constrained(progs, "pointwise", dead.position[idx], data) if keep else {}
     for flag in _flags(config, steps, ess, hit_max, run.interrupted):
         run.flag(flag)
+    run.flag(_selfcheck_flag(check, inner, posterior.ndim))
     # the initial live points only: the slice proposals' values do not leave blackjax's step
     nonfinite = {**run.nonfinite(int(bad[0]), config.num_live, what="log-likelihood",
                                  point=point, scope="at the initial live points"),
                  **run.nonfinite(int(bad[1]), config.num_live, what="log prior", point=point,
                                  scope="at the initial live points")}
     attrs = {"num_live": config.num_live, "num_delete": k, "num_inner_steps": inner,
-             "num_steps": steps, "ess": ess, "logz_integrator": float(state.integrator.logZ)}
+             "num_steps": steps, "ess": ess, "logz_integrator": float(state.integrator.logZ),
+             **check}
     return kit.weighted_fit(
         run, _one_chain({n: np.asarray(v)[idx] for n, v in dead_values.items()}),
         group="nested_samples",
