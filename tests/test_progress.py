@@ -167,7 +167,8 @@ def test_auto_chooses_by_kernel_and_widgets(monkeypatch):
 
 # ------------------------------------------------------------------ rendering in a notebook
 def test_text_bar_in_a_kernel_redraws_one_display_line(monkeypatch, capfd):
-    """No stderr; one display output, updated in place; its last state is the finished bar."""
+    """In a kernel without ipywidgets (auto picks the text bar there): no stderr; one display
+    output, updated in place; its last state is the finished bar."""
     import IPython.display
 
     shown = []
@@ -183,6 +184,7 @@ def test_text_bar_in_a_kernel_redraws_one_display_line(monkeypatch, capfd):
 
     monkeypatch.setattr(IPython.display, "display", display)
     monkeypatch.setattr(progress, "_in_kernel", lambda: True)
+    monkeypatch.setattr(progress, "_has_widgets", lambda: False)  # the test extra has ipywidgets
     monkeypatch.setenv(progress.ENV, "auto")
     b = progress.bar(total=5, desc="NUTS m", mininterval=0)
     for _ in range(5):
