@@ -159,7 +159,7 @@ class _SlowPrograms:
         from bayeslik.engines import kit
 
         progs = kit.Programs()
-        progs._fns = {"draws": jax.jit(lambda kd: _unrolled(kd, 1000, 30))}
+        progs._fns = {"draws": jax.jit(lambda kd: _unrolled(kd, 1000, 200))}
         return progs
 
 
