@@ -177,31 +177,20 @@ def _quality(fit: Fit) -> dict[str, float]:
     """Smallest bulk / tail ESS and largest R-hat over the posterior's scalar elements that vary
     (a constant element, e.g. a fixed entry of a left-to-right transition row, has no ESS or
     R-hat: ArviZ would divide 0 by 0 there, and its NaN would say nothing)."""
-    from arviz_stats.base import array_stats
-
-    from bayeslik.convergence import scalar_elements
+    from bayeslik.convergence import element_diagnostics
 
     out = {"ess_bulk_min": np.nan, "ess_tail_min": np.nan, "rhat_max": np.nan}
     post = fit.idata["posterior"]
-    if not post.data_vars or fit.num_draws < 4:
+    diag = element_diagnostics({v: np.asarray(post[v]) for v in post.data_vars})
+    if diag is None:
         return out
-    _, x = scalar_elements({v: np.asarray(post[v]) for v in post.data_vars})
-    x = x[:, :, np.ptp(x.reshape(-1, x.shape[2]), axis=0) > 0] if x.shape[2] else x
-    if x.shape[2] == 0:
-        return out
-    ary = np.moveaxis(x, 2, 0)  # (elements, chain, draw)
 
-    def smallest(v) -> float:
-        v = np.asarray(v, dtype=float)
-        return float(np.nanmin(v)) if np.isfinite(v).any() else np.nan
+    def extreme(v, pick) -> float:
+        return float(pick(v)) if v is not None and np.isfinite(v).any() else np.nan
 
-    for method in ("bulk", "tail"):
-        out[f"ess_{method}_min"] = smallest(array_stats.ess(
-            ary, chain_axis=-2, draw_axis=-1, method=method,
-            **({"prob": (0.05, 0.95)} if method == "tail" else {})))  # ArviZ's tail quantiles
-    if fit.num_chains > 1:
-        r = np.asarray(array_stats.rhat(ary, chain_axis=-2, draw_axis=-1, method="rank"))
-        out["rhat_max"] = float(np.nanmax(r)) if np.isfinite(r).any() else np.nan
+    out["ess_bulk_min"] = extreme(diag["ess_bulk"], np.nanmin)
+    out["ess_tail_min"] = extreme(diag["ess_tail"], np.nanmin)
+    out["rhat_max"] = extreme(diag["rhat"], np.nanmax)
     return out
 
 

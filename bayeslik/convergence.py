@@ -17,7 +17,8 @@ from typing import Mapping
 
 import numpy as np
 
-__all__ = ["FitWarning", "convergence_flags", "warn_flags", "scalar_elements", "RHAT_MAX", "ESS_PER_CHAIN_MIN"]
+__all__ = ["FitWarning", "convergence_flags", "warn_flags", "scalar_elements",
+           "element_diagnostics", "RHAT_MAX", "ESS_PER_CHAIN_MIN"]
 
 #: split R-hat above this is flagged
 RHAT_MAX = 1.01
@@ -77,44 +78,68 @@ def convergence_flags(draws: Mapping[str, np.ndarray], *, rhat_max: float = RHAT
     >>> convergence_flags(apart)[0].startswith("chains disagree: split R-hat above 1.01")
     True
     """
+    diag = element_diagnostics(draws)
+    if diag is None:
+        return []
+    names, rhat, num_chains = diag["names"], diag["rhat"], diag["num_chains"]
+    flags = []
+    if rhat is not None:
+        bad = np.isfinite(rhat) & (rhat > rhat_max)
+        if bad.any():
+            flags.append(
+                f"chains disagree: split R-hat above {rhat_max} for {int(bad.sum())} of "
+                f"{len(names)} parameters (worst: "
+                f"{_worst(names, rhat, bad, lambda v: f'{v:.3g}', True)}); the chains may sit "
+                "in different modes or have not mixed: do not trust the summaries; run "
+                "longer, start the chains elsewhere, or reparametrise")
+    need = ess_per_chain_min * num_chains
+    for method in ("bulk", "tail"):
+        ess = diag[f"ess_{method}"]
+        bad = np.isfinite(ess) & (ess < need)
+        if bad.any():
+            flags.append(
+                f"low {method} ESS: below {ess_per_chain_min:g} per chain ({need:g}) for "
+                f"{int(bad.sum())} of {len(names)} parameters (worst: "
+                f"{_worst(names, ess, bad, lambda v: f'{v:.0f}', False)}); the "
+                f"{'means' if method == 'bulk' else 'tail quantiles'} are poorly estimated: "
+                "draw more, or improve the mixing")
+    return flags
+
+
+def element_diagnostics(draws: Mapping[str, np.ndarray]) -> dict | None:
+    """Rank-normalised split R-hat and bulk / tail ESS of every scalar element of ``draws``
+    ``{site: (chain, draw, *shape)}`` that varies over the draws (a constant element has none:
+    ArviZ would divide 0 by 0). A dict with ``names``, ``rhat`` (None for one chain),
+    ``ess_bulk``, ``ess_tail`` (arrays over the varying elements) and ``num_chains``; None when
+    no element varies or there are fewer than 4 draws.
+
+    >>> d = element_diagnostics({"x": np.random.default_rng(0).normal(size=(2, 100)),
+    ...                          "c": np.ones((2, 100))})
+    >>> d["names"], d["rhat"].shape
+    (['x'], (1,))
+    """
     from arviz_stats.base import array_stats
 
     names, x = scalar_elements(draws)
     num_chains, num_draws = x.shape[0], x.shape[1]
     if x.shape[2] == 0 or num_draws < 4:
-        return []
+        return None
     varying = np.ptp(x.reshape(-1, x.shape[2]), axis=0) > 0
     if not varying.any():
-        return []
-    names = [n for n, v in zip(names, varying) if v]
-    x = x[:, :, varying]
-    ary = np.moveaxis(x, 2, 0)  # (elements, chain, draw)
-    flags = []
-    with warnings.catch_warnings():
+        return None
+    ary = np.moveaxis(x[:, :, varying], 2, 0)  # (elements, chain, draw)
+    out = {"names": [n for n, v in zip(names, varying) if v], "num_chains": num_chains,
+           "rhat": None}
+    with warnings.catch_warnings():  # NaN where an element is constant within every chain
         warnings.simplefilter("ignore", RuntimeWarning)
         if num_chains > 1:
-            rhat = np.asarray(array_stats.rhat(ary, chain_axis=-2, draw_axis=-1, method="rank"))
-            bad = np.isfinite(rhat) & (rhat > rhat_max)
-            if bad.any():
-                flags.append(
-                    f"chains disagree: split R-hat above {rhat_max} for {int(bad.sum())} of "
-                    f"{len(names)} parameters (worst: "
-                    f"{_worst(names, rhat, bad, lambda v: f'{v:.3g}', True)}); the chains may sit "
-                    "in different modes or have not mixed: do not trust the summaries; run "
-                    "longer, start the chains elsewhere, or reparametrise")
-        need = ess_per_chain_min * num_chains
-        for method in ("bulk", "tail"):
-            ess = np.asarray(array_stats.ess(ary, chain_axis=-2, draw_axis=-1, method=method,
-                                              **({"prob": (0.05, 0.95)} if method == "tail" else {})))
-            bad = np.isfinite(ess) & (ess < need)
-            if bad.any():
-                flags.append(
-                    f"low {method} ESS: below {ess_per_chain_min:g} per chain ({need:g}) for "
-                    f"{int(bad.sum())} of {len(names)} parameters (worst: "
-                    f"{_worst(names, ess, bad, lambda v: f'{v:.0f}', False)}); the "
-                    f"{'means' if method == 'bulk' else 'tail quantiles'} are poorly estimated: "
-                    "draw more, or improve the mixing")
-    return flags
+            out["rhat"] = np.asarray(array_stats.rhat(ary, chain_axis=-2, draw_axis=-1,
+                                                      method="rank"))
+        for method in ("bulk", "tail"):  # ArviZ's tail quantiles 5% / 95%
+            out[f"ess_{method}"] = np.asarray(array_stats.ess(
+                ary, chain_axis=-2, draw_axis=-1, method=method,
+                **({"prob": (0.05, 0.95)} if method == "tail" else {})))
+    return out
 
 
 def warn_flags(fit, stacklevel: int = 3) -> None:
