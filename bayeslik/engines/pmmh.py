@@ -143,21 +143,40 @@ class PMMHState(NamedTuple):
 
 class PMMHInfo(NamedTuple):
     """One iteration: ``acceptance_rate`` = min(1, alpha), ``accepted``, the proposal's
-    log-likelihood estimate (-inf where its log prior is not finite: no filter counts there)
-    and its log prior."""
+    log-likelihood estimate (-inf where its log prior is not finite: no filter counts there),
+    its log prior, ``proposal_num_nonfinite`` (int32: how many of its filter's particle log
+    densities were NaN or +inf and got zero weight, ``PFResult.num_nonfinite_total``; 0 where
+    its log prior is not finite) and ``proposal_position`` (``z'``, unconstrained)."""
 
     acceptance_rate: jax.Array
     accepted: jax.Array
     proposal_loglikelihood: jax.Array
     proposal_logprior: jax.Array = None
+    proposal_num_nonfinite: jax.Array = None
+    proposal_position: jax.Array = None
 
 
 def _loglik_fn(posterior: StateSpacePosterior, config: PMMHConfig) -> Callable:
-    """``(z, noise, ys) -> log p-hat(ys | params(z))`` (NaN -> -inf)."""
+    """``(z, noise, ys) -> (log p-hat(ys | params(z)), num_nonfinite)`` (NaN -> -inf;
+    num_nonfinite: the filter's NaN / +inf particle log densities)."""
     fn = _pf.log_likelihood_fn(posterior.ssm, config.num_particles, method=config.method,
                                resampling=config.resampling, ess_threshold=config.ess_threshold,
-                               correlated=config.correlated)
+                               correlated=config.correlated, count_nonfinite=True)
     return lambda z, noise, ys: fn(posterior.params(z), ys, noise)
+
+
+def _init(rng_key, z, ys, posterior, config) -> tuple[PMMHState, jax.Array]:
+    """:func:`init` and its filter's count of NaN / +inf particle log densities (0 where the
+    log prior is not finite)."""
+    ssm, N, T, d = posterior.ssm, config.num_particles, posterior.num_steps, posterior.ndim
+    noise = _pf.draw_noise(rng_key, ssm, T, N) if config.correlated else rng_key
+    ll, num_bad = _loglik_fn(posterior, config)(z, noise, ys)
+    lp = posterior.logprior(z)
+    state = PMMHState(
+        z, lp, ll, noise if config.correlated else jnp.zeros(()),
+        jnp.zeros(d), jnp.zeros((d, d)), jnp.zeros((), jnp.int32), jnp.zeros(()),
+        float(config.initial_scale) * jnp.eye(d))
+    return state, jnp.where(jnp.isfinite(lp), num_bad, 0)
 
 
 def init(rng_key: jax.Array, z: jax.Array, ys: Any, posterior: StateSpacePosterior,
@@ -168,13 +187,7 @@ def init(rng_key: jax.Array, z: jax.Array, ys: Any, posterior: StateSpacePosteri
 
     >>> state = init(jax.random.key(0), z0, post.ys, post, PMMHConfig())  # doctest: +SKIP
     """
-    ssm, N, T, d = posterior.ssm, config.num_particles, posterior.num_steps, posterior.ndim
-    noise = _pf.draw_noise(rng_key, ssm, T, N) if config.correlated else rng_key
-    ll = _loglik_fn(posterior, config)(z, noise, ys)
-    return PMMHState(
-        z, posterior.logprior(z), ll, noise if config.correlated else jnp.zeros(()),
-        jnp.zeros(d), jnp.zeros((d, d)), jnp.zeros((), jnp.int32), jnp.zeros(()),
-        float(config.initial_scale) * jnp.eye(d))
+    return _init(rng_key, z, ys, posterior, config)[0]
 
 
 def build_kernel(posterior: StateSpacePosterior, config: PMMHConfig) -> Callable:
@@ -202,7 +215,9 @@ def build_kernel(posterior: StateSpacePosterior, config: PMMHConfig) -> Callable
         else:
             noise = k_noise
         lp_new = posterior.logprior(z_new)
-        ll_new = jnp.where(jnp.isfinite(lp_new), loglik(z_new, noise, ys), -jnp.inf)
+        ll_filter, num_bad = loglik(z_new, noise, ys)
+        ll_new = jnp.where(jnp.isfinite(lp_new), ll_filter, -jnp.inf)
+        num_bad = jnp.where(jnp.isfinite(lp_new), num_bad, 0)
         log_alpha = lp_new + ll_new - state.logprior - state.loglik
         log_alpha = jnp.where(jnp.isnan(log_alpha), -jnp.inf, log_alpha)
         alpha = jnp.exp(jnp.minimum(log_alpha, 0.0))
@@ -235,7 +250,7 @@ def build_kernel(posterior: StateSpacePosterior, config: PMMHConfig) -> Callable
         new = new._replace(mean=mean, scatter=scatter,
                            count=state.count + jnp.asarray(adapt, jnp.int32),
                            log_scale=log_scale, chol=chol)
-        return new, PMMHInfo(alpha, accept, ll_new, lp_new)
+        return new, PMMHInfo(alpha, accept, ll_new, lp_new, num_bad, z_new)
 
     return kernel
 
@@ -248,11 +263,12 @@ class _Programs(kit.Programs):
         kernel = build_kernel(posterior, config)
 
         def evaluate(z, key, ys):
-            state = init(key, z, ys, posterior, config)
-            return state.logprior, state.loglik, state.u
+            state, num_bad = _init(key, z, ys, posterior, config)
+            return state.logprior, state.loglik, state.u, num_bad
 
         def evaluate_many(zs, keys, ys):
-            """(log prior, log-likelihood estimate, noise) at each row of zs (M, d)."""
+            """(log prior, log-likelihood estimate, noise, the filter's NaN / +inf particle
+            log densities) at each row of zs (M, d)."""
             return jax.vmap(evaluate, in_axes=(0, 0, None))(zs, keys, ys)
 
         def chunk(states, key_data, offset, length_active, adapt, num_switch, num_burn, ys):
@@ -321,8 +337,8 @@ def _start(progs: _Programs, posterior: StateSpacePosterior, config: PMMHConfig,
     else:
         cands = np.asarray(posterior.sample_prior(k_cand, C * R)).reshape(C, R, d)
     M = C * R
-    lp, ll, noise = progs("evaluate", jnp.asarray(cands.reshape(M, d)),
-                          jax.random.split(k_init, M), posterior.ys)
+    lp, ll, noise, num_bad = progs("evaluate", jnp.asarray(cands.reshape(M, d)),
+                                   jax.random.split(k_init, M), posterior.ys)
     score = np.asarray(lp + ll).reshape(C, R)
     score = np.where(np.isfinite(score), score, -np.inf)
     num_ok = np.isfinite(score).sum(axis=1)
@@ -336,7 +352,8 @@ def _start(progs: _Programs, posterior: StateSpacePosterior, config: PMMHConfig,
             "or check that the state-space model's observation log-density is finite.")
     best = np.arange(C) * R + score.argmax(axis=1)
     if counts is not None:  # the candidates' NaN / +inf log-likelihood estimates and log priors
-        _count_nonfinite(counts, np.asarray(ll), np.asarray(lp), cands.reshape(M, d))
+        _count_nonfinite(counts, np.asarray(ll), np.asarray(lp), cands.reshape(M, d),
+                         np.asarray(num_bad))
     return PMMHState(
         jnp.asarray(cands.reshape(M, d)[best]), lp[best], ll[best],
         jax.tree.map(lambda a: a[best], noise) if config.correlated else jnp.zeros(C),
@@ -344,31 +361,71 @@ def _start(progs: _Programs, posterior: StateSpacePosterior, config: PMMHConfig,
         jnp.broadcast_to(float(config.initial_scale) * jnp.eye(d), (C, d, d)))
 
 
-def _count_nonfinite(counts: dict, ll: np.ndarray, lp: np.ndarray, zs=None) -> None:
-    """Add the NaN / +inf log-likelihood estimates (where the log prior is finite: elsewhere
-    no filter runs) and log priors of a batch of evaluations to ``counts``; keep the first
-    point ``zs`` (rows as ``ll``) where an estimate was one."""
-    bad_ll = kit.nonfinite_mask(ll) & np.isfinite(lp)
+def _count_nonfinite(counts: dict, ll: np.ndarray, lp: np.ndarray, zs=None,
+                     num_bad: np.ndarray | None = None) -> None:
+    """Add a batch of evaluations (rows of ``ll``) to ``counts``: the log-likelihood
+    evaluations that were not clean (where the log prior is finite: elsewhere no filter runs),
+    i.e. an estimate that was NaN or +inf or a filter that met ``num_bad`` > 0 NaN / +inf
+    particle log densities (it gave them zero weight); the sum of ``num_bad``; the NaN / +inf
+    log priors. Keep the first point ``zs`` (rows as ``ll``) of an unclean evaluation,
+    preferring one whose filter met non-finite particle densities."""
+    ok_lp = np.isfinite(lp)
+    bad_est = kit.nonfinite_mask(ll) & ok_lp
+    bad_dens = (np.zeros(np.shape(ll), bool) if num_bad is None
+                else (np.asarray(num_bad) > 0) & ok_lp)
+    bad_ll = bad_est | bad_dens
     counts["loglikelihood"] = counts.get("loglikelihood", 0) + int(bad_ll.sum())
     counts["logprior"] = counts.get("logprior", 0) + int(kit.nonfinite_mask(lp).sum())
-    counts["checked"] = counts.get("checked", 0) + int(ll.size)
-    if zs is not None and bad_ll.any() and counts.get("point") is None:
-        counts["point"] = np.asarray(zs)[np.argmax(bad_ll)]
+    counts["checked"] = counts.get("checked", 0) + int(np.size(ll))
+    if num_bad is not None:
+        counts["particle_densities"] = (counts.get("particle_densities", 0)
+                                        + int(np.where(ok_lp, num_bad, 0).sum()))
+    if zs is None:
+        return
+    zs = np.asarray(zs).reshape(np.shape(ll) + (-1,))
+    if bad_dens.any() and counts.get("density_point") is None:
+        counts["density_point"] = zs[np.unravel_index(np.argmax(bad_dens), bad_dens.shape)]
+    if bad_est.any() and counts.get("point") is None:
+        counts["point"] = zs[np.unravel_index(np.argmax(bad_est), bad_est.shape)]
+
+
+def _densities(config: Any) -> str:
+    """The functions of the state-space model that make the filter's particle log weights."""
+    method = getattr(config, "method", None)
+    if method == "bootstrap":
+        return "observation log density (observation_logdensity_fn)"
+    if method == "guided":
+        return "observation, transition or proposal log density"
+    return "observation, transition, proposal or look-ahead log density"
+
+
+def _at(run: kit.Run, z: np.ndarray) -> str:
+    values = jax.jit(run.posterior.constrain)(jnp.asarray(z))
+    return ", ".join(f"{n}={np.asarray(values[n], np.float64).round(3).tolist()}"
+                     for n in run.posterior.latent_names[:6])
 
 
 def _nonfinite_extra(run: kit.Run, counts: dict) -> dict:
-    """Cost.extra's counts of NaN / +inf log-likelihood estimates and log priors (starting
-    candidates and proposals), flagged: a prior site where the prior made them, else the
-    particle filter (at a starting candidate where one gave a NaN estimate)."""
-    where = "the particle filter's log-likelihood estimate"
-    if counts.get("point") is not None:
-        values = jax.jit(run.posterior.constrain)(jnp.asarray(counts["point"]))
-        where += " at " + ", ".join(f"{n}={np.asarray(values[n]).round(3).tolist()}"
-                                    for n in run.posterior.latent_names[:6])
+    """Cost.extra's counts of NaN / +inf log-likelihood evaluations (estimates, and filters that
+    met NaN / +inf particle log densities) and log priors (starting candidates and proposals),
+    flagged: a prior site where the prior made them, else the state-space model's densities in
+    the particle filter or its estimate, at the first point where one was."""
+    num_dens = int(counts.get("particle_densities", 0))
+    if num_dens:
+        where = (f"the state-space model's {_densities(run.config)} in the particle filter: "
+                 f"{num_dens} particle log weights were NaN or +inf in all, each given zero "
+                 "weight"
+                 + (f"; one filter with them ran at {_at(run, counts['density_point'])}"
+                    if counts.get("density_point") is not None else ""))
+    else:
+        where = "the particle filter's log-likelihood estimate"
+        if counts.get("point") is not None:
+            where += " at " + _at(run, counts["point"])
     return {**run.nonfinite(counts.get("loglikelihood", 0), counts.get("checked", 0),
                             what="log-likelihood", where=where),
             **run.nonfinite(counts.get("logprior", 0), counts.get("checked", 0),
-                            what="log prior")}
+                            what="log prior"),
+            "num_nonfinite_particle_densities": num_dens}
 
 
 def _adaptation_schedule(num_warmup: int, d: int) -> tuple[int, int]:
@@ -459,7 +516,8 @@ def run(posterior: StateSpacePosterior, rng_key: jax.Array, config: PMMHConfig) 
     run.require(bool(kept), "PMMH was interrupted before any draw was kept")
     info, zs, lps, lls = jax.tree.map(lambda *a: np.concatenate(a, axis=1), *kept)
     for o in warm + kept:  # every proposal (warmup and kept iterations)
-        _count_nonfinite(counts, o[0].proposal_loglikelihood, o[0].proposal_logprior)
+        _count_nonfinite(counts, o[0].proposal_loglikelihood, o[0].proposal_logprior,
+                         o[0].proposal_position, o[0].proposal_num_nonfinite)
     ll_sd, num_checks = _loglik_sd(progs, posterior, config, jnp.asarray(zs.reshape(-1, d).mean(0)),
                                    k_var)
     _flag(run, info.accepted, ll_sd, config)

@@ -38,6 +38,11 @@ is biased low by about half its variance). Resampling: ``"multinomial"``, ``"sys
 (the default; O(N)), ``"stratified"``, ``"residual"``; all give each particle ``N W^i``
 offspring on average.
 
+A particle whose log weight (or look-ahead) is NaN or +inf gets zero weight, as a ``-inf`` does,
+but is counted: ``PFResult.num_nonfinite`` per step (a non-zero count means the estimate is for
+the model truncated to where its densities are finite). A step where no particle has a finite
+weight makes the estimate ``-inf`` (and nothing is counted after it).
+
 Pre-drawn randomness (correlated filters)
 -----------------------------------------
 A model that also gives its samplers as functions of standard normals (``init_transform_fn``,
@@ -207,12 +212,15 @@ class PFState(NamedTuple):
 
 class PFStepInfo(NamedTuple):
     """What one step reports: ``log_likelihood_increment`` (log p-hat(y_t | y_{0:t-1})), ``ess``
-    of the new weights, ``resampled`` (bool), ``ancestors`` ``(N,)``."""
+    of the new weights, ``resampled`` (bool), ``ancestors`` ``(N,)`` and ``num_nonfinite``
+    (int32): how many of the step's per-particle log densities were NaN or +inf and so got
+    zero weight (see :class:`PFResult`)."""
 
     log_likelihood_increment: jax.Array
     ess: jax.Array
     resampled: jax.Array
     ancestors: jax.Array
+    num_nonfinite: jax.Array = None
 
 
 class PFResult(NamedTuple):
@@ -232,6 +240,17 @@ class PFResult(NamedTuple):
         history_particles, history_log_weights, history_ancestors: ``(T, N, ...)``, ``(T, N)``,
             ``(T, N)`` (``ancestors[t, j]`` indexes step ``t-1``; ``ancestors[0] = arange``),
             only with ``keep_history=True`` (else None); see :func:`ancestral_paths`.
+        num_nonfinite: ``(T,)`` int32, per step, the particles' log densities that were NaN or
+            +inf: the incremental log weight of each particle (``log g(y_t | x_t)``; with a
+            proposal ``log g + log f - log q``) and, with ``method="auxiliary"``, the
+            look-ahead ``eta`` of each particle (so up to ``2 N`` per step). The filter
+            gives them zero weight (as it does a ``-inf``, a legitimate zero density, which is
+            not counted), so a non-zero count means the estimate is for the model truncated to
+            where its densities are finite; when every particle is non-finite at a step, that
+            step's estimate, and ``log_likelihood``, is ``-inf``. Counted only while the
+            running estimate is finite: after a step whose estimate is ``-inf`` (it stays
+            ``-inf``) the later steps count 0.
+        num_nonfinite_total: ``()`` int32, their sum over the steps.
     """
 
     log_likelihood: jax.Array
@@ -245,6 +264,8 @@ class PFResult(NamedTuple):
     history_particles: jax.Array | None = None
     history_log_weights: jax.Array | None = None
     history_ancestors: jax.Array | None = None
+    num_nonfinite: jax.Array | None = None
+    num_nonfinite_total: jax.Array | None = None
 
 
 class _Static(NamedTuple):
@@ -256,9 +277,20 @@ class _Static(NamedTuple):
     sort: bool  # sort particles before resampling (pre-drawn u)
 
 
+def _nonfinite(x):
+    """Where a log density is NaN or +inf (a value no weight can be made of; -inf is a zero
+    density): the mask kit.nonfinite_mask gives, here without importing the engines."""
+    return jnp.isnan(x) | (x == jnp.inf)
+
+
+def _count(x):
+    return jnp.sum(_nonfinite(x), dtype=jnp.int32)
+
+
 def _normalise(lw):
-    """(normalised log weights, log normaliser); all -inf or NaN weights -> uniform, -inf."""
-    lw = jnp.where(jnp.isnan(lw), -jnp.inf, lw)
+    """(normalised log weights, log normaliser); NaN and +inf weights are zero weights (as
+    -inf); all zero -> uniform weights and a log normaliser of -inf."""
+    lw = jnp.where(_nonfinite(lw), -jnp.inf, lw)
     c = logsumexp(lw)
     ok = jnp.isfinite(c)
     n = lw.shape[0]
@@ -283,7 +315,7 @@ def _init(st: _Static, params, y0, noise):
     lw, c = _normalise(inc)
     ll = c - jnp.log(n)
     info = PFStepInfo(ll, jnp.exp(-logsumexp(2 * lw)), jnp.zeros((), bool),
-                      jnp.arange(n, dtype=jnp.int32))
+                      jnp.arange(n, dtype=jnp.int32), _count(inc))
     return PFState(x, lw, ll), info
 
 
@@ -307,12 +339,18 @@ def _step(st: _Static, params, state: PFState, y_t, t, noise, ess_threshold):
         uniforms = jnp.clip(ndtr(z), 0.0, 1.0 - 1e-7).astype(lw_prev.dtype)
         keys = None
     auxiliary = st.method == "auxiliary"
+    # counted only while the estimate is finite: after a step whose estimate is -inf it stays
+    # -inf whatever follows, and a guided or auxiliary proposal from particles that all had
+    # zero weight can make NaN weights of its own (-inf - -inf) where the model is just zero
+    live = jnp.isfinite(state.log_likelihood)
     if auxiliary:
         eta = jax.vmap(lambda xi: m.lookahead_logdensity_fn(params, xi, y_t, t))(x)
-        eta = jnp.where(jnp.isnan(eta), -jnp.inf, eta)
+        num_bad = jnp.where(live, _count(eta), 0)
+        eta = jnp.where(_nonfinite(eta), -jnp.inf, eta)
         lv, c = _normalise(lw_prev + eta)
     else:
         eta, lv, c = None, lw_prev, jnp.zeros((), lw_prev.dtype)
+        num_bad = jnp.zeros((), jnp.int32)
     ess_v = jnp.exp(-logsumexp(2 * lv))
     do = (ess_v < ess_threshold * n) | (ess_threshold >= 1.0)
     resampler = _RESAMPLERS[st.resampling]
@@ -344,11 +382,14 @@ def _step(st: _Static, params, state: PFState, y_t, t, noise, ess_threshold):
         else:
             x_new = jax.vmap(lambda k, xp: m.transition_sample_fn(k, params, xp, t))(keys, x_anc)
         inc = jax.vmap(lambda xn: m.observation_logdensity_fn(params, xn, y_t, t))(x_new)
+    # the model's densities, counted before the look-ahead is divided out: an ancestor with
+    # eta = -inf is drawn only when every first-stage weight is zero (c = -inf: not counted)
+    num_bad = num_bad + jnp.where(live & jnp.isfinite(c), _count(inc), 0)
     if auxiliary:
-        inc = inc - eta[anc]
+        inc = jnp.where(_nonfinite(inc), -jnp.inf, inc) - eta[anc]
     lw, c2 = _normalise(lv + inc)
     ll_t = c + c2
-    info = PFStepInfo(ll_t, jnp.exp(-logsumexp(2 * lw)), do, anc)
+    info = PFStepInfo(ll_t, jnp.exp(-logsumexp(2 * lw)), do, anc, num_bad)
     return PFState(x_new, lw, state.log_likelihood + ll_t), info
 
 
@@ -402,6 +443,7 @@ def _run(st: _Static, params, ys, noise, ess_threshold, *, quantiles, keep_histo
         return jnp.concatenate([first[None], others], axis=0)
 
     incs = cat(info0.log_likelihood_increment, infos.log_likelihood_increment)
+    num_bad = cat(info0.num_nonfinite, infos.num_nonfinite)
     out = PFResult(
         log_likelihood=final.log_likelihood,
         log_likelihood_increments=incs,
@@ -411,6 +453,8 @@ def _run(st: _Static, params, ys, noise, ess_threshold, *, quantiles, keep_histo
         filtered_quantiles=None if qs0 is None else jnp.moveaxis(cat(qs0, qss), 0, 1),
         particles=final.particles,
         log_weights=final.log_weights,
+        num_nonfinite=num_bad,
+        num_nonfinite_total=jnp.sum(num_bad, dtype=jnp.int32),
     )
     if keep_history:
         out = out._replace(
@@ -504,19 +548,27 @@ def _static(model, num_particles, method, resampling, with_u) -> _Static:
 
 def log_likelihood_fn(model: StateSpaceModel, num_particles: int, *, method: str = "bootstrap",
                       resampling: str = "systematic", ess_threshold: float = 0.5,
-                      correlated: bool = False) -> Callable:
+                      correlated: bool = False, count_nonfinite: bool = False) -> Callable:
     r"""The filter's log-likelihood estimate as a pure function ``fn(params, ys, noise) -> ()``,
     :math:`\log \hat p_\theta(y_{0:T-1})`, for code that jits, vmaps or scans it (particle
     MCMC). ``noise`` is a ``jax.random`` key or, with ``correlated=True``, the dict of standard
     normals :func:`draw_noise` returns (then the estimate is a deterministic function of
-    ``(params, noise)``). NaN estimates become ``-inf``. The options are checked here
-    (:func:`check_filter_options`); nothing else is (no shape checks of ``ys`` or ``noise``).
+    ``(params, noise)``). NaN estimates become ``-inf``. With ``count_nonfinite=True`` it
+    returns ``(estimate, num_nonfinite)``: also the number of the particles' log densities
+    that were NaN or +inf (``PFResult.num_nonfinite_total``; they got zero weight). The options
+    are checked here (:func:`check_filter_options`); nothing else is (no shape checks of ``ys``
+    or ``noise``).
 
     >>> fn = log_likelihood_fn(stochastic_volatility_ssm(), 100, correlated=True)
     >>> u = draw_noise(jax.random.key(0), stochastic_volatility_ssm(), 20, 100)
     >>> p = {"mu": -1.0, "phi": 0.9, "sigma": 0.3}
     >>> bool(fn(p, jnp.zeros(20), u) == fn(p, jnp.zeros(20), u))
     True
+    >>> counted = log_likelihood_fn(stochastic_volatility_ssm(), 100, correlated=True,
+    ...                             count_nonfinite=True)
+    >>> ll, num_nonfinite = counted(p, jnp.zeros(20), u)
+    >>> bool(ll == fn(p, jnp.zeros(20), u)), int(num_nonfinite)
+    (True, 0)
     """
     check_filter_options(model, num_particles, method, resampling, ess_threshold,
                          correlated=correlated)
@@ -524,9 +576,9 @@ def log_likelihood_fn(model: StateSpaceModel, num_particles: int, *, method: str
     threshold = jnp.float32(ess_threshold)
 
     def log_likelihood(params, ys, noise):
-        ll = _run(st, params, ys, noise, threshold, quantiles=(),
-                  keep_history=False).log_likelihood
-        return jnp.where(jnp.isnan(ll), -jnp.inf, ll)
+        res = _run(st, params, ys, noise, threshold, quantiles=(), keep_history=False)
+        ll = jnp.where(jnp.isnan(res.log_likelihood), -jnp.inf, res.log_likelihood)
+        return (ll, res.num_nonfinite_total) if count_nonfinite else ll
 
     return log_likelihood
 

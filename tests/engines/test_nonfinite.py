@@ -199,8 +199,8 @@ def test_pmmh_counts_and_names_the_filter_or_the_prior_site():
 def test_pmmh_counts_nan_log_priors():
     """A prior that is NaN for s < 0 (prior mass 0.16): the starting candidates and proposals
     there are counted and the prior site named, in a whole run (slow: the particle filter's
-    compile, 10-30 s). The particle filter itself turns NaN weights into -inf, so a NaN
-    observation density reaches PMMH as a zero likelihood estimate, not counted."""
+    compile, 10-30 s). NaN observation densities inside the particle filter are counted too:
+    see tests/engines/test_pmmh.py and tests/filtering/test_particle_nonfinite.py."""
     post = _ssm_posterior()
     with pytest.warns(FitWarning, match=r"NaN or \+inf"):
         fit = bl.fit(post, "pmmh", seed=SEED, num_warmup=20, num_samples=20, num_chains=2,

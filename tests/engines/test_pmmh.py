@@ -202,3 +202,130 @@ def test_statespace_posterior_is_importable_from_everywhere():
     from bayeslik.statespace import StateSpacePosterior as b
 
     assert a is b is bl.StateSpacePosterior is bl.engines.StateSpacePosterior
+
+
+# ------------------------------------------------------- non-finite filter densities (issue 19)
+def _scale_obs(p, x, y, t):
+    """y_t ~ N(x_t, s^2) with s = a + x_t (raw = 1: NaN where a + x_t < 0, the log of a
+    negative scale) or |a + x_t| + 1 (raw = 0: finite everywhere); raw rides in ys, so both
+    cases share one compile."""
+    raw = y["raw"]
+    s = raw * (p["a"] + x) + (1 - raw) * (jnp.abs(p["a"] + x) + 1.0)
+    return -0.5 * ((y["y"] - x) / s) ** 2 - jnp.log(s) - 0.5 * jnp.log(2 * jnp.pi)
+
+
+SCALE_SSM = pf.reparametrised_ssm(lambda p, e: e, lambda p, x, e, t: 0.5 * x + e, _scale_obs)
+#: tiny runs: 2 chains x (4 starting candidates + 10 warmup + 10 kept) = 48 filters of 8 x 8
+SCALE_RUN = dict(num_warmup=10, num_samples=10, num_chains=2, num_particles=8, num_init_tries=4,
+                 num_variance_checks=0, chunk_size=10, progress_bar=False)
+SCALE_T = 8
+
+
+def _scale_prior():
+    # a + x_t < 0 for a fifth of the particles at a = 1 (x_t has sd 1.15): most filters meet one
+    numpyro.sample("a", dist.Normal(1.0, 0.5))
+
+
+def _scale_posterior(raw: float, dtype=np.float32):
+    y = np.random.default_rng(SEED).normal(size=SCALE_T).astype(dtype)
+    return pmmh.StateSpacePosterior(_scale_prior, SCALE_SSM,
+                                    {"y": y, "raw": np.full(SCALE_T, raw, dtype)})
+
+
+@pytest.fixture(scope="module")
+def scale_fits():
+    """{"nan": (fit, its FitWarnings), "clean": ...}: the NaN case first (it compiles)."""
+    import warnings
+
+    from bayeslik.convergence import FitWarning
+
+    out = {}
+    for case, raw in (("nan", 1.0), ("clean", 0.0)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit = bl.fit(_scale_posterior(raw), "pmmh", seed=SEED, **SCALE_RUN)
+        out[case] = fit, [str(w.message) for w in caught if issubclass(w.category, FitWarning)]
+    return out
+
+
+def _nonfinite_flag(flags) -> list[str]:
+    return [f for f in flags if "NaN or +inf" in f]
+
+
+def test_pmmh_counts_filters_that_met_nan_observation_densities(scale_fits):
+    fit, warned = scale_fits["nan"]
+    extra = fit.cost.extra
+    num, dens = extra["num_nonfinite_loglikelihood"], extra["num_nonfinite_particle_densities"]
+    assert extra["num_loglikelihood_checked"] == extra["num_logprior_checked"] == 48
+    # a filter counts once however many of its 8 x 8 particle log weights were NaN
+    assert 0 < num <= 48 and num <= dens <= num * 8 * SCALE_T, (num, dens)
+    assert extra["num_nonfinite_logprior"] == 0 and extra["num_nonfinite"] == num
+    (flag,) = _nonfinite_flag(fit.flags)
+    assert flag.startswith(
+        f"{num} of 48 log-likelihood evaluations were NaN or +inf (the state-space model's "
+        "observation log density (observation_logdensity_fn) in the particle filter: "
+        f"{dens} particle log weights were NaN or +inf in all, each given zero weight; one "
+        "filter with them ran at a="), flag
+    assert extra["nonfinite_where"] in flag
+    assert any(w.endswith(flag) for w in warned), warned  # bl.fit's FitWarning
+
+
+def test_pmmh_clean_state_space_model_counts_nothing(scale_fits):
+    fit, warned = scale_fits["clean"]
+    extra = fit.cost.extra
+    assert fit.cost.compile_s == 0.0  # the NaN case's programs (raw is data)
+    assert extra["num_loglikelihood_checked"] == 48
+    assert extra["num_nonfinite"] == extra["num_nonfinite_loglikelihood"] == 0
+    assert extra["num_nonfinite_particle_densities"] == 0 and "nonfinite_where" not in extra
+    assert not _nonfinite_flag(fit.flags) and not _nonfinite_flag(warned)
+
+
+def test_pmmh_nonfinite_counts_from_proposals_and_candidates(no_jit):
+    """The host-side bookkeeping on hand-made batches (nothing compiled): an evaluation counts
+    when its estimate is NaN / +inf or its filter met non-finite particle densities, only where
+    the log prior is finite; the first such proposal's position is where the flag says."""
+    counts: dict = {}
+    z = np.array([[[0.5], [0.25]], [[0.75], [1.5]]], np.float32)  # (chains, iterations, d)
+    ll = np.array([[-3.0, -np.inf], [np.nan, -2.0]])
+    lp = np.array([[-1.0, -1.0], [-1.0, np.nan]])
+    num_bad = np.array([[0, 7], [0, 5]])  # the last is where the prior is NaN: no filter ran
+    pmmh._count_nonfinite(counts, ll, lp, z, num_bad)
+    assert (counts["loglikelihood"], counts["logprior"], counts["checked"]) == (2, 1, 4)
+    assert counts["particle_densities"] == 7
+    assert counts["density_point"].tolist() == [0.25] and counts["point"].tolist() == [0.75]
+    pmmh._count_nonfinite(counts, np.array([-1.0, -1.0]), np.array([-1.0, -1.0]),
+                          np.array([[2.0], [3.0]]), np.array([0, 4]))  # candidates, later
+    assert counts["loglikelihood"] == 3 and counts["particle_densities"] == 11
+    assert counts["density_point"].tolist() == [0.25]  # the first one kept
+
+
+def test_pmmh_nonfinite_flag_names_the_filters_densities():
+    post = _scale_posterior(1.0)
+    from bayeslik.engines import kit
+
+    run = kit.Run("pmmh", post, pmmh.PMMHConfig(method="guided"))
+    counts = {"loglikelihood": 3, "logprior": 0, "checked": 10, "particle_densities": 11,
+              "density_point": np.array([0.25], np.float32)}
+    extra = pmmh._nonfinite_extra(run, counts)
+    assert extra["num_nonfinite"] == 3 and extra["num_nonfinite_particle_densities"] == 11
+    (flag,) = run.flags
+    # a is Normal(1, 0.5) on the real line: the unconstrained point is the value
+    assert flag.startswith(
+        "3 of 10 log-likelihood evaluations were NaN or +inf (the state-space model's "
+        "observation, transition or proposal log density in the particle filter: 11 particle "
+        "log weights were NaN or +inf in all, each given zero weight; one filter with them ran "
+        "at a=0.25); the engine treated them as zero density"), flag
+
+
+@pytest.mark.slow
+def test_pmmh_counts_nan_observation_densities_in_float64(x64):
+    """The NaN case in float64 (its own compile: slow)."""
+    from bayeslik.convergence import FitWarning
+
+    with pytest.warns(FitWarning, match=r"log-likelihood evaluations were NaN or \+inf \(the "
+                                        "state-space model's observation log density"):
+        fit = bl.fit(_scale_posterior(1.0, np.float64), "pmmh", seed=SEED, **SCALE_RUN)
+    assert fit.idata["posterior"]["a"].dtype == np.float64
+    extra = fit.cost.extra
+    assert 0 < extra["num_nonfinite_loglikelihood"] <= extra["num_nonfinite_particle_densities"]
+    assert extra["num_loglikelihood_checked"] == 48
