@@ -36,7 +36,7 @@ _LAZY = {
     "pointwise_loglikelihood": "bayeslik.engines.kit",
     "compare": "bayeslik.compare", "Comparison": "bayeslik.compare", "Reference": "bayeslik.compare",
     "use_cpu_cores": "bayeslik.devices", "FitWarning": "bayeslik.convergence",
-    "StateSpacePosterior": "bayeslik.statespace",
+    "StateSpacePosterior": "bayeslik.statespace", "SimulatorPosterior": "bayeslik.simulator",
     "Cost": "bayeslik.fit", "Fit": "bayeslik.fit", "load_fit": "bayeslik.fit",
     "Posterior": "bayeslik.posterior",
     "posterior_predictive": "bayeslik.predictive", "prior_predictive": "bayeslik.predictive",
@@ -48,7 +48,7 @@ _SUBMODULES = ("engines", "weights", "inits", "convergence", "diagnostics", "fil
 
 __all__ = [
     "Posterior", "Fit", "Cost", "fit", "load_fit", "engines", "register_engine", "summary", "sbc",
-    "OptionError", "compare", "Comparison", "Reference", "StateSpacePosterior", "relabel", "use_cpu_cores",
+    "OptionError", "compare", "Comparison", "Reference", "StateSpacePosterior", "SimulatorPosterior", "relabel", "use_cpu_cores",
     "BayeslikError", "DataError", "EngineError", "ImproperPriorError", "InitializationError",
     "ModelError", "PriorTransformError", "pointwise_loglikelihood",
     "posterior_predictive", "prior_predictive", "FitWarning",

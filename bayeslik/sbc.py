@@ -243,8 +243,14 @@ def sbc(model: Callable, engine: Any = "nuts", *, num_simulations: int = 100, nu
     from bayeslik.api import fit as run_fit
     from bayeslik.api import resolve_engine
 
+    from bayeslik.simulator import SimulatorPosterior
+
     if num_simulations < 10:
         raise EngineError(f"sbc: num_simulations={num_simulations} is too few to judge; use 50 or more.")
+    simulator = isinstance(model, SimulatorPosterior)
+    if simulator and model_args:
+        raise EngineError(f"sbc: a SimulatorPosterior carries its prior's arguments; got "
+                          f"model arguments {sorted(model_args)} as well.")
     if num_draws < 10:
         raise EngineError(f"sbc: num_draws={num_draws} is too few; use 50 to 200.")
     options = dict(engine_options or {})
@@ -252,21 +258,28 @@ def sbc(model: Callable, engine: Any = "nuts", *, num_simulations: int = 100, nu
     if "progress_bar" in {f.name for f in dataclasses.fields(spec.config_cls)}:
         options["progress_bar"] = False
     spec, config = resolve_engine(engine, options)  # bad options fail here, before simulating
-    template = Posterior(model, **model_args)
+    template = model if simulator else Posterior(model, **model_args)
     spec.check_accepts(template)  # an engine for another posterior kind fails here, before simulating
     template.require_proper_prior("simulation-based calibration (it draws from the prior)")
-    observed = tuple(n for n, s in template.sites.items() if s.kind == "observed")
-    if not observed:
+    observed = () if simulator else tuple(n for n, s in template.sites.items()
+                                          if s.kind == "observed")
+    if not observed and not simulator:
         raise DataError("sbc: the program has no observed site to simulate.")
     t0 = time.perf_counter()
     k_sim = jax.random.key(seed)
-    truth_values, data = simulate_prior_predictive(template, k_sim, num_simulations)
+    if simulator:
+        truth_values, data = _simulate_simulator(template, k_sim, num_simulations)
+    else:
+        truth_values, data = simulate_prior_predictive(template, k_sim, num_simulations)
     truth_values = jax.tree.map(np.asarray, truth_values)
     data = jax.tree.map(np.asarray, data)
     wrapped = _Observed(model, observed)
     fit_seeds = np.random.default_rng([seed, 1]).integers(0, 2**31 - 1, size=num_simulations)
 
     def posterior_of(s: int):
+        if simulator:
+            return None if not np.all(np.isfinite(data["x"][s])) else \
+                template.with_observed(data["x"][s])
         obs = {f"_obs_{n}": data[n][s] for n in observed}
         try:
             return Posterior(wrapped, **model_args, **obs)
@@ -275,6 +288,8 @@ def sbc(model: Callable, engine: Any = "nuts", *, num_simulations: int = 100, nu
 
     def summarise(s: int, post, f):
         truth = {n: truth_values[n][s] for n in template.latent_names}
+        if simulator:  # no likelihood to rank: the parameters only
+            return f, truth, None, None
         ll_true = float(post.loglikelihood(post.unconstrain(truth)))
         ll_draws = sum(
             np.asarray(v).reshape(v.shape[0], v.shape[1], -1).sum(-1)
@@ -287,7 +302,7 @@ def sbc(model: Callable, engine: Any = "nuts", *, num_simulations: int = 100, nu
         if post is None:
             return None
         return summarise(s, post, run_fit(post, engine, seed=int(fit_seeds[s]),
-                                          log_likelihood=True, **options))
+                                          log_likelihood=not simulator, **options))
 
     bar = progress.bar(total=num_simulations, desc=f"SBC {template.name}",
                        disable=not progress_bar)
@@ -316,7 +331,7 @@ def sbc(model: Callable, engine: Any = "nuts", *, num_simulations: int = 100, nu
 
     quantities = [(q, n, idx) for n in template.latent_names
                   for q, idx in _scalar_names(n, template.sites[n].shape)]
-    names = [q for q, _, _ in quantities] + ["log_likelihood"]
+    names = [q for q, _, _ in quantities] + ([] if simulator else ["log_likelihood"])
     ranks = {q: [] for q in names}
     truth_out = {q: [] for q in names}
     cover = {q: {lv: [] for lv in levels} for q in names}
@@ -330,7 +345,8 @@ def sbc(model: Callable, engine: Any = "nuts", *, num_simulations: int = 100, nu
         per_q = {}
         for q, n, idx in quantities:
             per_q[q] = (f.draws(n)[(slice(None), slice(None)) + idx], float(np.asarray(truth[n])[idx]))
-        per_q["log_likelihood"] = (ll_draws, ll_true)
+        if not simulator:
+            per_q["log_likelihood"] = (ll_draws, ll_true)
         ess = _min_ess({q: v[0] for q, v in per_q.items()})
         min_ess.append(ess)
         kept.append(int(np.clip(np.floor(ess), 1, num_draws)))
@@ -373,6 +389,16 @@ def sbc(model: Callable, engine: Any = "nuts", *, num_simulations: int = 100, nu
         num_simulations=num_simulations, engine=spec.name, model=template.name, alpha=alpha,
         num_failed=failed, min_ess=np.asarray(min_ess), wall_s=time.perf_counter() - t0,
     )
+
+
+def _simulate_simulator(posterior, rng_key, num_simulations: int):
+    """({site: (S, ...)} prior draws, {"x": (S, *observed_shape)} their simulations) of a
+    SimulatorPosterior (a failed simulation's x is NaN: its dataset is counted as failed)."""
+    k_prior, k_sim = jax.random.split(rng_key)
+    z = posterior.sample_prior(k_prior, num_simulations)
+    x, _ = posterior.simulate(k_sim, z)
+    values = jax.vmap(posterior.constrain)(z)
+    return {n: np.asarray(values[n]) for n in posterior.latent_names}, {"x": x}
 
 
 def _min_ess(draws: dict[str, np.ndarray]) -> float:

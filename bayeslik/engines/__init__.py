@@ -40,8 +40,17 @@ register_engine("pmmh", PMMHConfig, pmmh.run,
                 "Particle marginal Metropolis-Hastings for state-space models (correlated, adaptive)",
                 accepts=StateSpacePosterior)
 
+from bayeslik.engines import snl  # noqa: E402
+from bayeslik.engines.snl import SNL, SNLConfig  # noqa: E402
+from bayeslik.simulator import SimulatorPosterior  # noqa: E402
+
+register_engine("snl", SNLConfig, snl.run,
+                "Sequential neural likelihood for simulators (a flow learns p(x | theta), rounds)",
+                accepts=SimulatorPosterior)
+
 __all__ = [
     "NUTS", "NUTSConfig", "Nested", "NestedConfig", "NSS", "NSSConfig", "NestedSurrogate",
     "NestedSurrogateConfig", "SMC", "SMCConfig", "PMMH", "PMMHConfig", "StateSpacePosterior",
-    "available", "nuts", "nested", "nss", "nested_surrogate", "smc", "pmmh",
+    "SNL", "SNLConfig", "SimulatorPosterior",
+    "available", "nuts", "nested", "nss", "nested_surrogate", "smc", "pmmh", "snl",
 ]
