@@ -8,7 +8,7 @@ import numpy as np
 
 from bayeslik.errors import DataError
 
-__all__ = ["plot_sbc", "plot_marginals", "plot_cost", "plot_evidence"]
+__all__ = ["plot_sbc", "plot_marginals", "plot_cost", "plot_evidence", "plot_snl_rounds"]
 
 
 def plot_sbc(result, quantities: Sequence[str] | None = None, ci_prob: float = 0.95,
@@ -230,3 +230,67 @@ def plot_evidence(comparison):
                 transform=ax.transAxes)
     fig.tight_layout()
     return fig
+
+
+def plot_snl_rounds(fit, reference=None, var_names: Sequence[str] | None = None,
+                    max_params: int = 8, max_cols: int = 4):
+    """The rounds of an SNL Fit converging: per scalar parameter, each round's posterior draws
+    as a density (light to dark: first to last round), with ``reference`` draws where given (a
+    Fit, e.g. NUTS on an exact likelihood, or {name: array}; black, dashed); the last panel is
+    the flow's held-out loss against the simulations used.
+
+    Returns the matplotlib Figure.
+    """
+    import matplotlib.pyplot as plt
+
+    if "snl_rounds" not in getattr(fit, "idata", {}).children:
+        raise DataError("plot_snl_rounds: the Fit has no snl_rounds group; it was not made by "
+                        "the 'snl' engine.")
+    rounds = fit.idata["snl_rounds"].to_dataset()
+    names = [n.removeprefix("draws_") for n in rounds.data_vars if n.startswith("draws_")]
+    if var_names is not None:
+        unknown = sorted(set(var_names) - set(names))
+        if unknown:
+            raise DataError(f"plot_snl_rounds: no parameter(s) {unknown}; the Fit has {names}")
+        names = list(var_names)
+    panels = []
+    for n in names:
+        v = np.asarray(rounds[f"draws_{n}"].values)
+        flat = v.reshape(v.shape[0], v.shape[1], -1)
+        for j in range(flat.shape[2]):
+            label = n if flat.shape[2] == 1 else f"{n}[{j}]"
+            panels.append((label, n, j, flat.shape[2], flat[:, :, j]))
+    panels = panels[:max_params]
+    total = len(panels) + 1
+    ncol = min(total, max_cols)
+    nrow = int(np.ceil(total / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.5 * nrow), squeeze=False)
+    R = int(rounds.sizes["round"])
+    cmap = plt.get_cmap("viridis")
+    for i, (label, n, j, k, draws) in enumerate(panels):
+        ax = axes[i // ncol, i % ncol]
+        for r in range(R):
+            grid, dens = _kde(draws[r])
+            ax.plot(grid, dens, color=cmap(0.15 + 0.7 * r / max(R - 1, 1)), lw=1.0,
+                    label=f"round {r + 1}" if r in (0, R - 1) else None)
+        if reference is not None:
+            ref = reference.draws(n) if hasattr(reference, "draws") else reference[n]
+            ref = np.asarray(ref).reshape(-1, k)[:, j]  # (draws..., *site) -> this entry
+            grid, dens = _kde(ref)
+            ax.plot(grid, dens, color="k", ls="--", lw=1.2, label="reference")
+        ax.set_title(label, fontsize=9)
+        ax.set_yticks([])
+        if i == 0:
+            ax.legend(fontsize=7)
+    ax = axes[(total - 1) // ncol, (total - 1) % ncol]
+    ax.plot(rounds["simulations_total"].values, rounds["heldout_loss"].values, "o-", color="C3")
+    ax.set_xlabel("simulations", fontsize=8)
+    ax.set_ylabel("held-out loss", fontsize=8)
+    ax.set_title("flow training", fontsize=9)
+    for k in range(total, nrow * ncol):
+        axes[k // ncol, k % ncol].axis("off")
+    fig.suptitle(f"SNL rounds: {fit.model} ({int(rounds['simulations_total'].values[-1])} "
+                 "simulations)", fontsize=10)
+    fig.tight_layout()
+    return fig
+

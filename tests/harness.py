@@ -47,8 +47,31 @@ SMALL: dict[str, dict] = {
     "nested+surrogate": dict(num_live=100, search=False, num_members=2, train_steps=300,
                              guard_num_points=50),
     "pmmh": dict(num_warmup=100, num_samples=100, num_chains=2, num_particles=50),
+    # a 600-simulation, 2-round run with a small flow (tests/engines/test_snl.py shares it)
+    "snl": dict(num_simulations=600, num_rounds=2, flow_layers=2, nn_width=32, knots=6,
+                num_predictive=200,
+                sampler_options={"num_chains": 2, "num_warmup": 200, "num_samples": 500}),
     EXAMPLE_ENGINE: dict(num_warmup=500, num_samples=1000, num_chains=2),
 }
+
+
+#: the linear Gaussian simulator of the SNL tests: theta ~ N(0, 0.1 I_2), x ~ N(theta, 0.1 I_2)
+SIM_DIM, SIM_TAU2, SIM_SIG2 = 2, 0.1, 0.1
+SIM_OBS = np.array([0.3, -0.2])
+
+
+def sim_prior():
+    numpyro.sample("theta", dist.Normal(jnp.zeros(SIM_DIM), jnp.sqrt(SIM_TAU2)).to_event(1))
+
+
+def sim_simulator(key, p):
+    return p["theta"] + jnp.sqrt(SIM_SIG2) * jax.random.normal(key, (SIM_DIM,))
+
+
+def simulator_problem(observed=SIM_OBS):
+    """The SimulatorPosterior of the linear Gaussian simulator (module-level functions, so
+    every test that builds it shares the compiled programs)."""
+    return bl.SimulatorPosterior(sim_prior, sim_simulator, np.asarray(observed))
 
 
 def example_engine_source() -> str:

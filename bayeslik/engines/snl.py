@@ -608,7 +608,7 @@ def run(posterior, rng_key: jax.Array, config: SNLConfig):
     run.track(_CompileSeconds())  # starts the run's clock of JAX compile time (all of it)
     spec = FlowSpec.of(posterior, config)
     keys = jax.random.split(rng_key, 4 * R + 2)
-    bar = run.progress(total=R, desc=f"SNL {posterior.name}", unit="round", compiling=False)
+    bar = run.progress(total=R, desc=f"SNL {posterior.name}", unit="round")
     xs, zs, held = [], [], []
     rows: list[dict] = []
     round_draws: list[np.ndarray] = []
@@ -712,7 +712,8 @@ def run(posterior, rng_key: jax.Array, config: SNLConfig):
     cost = run.cost(num_loglik_evals=None, num_grad_evals=grads, extra={
         "num_simulations": int(sum(per_round[:done])), "num_failed_simulations": failed,
         "num_rounds": done, "inner_engine": config.sampler, **times})
-    inner_flags = tuple(f"{config.sampler} (final round): {f}" for f in fit.flags)
+    which = "final round" if done == R else f"round {done}"
+    inner_flags = tuple(f"{config.sampler} ({which}): {f}" for f in fit.flags)
     return dataclasses.replace(fit, idata=idata, engine="snl", config=kit._config_dict(config),
                                cost=cost, model=posterior.name,
                                flags=tuple(run.flags) + inner_flags)

@@ -17,7 +17,8 @@ import bayeslik as bl
 from bayeslik.api import engine_spec
 from bayeslik.errors import EngineError
 from bayeslik.models import reference
-from tests.harness import EXAMPLE_ENGINE, example_engine, linear_gaussian_problem, small
+from tests.harness import (EXAMPLE_ENGINE, example_engine, linear_gaussian_problem,
+                           simulator_problem, small)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -34,6 +35,7 @@ ENGINES = sorted(set(bl.engines.available()) | {EXAMPLE_ENGINE})
 # one bad option value per engine: (option, value)
 BAD = {"nuts": ("num_samples", 0), "smc": ("num_particles", 0), "nested": ("num_live", 1),
        "nss": ("num_live", 1), "nested+surrogate": ("num_live", 1), "pmmh": ("num_particles", 0),
+       "snl": ("num_simulations", 10),
        EXAMPLE_ENGINE: ("num_chains", 0)}
 
 # a warm second fit still spends a little time in compiled-function dispatch/tracing caches
@@ -52,14 +54,21 @@ def _is_statespace(engine: str) -> bool:
     return any(issubclass(c, bl.StateSpacePosterior) for c in engine_spec(engine).accepts)
 
 
+def _is_simulator(engine: str) -> bool:
+    """Whether the engine runs on SimulatorPosteriors."""
+    return any(issubclass(c, bl.SimulatorPosterior) for c in engine_spec(engine).accepts)
+
+
 def _posterior(engine: str):
     if _is_statespace(engine):
         return linear_gaussian_problem(T=20)[0]
+    if _is_simulator(engine):
+        return simulator_problem()
     return reference.get("normal_mean").posterior()
 
 
 def _wrong_posterior(engine: str):
-    if _is_statespace(engine):
+    if _is_statespace(engine) or _is_simulator(engine):
         return reference.get("normal_mean").posterior()
     return linear_gaussian_problem(T=5)[0]
 

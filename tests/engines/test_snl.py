@@ -22,23 +22,16 @@ import bayeslik as bl
 from bayeslik.engines import snl
 from bayeslik.errors import DataError, EngineError, ModelError
 
-D = 2
-TAU2, SIG2 = 0.1, 0.1
+from tests.harness import SIM_DIM as D
+from tests.harness import SIM_OBS as OBS
+from tests.harness import SIM_SIG2 as SIG2
+from tests.harness import SIM_TAU2 as TAU2
+from tests.harness import sim_prior as prior
+from tests.harness import sim_simulator as simulator
+from tests.harness import simulator_problem, small
 
-
-def prior():
-    numpyro.sample("theta", dist.Normal(jnp.zeros(D), jnp.sqrt(TAU2)).to_event(1))
-
-
-def simulator(key, p):
-    return p["theta"] + jnp.sqrt(SIG2) * jax.random.normal(key, (D,))
-
-
-OBS = np.array([0.3, -0.2])
 #: a budget that trains in seconds: the shared compiled programs make later fits cheap
-SMALL = dict(num_simulations=600, num_rounds=2, flow_layers=2, nn_width=32, knots=6,
-             num_predictive=200, progress_bar=False,
-             sampler_options={"num_chains": 2, "num_warmup": 200, "num_samples": 300})
+SMALL = {**small("snl"), "progress_bar": False}
 
 
 def exact_moments(obs):
@@ -49,7 +42,7 @@ def exact_moments(obs):
 
 @pytest.fixture(scope="module")
 def post():
-    return bl.SimulatorPosterior(prior, simulator, OBS)
+    return simulator_problem()
 
 
 @pytest.fixture(scope="module")
@@ -285,3 +278,18 @@ def test_sbc_of_snl_passes():
     res = bl.sbc(post, "snl", num_simulations=50, num_draws=50, progress_bar=False,
                  engine_options={k: v for k, v in SMALL.items() if k != "progress_bar"})
     assert res.passed, res.table
+
+
+def test_plot_rounds(small_fit, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from bayeslik.plots import plot_snl_rounds
+
+    mean, var = exact_moments(OBS)
+    exact = {"theta": np.random.default_rng(0).normal(mean, np.sqrt(var), (2000, D))}
+    fig = plot_snl_rounds(small_fit, reference=exact)
+    assert len([a for a in fig.axes if a.axison]) == D + 1
+    fig.savefig(tmp_path / "rounds.png")
+    with pytest.raises(DataError, match="no parameter"):
+        plot_snl_rounds(small_fit, var_names=["phi"])
