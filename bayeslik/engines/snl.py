@@ -7,7 +7,7 @@ sampled. SNL learns it. Each of ``num_rounds`` rounds
 1. draws ``num_simulations / num_rounds`` parameter sets, from the prior in the first round and
    from the current approximate posterior afterwards, and simulates a dataset at each;
 2. trains a conditional normalizing flow :math:`q_\phi(x \mid z)` (a masked autoregressive flow
-   of flowjax, rational-quadratic spline or affine transformer) on *all* simulations so far,
+   of flowjax, affine or rational-quadratic spline transformer) on *all* simulations so far,
    by maximum likelihood with Adam, inputs and outputs standardised, stopping early when the
    loss on held-out simulations has not improved for ``patience`` epochs (the best parameters
    are kept); a round starts from the previous round's flow;
@@ -89,8 +89,11 @@ class SNLConfig:
     round_options : its options in the rounds before the last, where only enough draws to
         propose the next round's simulations are needed (default for NUTS: 4 chains x 300
         warmup, draws to cover a round's simulations).
-    transformer : "spline" (rational-quadratic splines, ``knots`` of them on
-        ``[-interval, interval]`` standard deviations) or "affine" (a classic MAF).
+    transformer : "affine" (a classic MAF, as sbi's SNLE) or "spline" (rational-quadratic
+        splines, ``knots`` of them on ``[-interval, interval]`` standard deviations). Affine is
+        the default: on 10,000 prior simulations its held-out loss was 0.30 nats lower on
+        10-D gaussian_linear and 0.72 lower on SLCP, 0.28 higher on two_moons (2-D data, where
+        the spline's flexibility pays), and it trains 2.5-4x faster.
     flow_layers, nn_width, nn_depth : the flow's size.
     learning_rate, batch_size, max_epochs, patience, validation_fraction, clip_norm : training
         (Adam, gradient norm clipped, early stopping on the held-out loss).
@@ -103,7 +106,7 @@ class SNLConfig:
     sampler: str = "nuts"
     sampler_options: Mapping[str, Any] | None = None
     round_options: Mapping[str, Any] | None = None
-    transformer: str = "spline"
+    transformer: str = "affine"
     knots: int = 8
     interval: float = 5.0
     flow_layers: int = 5
@@ -158,7 +161,7 @@ class FlowSpec:
 
     num_data: int
     num_cond: int
-    transformer: str = "spline"
+    transformer: str = "affine"
     knots: int = 8
     interval: float = 5.0
     flow_layers: int = 5
