@@ -450,14 +450,15 @@ def _cmd_demo(args) -> int:
     te = cmapss.degradation_data(d["test"], hi, K, run_to_failure=False)
     post = bl.Posterior(arhmm.model, y=tr["y"], num_states=K, left_to_right=True,
                         labels=tr["labels"], mask=tr["mask"])
-    init = arhmm.init_params(tr["y"], K, left_to_right=True, mask=tr["mask"])
-    nuts_hmm = dict(options.get("nuts", {}), init=init, max_tree_depth=8)
+    # NUTS starts at the model's default init (arhmm.mode_init: the cheap estimate refined to the
+    # posterior mode). From the cheap estimate alone (arhmm.init_params, 47 nats below the mode)
+    # seed 0 had one chain in a poorer mode (R-hat 1.52), later one that adapted a step size 36x
+    # smaller than the others' and mixed slowly (R-hat 1.16, all its iterations at depth 8);
+    # from the mode: R-hat 1.003, no flag
+    nuts_hmm = dict(options.get("nuts", {}), max_tree_depth=8)
     if not args.quick:
         # 4 chains x 500 draws: the RUL summaries need no more. target_accept 0.9: at 0.8 (seed
-        # 0, the old warmup) there were divergences and one chain stuck in a poorer mode. With
-        # Stan's warmup (step size re-found after each metric update) seed 0 again has one chain
-        # in a poorer mode (lp 40 lower, R-hat 1.52; also with 1000 warmup iterations); seeds 1
-        # and 2: R-hat 1.005 / 1.006. The demo says so when it happens (see below)
+        # 0, the old warmup and start) there were divergences
         nuts_hmm.update(num_warmup=500, num_samples=500, target_accept=0.9)
     hmm_engines = list(dict.fromkeys(args.cmapss_engines))
     # SMC on this posterior is slow: about a minute per tempering stage with 300 particles on two

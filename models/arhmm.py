@@ -91,8 +91,11 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 from jax import lax
+from jax.scipy.special import gammaln, xlogy
 from numpyro.distributions import constraints
+from numpyro.distributions.util import validate_sample
 
+from bayeslik import icdf as _icdf
 from bayeslik.distributions import OrderedNormal
 from bayeslik.errors import DataError, ModelError, OptionError
 from bayeslik.filtering import hmm_loglik, hmm_smoother, hmm_viterbi
@@ -107,6 +110,7 @@ __all__ = [
     "default_params",
     "hmm_inputs",
     "init_params",
+    "mode_init",
     "model",
     "prior",
     "simulate",
@@ -289,23 +293,52 @@ class ARHMMLikelihood(dist.Distribution):
         return ys[:n].reshape(tuple(sample_shape) + self.batch_shape + self.event_shape)
 
 
+class _Dirichlet(dist.Dirichlet):
+    r"""NumPyro's Dirichlet with the kernel :math:`\sum_i (c_i - 1) \log x_i` written with
+    ``xlogy``, so that ``0 * log 0 = 0``.
+
+    Far out in unconstrained space (a wild trajectory of NUTS's early warmup) the stick-breaking
+    map underflows and a coordinate is exactly 0 in float32; ``dist.Dirichlet`` then gives
+    ``0 * (-inf) = NaN`` for a concentration of 1 (every "move" entry of a transition row and
+    every entry of ``pi``), and the engines flag a non-finite evaluation. The limit is finite
+    (``x^0 = 1``); where ``c_i > 1`` (the sticky "stay" entry) it stays ``-inf``, a zero density.
+    Same values as ``dist.Dirichlet`` everywhere else.
+
+    >>> import jax.numpy as jnp
+    >>> c, x = jnp.array([11.0, 1.0, 1.0]), jnp.array([1.0, 0.0, 0.0])
+    >>> bool(jnp.isnan(dist.Dirichlet(c).log_prob(x))), round(float(_Dirichlet(c).log_prob(x)), 4)
+    (True, 4.8828)
+    """
+
+    @validate_sample
+    def log_prob(self, value):
+        c = self.concentration
+        normalize = jnp.sum(gammaln(c), axis=-1) - gammaln(jnp.sum(c, axis=-1))
+        return jnp.sum(xlogy(c - 1.0, value), axis=-1) - normalize
+
+
+# nested sampling's unit-cube map handles a Dirichlet by its exact type: the guarded one is a
+# Dirichlet with the same parameters, so it takes the same (exact stick-breaking) map
+_icdf._MULTIVARIATE.setdefault(_Dirichlet, _icdf._MULTIVARIATE[dist.Dirichlet])
+
+
 # --------------------------------------------------------------------------------------------------
 # the NumPyro program
 # --------------------------------------------------------------------------------------------------
 def _sample_params(K: int, D: int, L: int, left_to_right: bool, sticky: float) -> dict:
-    pi = numpyro.sample("pi", dist.Dirichlet(jnp.ones(K)))
+    pi = numpyro.sample("pi", _Dirichlet(jnp.ones(K)))
     if left_to_right:
         rows = []
         for k in range(K - 1):
             conc = jnp.ones(K - k).at[0].add(sticky)
-            row = numpyro.sample(f"trans_{k}", dist.Dirichlet(conc))
+            row = numpyro.sample(f"trans_{k}", _Dirichlet(conc))
             rows.append(jnp.concatenate([jnp.zeros(k, row.dtype), row]))
         rows.append(jax.nn.one_hot(K - 1, K, dtype=pi.dtype))  # the last state is absorbing
         trans = numpyro.deterministic("trans", jnp.stack(rows))
         b0 = numpyro.sample("b0", dist.Normal(0.0, INTERCEPT_SCALE).expand([K]).to_event(1))
     else:
         conc = jnp.ones((K, K)) + sticky * jnp.eye(K)
-        trans = numpyro.sample("trans", dist.Dirichlet(conc).to_event(1))
+        trans = numpyro.sample("trans", _Dirichlet(conc).to_event(1))
         b0 = numpyro.sample("b0", OrderedNormal(0.0, INTERCEPT_SCALE, K))
     if D > 1:
         b_rest = numpyro.sample(
@@ -782,13 +815,97 @@ register_components("arhmm", RELABEL_SPEC, cost_sites=RELABEL_COST_SITES,
                     check_fn=_check_relabel)
 
 
+#: L-BFGS iterations of :func:`mode_init`. On the C-MAPSS posteriors of the demo (4 stages, 5
+#: engines, 25 parameters) and of the notebook (5 stages, 20 engines, 34 parameters) the log
+#: density rises from :func:`init_params` by 47.0 and 157.0 nats; iterations 201-300 add 0.13
+#: and 1.3 of them (a start need not be the exact mode: NUTS jitters it)
+MODE_INIT_STEPS = 300
+
+
+@partial(jax.jit, static_argnames=("logdensity_fn", "num_steps"))
+def _climb(z0, *, logdensity_fn, num_steps: int):
+    """``(z_best, logdensity(z_best), logdensity(z0))``: ``num_steps`` L-BFGS iterations (optax,
+    zoom line search) on ``-logdensity_fn`` from ``z0``, keeping the best finite point visited
+    (a non-finite value counts as ``-inf``, so the line search backs off from it)."""
+    import optax
+
+    def loss(z):
+        v = -logdensity_fn(z)
+        return jnp.where(jnp.isfinite(v), v, jnp.inf)
+
+    opt = optax.lbfgs()
+    value_and_grad = optax.value_and_grad_from_state(loss)
+
+    def step(carry, _):
+        z, state, best_z, best_v = carry
+        v, g = value_and_grad(z, state=state)
+        ok = jnp.isfinite(v) & jnp.all(jnp.isfinite(g))
+        better = ok & (v < best_v)
+        best_z, best_v = jnp.where(better, z, best_z), jnp.where(better, v, best_v)
+        updates, state = opt.update(jnp.where(ok, g, 0.0), state, z, value=v, grad=g,
+                                    value_fn=loss)
+        return (optax.apply_updates(z, updates), state, best_z, best_v), None
+
+    v0 = loss(z0)
+    (z, state, best_z, best_v), _ = lax.scan(step, (z0, opt.init(z0), z0, v0), None,
+                                             length=num_steps)
+    v = loss(z)  # the last iterate, not yet compared
+    better = v < best_v
+    return jnp.where(better, z, best_z), -jnp.where(better, v, best_v), -v0
+
+
+def mode_init(y, num_states: int, num_lags: int = 1, labels=None, left_to_right: bool = False,
+              sticky: float = 10.0, mask=None, num_steps: int = MODE_INIT_STEPS) -> dict:
+    r"""The model's default starting point (NUTS's ``init="auto"``): :func:`init_params` refined
+    to the posterior mode.
+
+    From the cheap point estimate of :func:`init_params`, ``num_steps`` L-BFGS iterations
+    maximise the log density that NUTS samples, ``log p(theta, y) + log|J|`` on the
+    unconstrained scale, with the model's own ``labels`` and ``mask``; the best finite point
+    reached is returned (the estimate itself if none is better). The posterior of an AR-HMM has
+    poorer local modes, e.g. ones where a stage is never used (C-MAPSS FD001 with 5 training
+    engines and 4 stages: log densities about 1415 and 1455 against 1501.5 at the main mode),
+    and :func:`init_params` alone starts 47 nats below the main mode there: a chain started
+    there may settle in a poorer mode, or adapt its step size and mass matrix on the way and mix
+    slowly. From the mode every chain starts in the main one (with the engine's jitter). The
+    cost is one compile of the optimiser and a few hundred gradient evaluations (L-BFGS, not
+    Adam: from the same start on the notebook's 5-stage posterior, 1000 Adam steps stopped 80
+    nats lower).
+
+    Arguments are those of :func:`model` (``num_steps``: the L-BFGS iterations). Returns
+    ``{latent site: constrained value}``.
+
+    Examples:
+        >>> import jax, bayeslik as bl
+        >>> data = simulate(jax.random.key(0), num_steps=200, num_states=2)
+        >>> post = bl.Posterior(model, y=data["y"], num_states=2)
+        >>> lp = lambda p: float(post.logdensity(post.unconstrain(p)))
+        >>> bool(lp(mode_init(data["y"], 2)) > lp(init_params(data["y"], 2)))
+        True
+    """
+    import bayeslik as bl
+
+    _check_sizes("mode_init", num_steps=num_steps)
+    point = init_params(y, num_states, num_lags=num_lags, left_to_right=left_to_right,
+                        sticky=sticky, mask=mask)
+    post = bl.Posterior(model, y=y, num_states=num_states, num_lags=num_lags, labels=labels,
+                        left_to_right=left_to_right, sticky=sticky, mask=mask)
+    z0 = post.unconstrain(point)
+    z, lp, lp0 = _climb(z0, logdensity_fn=post.logdensity, num_steps=int(num_steps))
+    if not bool(jnp.isfinite(lp)) or not float(lp) > float(lp0):
+        return point
+    values = post.constrain(z)
+    return {n: np.asarray(values[n]) for n in post.latent_names}
+
+
 def _default_init(y, num_states: int, num_lags: int = 1, labels=None, left_to_right: bool = False,
                   sticky: float = 10.0, mask=None) -> dict:
-    """The model's default starting point (``init="auto"``): :func:`init_params` on its data.
-    Without it, chains started uniformly in [-2, 2] land in different modes (arhmm.example():
-    R-hat 1.73)."""
-    return init_params(y, num_states, num_lags=num_lags, left_to_right=left_to_right,
-                       sticky=sticky, mask=mask)
+    """The model's default starting point (``init="auto"``): :func:`mode_init` on its data.
+    Without a model-provided start, chains started uniformly in [-2, 2] land in different modes
+    (arhmm.example(): R-hat 1.73); from :func:`init_params` alone a C-MAPSS chain could still
+    settle in a poorer mode (see :func:`mode_init`)."""
+    return mode_init(y, num_states, num_lags=num_lags, labels=labels,
+                     left_to_right=left_to_right, sticky=sticky, mask=mask)
 
 
 set_default_init(model, _default_init)

@@ -113,11 +113,7 @@ def test_scanner_passes_clean_outputs():
 
 # ----------------------------------------------------------------------- the stored notebooks
 #: stored notebooks known to fail the scan, with the reason (strict: an entry fails once fixed)
-KNOWN_FAILING = {
-    "arhmm_cmapss": "its stored full-size run (2 chains x 250 draws) carries FitWarnings: split "
-                    "R-hat 1.02 on 11 of 34 parameters and 4 iterations at max_tree_depth=8; it "
-                    "needs a longer run (an idle ~6-minute re-execution) that did not fit here",
-}
+KNOWN_FAILING: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("path", [

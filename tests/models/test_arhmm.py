@@ -416,6 +416,93 @@ def test_init_params_ignores_padding_under_a_mask(seed):
     assert not np.allclose(q1["b0"], q2["b0"])
 
 
+def _ltr_batch(seed, K=3, B=3, T=90, known=10):
+    """A batch of left-to-right sequences of unequal lengths (prefix mask) with the partially
+    hidden AR-HMM's soft labels: the first ``known`` steps in state 0, the last ``known`` of each
+    sequence in the last state and no earlier step there (cmapss.degradation_data's rule)."""
+    lengths = [T, T - 20, T - 35]
+    ys, labels, mask = np.zeros((B, T, 1), np.float32), np.ones((B, T, K), np.float32), \
+        np.zeros((B, T), bool)
+    for i, n in enumerate(lengths[:B]):
+        sim = arhmm.simulate(jax.random.key(seed + i), num_steps=n, num_states=K,
+                             left_to_right=True)
+        ys[i, :n], ys[i, n:] = sim["y"], sim["y"][-1]
+        mask[i, :n] = True
+        labels[i, :known] = np.eye(K)[0]
+        labels[i, : n - known, K - 1] = 0.0
+        labels[i, n - known : n] = np.eye(K)[K - 1]
+    return ys, labels, mask, sim["params"]
+
+
+def test_default_init_is_the_posterior_mode(seed):
+    """The default start (init="auto") is the mode of the log density NUTS samples, for a
+    partially hidden left-to-right batch (labels and mask count): its log density equals, to
+    float32 round-off of the optimiser (0.05 nats), that of a long L-BFGS run started from the
+    true parameters. The cheap estimate alone (the default before) is more than a nat below."""
+    from bayeslik.inits import default_init
+
+    K = 3
+    y, labels, mask, truth = _ltr_batch(seed, K)
+    post = bl.Posterior(arhmm.model, y=y, num_states=K, left_to_right=True, labels=labels,
+                        mask=mask)
+    lp = jax.jit(post.logdensity)
+    point = default_init(post)
+    assert set(point) == set(post.latent_names)
+    lp_default = float(lp(post.unconstrain(point)))
+    # the truth, moved off the simplices' boundaries (its skips and pi have exact zeros)
+    def inside(p):
+        return 0.98 * p + 0.02 / len(p)
+
+    true_latent = {"pi": inside(truth["pi"]), "b0": truth["b"][:, 0], "A": truth["A"],
+                   "sigma": truth["sigma"]}
+    true_latent.update({f"trans_{k}": inside(truth["trans"][k, k:]) for k in range(K - 1)})
+    assert np.isfinite(float(lp(post.unconstrain(true_latent))))
+    _, lp_ref, lp_true = arhmm._climb(post.unconstrain(true_latent),
+                                      logdensity_fn=post.logdensity, num_steps=1000)
+    assert float(lp_ref) > float(lp_true)
+    assert lp_default >= float(lp_ref) - 0.05, (lp_default, float(lp_ref))
+    cheap = arhmm.init_params(y, K, left_to_right=True, mask=mask)
+    assert float(lp(post.unconstrain(cheap))) < float(lp_ref) - 1.0
+
+
+def test_mode_init_rejects_a_bad_num_steps(no_jit):
+    from bayeslik.errors import OptionError
+
+    y = np.zeros((30, 1))
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(OptionError, match="num_steps must be a positive integer"):
+            arhmm.mode_init(y, 2, num_steps=bad)
+
+
+def test_dirichlet_sites_have_their_limit_density_at_an_exact_zero():
+    """Far out on the unconstrained scale a transition row's stick-breaking underflows to an
+    exact 0 in float32 (the C-MAPSS notebook's NUTS met trans_1 = [1, 0, 1.2e-7, 1.4e-14]).
+    numpyro's Dirichlet gives 0 * log 0 = NaN there for a concentration of 1, which the engines
+    flag as a non-finite evaluation; the model's Dirichlet gives the limit: x^0 = 1 for
+    concentration 1 (a finite density), 0 (-inf) for the sticky "stay" entry."""
+    import numpyro.distributions as dist
+
+    c = jnp.array([11.0, 1.0, 1.0, 1.0])
+    d = arhmm._Dirichlet(c)
+    # log Gamma(14) - log Gamma(11) + 10 log 1 + 0 log 0 (three times)
+    assert float(d.log_prob(jnp.array([1.0, 0.0, 0.0, 0.0]))) == pytest.approx(
+        math.lgamma(14) - math.lgamma(11), rel=1e-6)
+    assert float(d.log_prob(jnp.array([0.0, 0.5, 0.25, 0.25]))) == -np.inf
+    x = jax.random.dirichlet(jax.random.key(0), jnp.ones(4), (20,))
+    np.testing.assert_allclose(d.log_prob(x), dist.Dirichlet(c).log_prob(x), rtol=1e-6)
+    # the whole model, on every pair of neighbouring unconstrained coordinates pushed out so
+    # that a simplex entry underflows: a log density that is finite or -inf, never NaN
+    K = 4
+    data = arhmm.simulate(jax.random.key(0), num_steps=40, num_states=K, left_to_right=True)
+    post = bl.Posterior(arhmm.model, y=data["y"], num_states=K, left_to_right=True)
+    z0 = post.unconstrain(arhmm.init_params(data["y"], K, left_to_right=True))
+    n = z0.shape[0]
+    zs = jnp.stack([z0.at[i].set(20.0).at[i + 1].set(-100.0) for i in range(n - 1)])
+    vals = np.asarray(jax.jit(jax.vmap(post.logdensity))(zs))
+    assert not np.any(np.isnan(vals)), np.flatnonzero(np.isnan(vals))
+    assert np.any(np.isneginf(vals))  # some of these points do reach a simplex's boundary
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("engine, options", [
     ("smc", {"num_particles": 2000}),
