@@ -28,6 +28,21 @@ Calibration of the one-run error:  python benchmarks/smc_evidence.py --calibrati
 runs bayeslik alone, 40 seeds per problem (normal_mean, normal_inverse_gamma) and kernel, and
 compares the spread of log Z over seeds with the mean error the runs report
 (benchmarks/results/smc_calibration.csv).
+
+Z-scores of the one-run error at the engine's defaults (issue 19):
+    python benchmarks/smc_evidence.py --zscores 20 [--zscore-particles 2000]
+runs bayeslik's "smc" with its defaults (HMC, 2000 particles, one run) for seeds 100, 101, ...
+on the 20-D correlated Gaussian (rho 0.95; its exact log Z), the 10-D one, normal_mean and
+normal_inverse_gamma, and records z = (log Z - truth) / err for the reported error
+(``ess_lagcorr``, :func:`bayeslik.engines.smc.single_run_variance`) and for the perfect-mixing
+one (``iid``, sqrt(sum_t 1/ESS_t - 1/N), the same run's attrs ``log_evidence_err_runs_iid``).
+Per problem: the mean and sd of z (a calibrated error gives 0 and 1; the sd of an sd over n
+seeds is about 1/sqrt(2(n-1))), the mean and sd of log Z - truth, the mean errors, and the
+runs' self-check (:func:`bayeslik.engines.smc.runs_consistency`) applied to the seeds as if
+they were the runs of one fit: its p-value and factor. Writes
+benchmarks/results/smc_zscores.csv (per problem) and smc_zscores_seeds.csv (per seed), after
+every problem; ``--problems correlated_gaussian_20d ...`` runs only those (keeping the others'
+rows).
 """
 
 from __future__ import annotations
@@ -119,6 +134,75 @@ def bayeslik_smc(post, seed: int, num_particles: int, kernel: str):
             "; ".join(f[:60] for f in fit.flags))
 
 
+def zscores(num_seeds: int, num_particles: int, out: str, only: list | None = None) -> None:
+    """The z-scores of single runs at the engine's defaults (see the module docstring); the
+    CSVs are written after every problem (rows of problems run before are kept where ``only``
+    names some)."""
+    import numpy as np
+    import pandas as pd
+
+    from bayeslik.engines import smc
+
+    probs = {"correlated_gaussian_20d": reference.correlated_gaussian(dim=20),
+             "correlated_gaussian_10d": reference.correlated_gaussian(dim=10),
+             "normal_mean": reference.get("normal_mean"),
+             "normal_inverse_gamma": reference.get("normal_inverse_gamma")}
+    per_seed = out.replace(".csv", "_seeds.csv")
+    rows, seeds_rows = [], []
+    if only and os.path.exists(out) and os.path.exists(per_seed):  # keep the others' rows
+        rows = [r for r in pd.read_csv(out).to_dict("records") if r["problem"] not in only]
+        seeds_rows = [r for r in pd.read_csv(per_seed).to_dict("records")
+                      if r["problem"] not in only]
+    for pname, prob in probs.items():
+        if only and pname not in only:
+            continue
+        post = prob.posterior()
+        lz, err, err_iid, walls = [], [], [], []
+        for s in range(num_seeds):
+            t0 = time.perf_counter()
+            fit = bl.fit(post, "smc", seed=100 + s, num_particles=num_particles,
+                         progress_bar=False)
+            walls.append(time.perf_counter() - t0)
+            attrs = fit.idata["particles"].attrs
+            lz.append(fit.log_evidence)
+            err.append(fit.log_evidence_err)
+            err_iid.append(float(np.asarray(attrs["log_evidence_err_runs_iid"])[0]))
+            st = fit.idata["smc_stages"]
+            seeds_rows.append({
+                "problem": pname, "seed": 100 + s, "num_particles": num_particles,
+                "log_z_error": lz[-1] - prob.log_evidence, "err": err[-1],
+                "err_iid": err_iid[-1], "z": (lz[-1] - prob.log_evidence) / err[-1],
+                "z_iid": (lz[-1] - prob.log_evidence) / err_iid[-1],
+                "stages": int(st.sizes["stage"]),
+                "mean_steps": float(np.nanmean(np.where(st["num_mutation_steps"].values >= 0,
+                                                        st["num_mutation_steps"].values,
+                                                        np.nan))),
+                "mean_ll_corr": float(np.nanmean(st["loglikelihood_correlation"].values)),
+                "flags": len(fit.flags)})
+            print(seeds_rows[-1], flush=True)
+        d = np.array(lz) - prob.log_evidence
+        z, z_iid = d / np.array(err), d / np.array(err_iid)
+        p, factor = smc.runs_consistency(lz, err)
+        rows.append({
+            "problem": pname, "num_particles": num_particles, "seeds": num_seeds,
+            "true_log_evidence": round(float(prob.log_evidence), 3),
+            "mean_error": round(float(d.mean()), 4), "sd_error": round(float(d.std(ddof=1)), 4),
+            "mean_err": round(float(np.mean(err)), 4),
+            "mean_err_iid": round(float(np.mean(err_iid)), 4),
+            "z_mean": round(float(z.mean()), 2), "z_sd": round(float(z.std(ddof=1)), 2),
+            "z_iid_mean": round(float(z_iid.mean()), 2),
+            "z_iid_sd": round(float(z_iid.std(ddof=1)), 2),
+            "sd_of_sd": round(1 / (2 * (num_seeds - 1)) ** 0.5, 2),
+            "seeds_as_runs_pvalue": float(f"{p:.3g}"), "seeds_as_runs_factor": round(factor, 2),
+            "wall_s": round(statistics.median(walls), 2)})
+        print(rows[-1], flush=True)
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        pd.DataFrame(rows).to_csv(out, index=False)
+        pd.DataFrame(seeds_rows).to_csv(per_seed, index=False)
+    print(pd.DataFrame(rows).to_string(index=False))
+    print(f"device: {jax.devices()[0].device_kind}; wrote {out} and {per_seed}")
+
+
 def calibration(num_seeds: int, num_particles: int, out: str) -> None:
     import pandas as pd
 
@@ -150,9 +234,19 @@ def main() -> None:
     ap.add_argument("--particles", type=int, default=1000)
     ap.add_argument("--calibration", type=int, default=0,
                     help="run only the calibration of the one-run error with this many seeds")
+    ap.add_argument("--zscores", type=int, default=0,
+                    help="run only the z-scores of single runs at the defaults, this many seeds")
+    ap.add_argument("--zscore-particles", type=int, default=2000,
+                    help="particles for --zscores (2000, the engine's default)")
+    ap.add_argument("--problems", nargs="*", default=None,
+                    help="--zscores: only these problems (the CSV keeps the others' rows)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     results = os.path.join(os.path.dirname(__file__), "results")
+    if args.zscores:
+        zscores(args.zscores, args.zscore_particles,
+                args.out or os.path.join(results, "smc_zscores.csv"), args.problems)
+        return
     if args.calibration:
         calibration(args.calibration, args.particles,
                     args.out or os.path.join(results, "smc_calibration.csv"))

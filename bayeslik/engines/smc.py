@@ -571,7 +571,8 @@ def build_kernel(eval_fn: Callable, move: Move, resampling: str = "systematic") 
         unique_res = jnp.zeros(n, jnp.int32).at[idx].set(1).sum() / n
         z0, lp0, ll0 = state.position[idx], state.logprior[idx], state.loglikelihood[idx]
 
-        # the mutation's shape and the population's principal axes from the reweighted particles
+        # the moves' shapes (each half's from the particles that are not its parents) and the
+        # population's principal axes (from all) from the reweighted particles
         cov = _weighted_cov(state.position, log_w)
         half = n // 2
         cov_first, cov_second = _cross_covs(state.position, log_w, idx, cov)
