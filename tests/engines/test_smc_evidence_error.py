@@ -173,11 +173,13 @@ def test_fit_reports_the_method_and_the_check(seed):
 # ---------------------------------------------------------------------------- slow: over seeds
 @pytest.mark.slow
 def test_zscores_of_single_runs_on_a_20d_correlated_gaussian(seed):
-    """Over 20 seeds, single runs with 500 particles on the 20-D correlated Gaussian: the mean
-    z-score within 4/sqrt(n) of 0 (moves shaped by their own parents' covariance gave -1.4:
-    log Z biased low by -0.29 nats against errors of 0.2) and the sample variance of z below
-    its chi-square 99.9% bound (the error is not under-reported), and above a half of its lower
-    bound (nor grossly over-reported)."""
+    """Over 20 seeds, single runs with 1000 particles on the 20-D correlated Gaussian: the mean
+    z-score within 4/sqrt(n) of 0 (moves shaped by their own parents' covariance gave about
+    -1.5 at 500 and 2000 particles: log Z biased low by 0.29 and 0.15 nats against errors of 0.2
+    and 0.1) and the sample variance of z below its chi-square 99.9% bound (the error is not
+    under-reported), and above a half of its lower bound (nor grossly over-reported). At 500
+    particles a residual of about -0.4 remains (-0.1 nats; 0.03 standard error over 20 seeds),
+    too near the bound for a test that must pass with other seeds."""
     from scipy import stats
 
     prob = reference.correlated_gaussian(dim=20)
@@ -185,10 +187,10 @@ def test_zscores_of_single_runs_on_a_20d_correlated_gaussian(seed):
     n = 20
     zs = []
     for i in range(n):
-        fit = bl.fit(post, "smc", seed=1000 * seed + i, num_particles=500, progress_bar=False)
+        fit = bl.fit(post, "smc", seed=1000 * seed + i, num_particles=1000, progress_bar=False)
         zs.append((fit.log_evidence - prob.log_evidence) / fit.log_evidence_err)
     zs = np.array(zs)
-    print(f"20-D correlated Gaussian, N=500: z mean {zs.mean():.2f}, sd {zs.std(ddof=1):.2f}, "
+    print(f"20-D correlated Gaussian, N=1000: z mean {zs.mean():.2f}, sd {zs.std(ddof=1):.2f}, "
           f"{np.round(zs, 2).tolist()}")
     lo, hi = stats.chi2.ppf([0.0005, 0.9995], n - 1) / (n - 1)
     assert abs(zs.mean()) < K / np.sqrt(n), zs
