@@ -1201,3 +1201,9 @@ def icdf(fn, u):
     x = _quantile(fn, p, q)
     sample_shape = tuple(u.shape[: u.ndim - n])
     return jnp.broadcast_to(x, sample_shape + tuple(fn.shape()))
+
+
+def register_like(cls: type, like: type) -> None:
+    """Give the distribution class ``cls`` (e.g. a subclass with a guarded log density) the
+    unit-cube map of ``like``, a multivariate class the map already knows."""
+    _MULTIVARIATE.setdefault(cls, _MULTIVARIATE[like])

@@ -319,7 +319,7 @@ class _Dirichlet(dist.Dirichlet):
 
 # nested sampling's unit-cube map handles a Dirichlet by its exact type: the guarded one is a
 # Dirichlet with the same parameters, so it takes the same (exact stick-breaking) map
-_icdf._MULTIVARIATE.setdefault(_Dirichlet, _icdf._MULTIVARIATE[dist.Dirichlet])
+_icdf.register_like(_Dirichlet, dist.Dirichlet)
 
 
 # --------------------------------------------------------------------------------------------------

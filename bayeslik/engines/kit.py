@@ -453,7 +453,8 @@ def _attrs(run: Run, wall: float, attrs: Mapping[str, Any] | None) -> dict:
             **dict(attrs or {})}
 
 
-def _config_dict(config: Any) -> dict:
+def config_dict(config: Any) -> dict:
+    """An engine config (a dataclass, a mapping or None) as a plain dict, as a Fit records it."""
     return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config or {})
 
 
@@ -486,7 +487,7 @@ def chains_fit(run: Run, values: Mapping[str, np.ndarray], *, posterior: Any = N
                            attrs=_attrs(run, wall, attrs))
     cost = run.cost(num_loglik_evals=num_loglik_evals, num_grad_evals=num_grad_evals,
                     extra=extra, share=share)
-    return Fit(idata=idata, engine=run.engine, config=_config_dict(run.config), seed=None,
+    return Fit(idata=idata, engine=run.engine, config=config_dict(run.config), seed=None,
                cost=cost, log_evidence=log_evidence, log_evidence_err=log_evidence_err,
                model=posterior.name, flags=tuple(all_flags))
 
@@ -527,7 +528,7 @@ def weighted_fit(run: Run, draws: Mapping[str, np.ndarray], *, group: str,
     for name, ds in (more_groups or {}).items():
         idata[name] = xr.DataTree(ds)
     cost = run.cost(num_loglik_evals=num_loglik_evals, num_grad_evals=num_grad_evals, extra=extra)
-    return Fit(idata=idata, engine=run.engine, config=_config_dict(run.config), seed=None,
+    return Fit(idata=idata, engine=run.engine, config=config_dict(run.config), seed=None,
                cost=cost, log_evidence=log_evidence, log_evidence_err=log_evidence_err,
                model=posterior.name, flags=tuple(run.flags))
 

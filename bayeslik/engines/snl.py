@@ -528,11 +528,11 @@ def _nuts_round_options(config: SNLConfig, per_round: int) -> dict:
     """NUTS in the rounds before the last: 4 chains, about 300 warmup iterations and draws to
     cover a round's simulations, in chunks of the final run's length, so that the rounds and
     the final run share one compiled chunk program."""
-    from bayeslik.engines.nuts import NUTSConfig, _chunk_length
+    from bayeslik.engines.nuts import NUTSConfig, chunk_length
 
     final = NUTSConfig(**{k: v for k, v in dict(config.sampler_options or {}).items()
                           if k != "progress_bar"})
-    L = _chunk_length(final)
+    L = chunk_length(final)
     chains = final.num_chains
     W = L * math.ceil(300 / L)
     S = L * math.ceil(max(100, math.ceil(per_round / chains)) / L)
@@ -717,7 +717,7 @@ def run(posterior, rng_key: jax.Array, config: SNLConfig):
         "num_rounds": done, "inner_engine": config.sampler, **times})
     which = "final round" if done == R else f"round {done}"
     inner_flags = tuple(f"{config.sampler} ({which}): {f}" for f in fit.flags)
-    return dataclasses.replace(fit, idata=idata, engine="snl", config=kit._config_dict(config),
+    return dataclasses.replace(fit, idata=idata, engine="snl", config=kit.config_dict(config),
                                cost=cost, model=posterior.name,
                                flags=tuple(run.flags) + inner_flags)
 
