@@ -56,6 +56,7 @@ import numpy as np
 
 from bayeslik.errors import DataError, ModelError
 from bayeslik.posterior import PosteriorBase
+from bayeslik.weights import bucket
 
 __all__ = ["SimulatorPosterior"]
 
@@ -179,7 +180,7 @@ class SimulatorPosterior(PosteriorBase):
         for start in range(0, n, JAX_BATCH):
             kb, zb = keys[start:start + JAX_BATCH], z[start:start + JAX_BATCH]
             m = int(zb.shape[0])
-            pad = JAX_BATCH - m if n > JAX_BATCH or m == JAX_BATCH else _pow2(m) - m
+            pad = JAX_BATCH - m if n > JAX_BATCH or m == JAX_BATCH else bucket(m) - m
             if pad:
                 kb = jnp.concatenate([kb, jnp.broadcast_to(kb[:1], (pad,) + kb.shape[1:])])
                 zb = jnp.concatenate([zb, jnp.broadcast_to(zb[:1], (pad,) + zb.shape[1:])])
@@ -238,10 +239,6 @@ class _Guarded:
             return np.full(self.shape, np.nan)
         return x.reshape(self.shape) if x.size == math.prod(self.shape) else \
             np.full(self.shape, np.nan)
-
-
-def _pow2(m: int) -> int:
-    return 1 << max(0, (m - 1).bit_length())
 
 
 def _check_observed(observed: Any) -> np.ndarray:

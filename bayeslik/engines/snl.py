@@ -60,6 +60,7 @@ Checks that can fail:
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -71,6 +72,7 @@ import numpy as np
 
 from bayeslik.engines import kit
 from bayeslik.errors import EngineError
+from bayeslik.weights import pad_rows
 
 __all__ = ["SNLConfig", "SNL", "run", "learned_posterior", "FlowSpec", "train_flow"]
 
@@ -161,12 +163,12 @@ class FlowSpec:
 
     num_data: int
     num_cond: int
-    transformer: str = "affine"
-    knots: int = 8
-    interval: float = 5.0
-    flow_layers: int = 5
-    nn_width: int = 50
-    nn_depth: int = 1
+    transformer: str
+    knots: int
+    interval: float
+    flow_layers: int
+    nn_width: int
+    nn_depth: int
 
     @classmethod
     def of(cls, posterior, config: SNLConfig) -> "FlowSpec":
@@ -295,8 +297,8 @@ class _Trainer:
             xc, zc = x[start:start + _VAL_CHUNK], z[start:start + _VAL_CHUNK]
             m = xc.shape[0]
             mask = np.arange(_VAL_CHUNK) < m
-            total += float(self._nll_sum(weights, stats, jnp.asarray(_pad_rows(xc, _VAL_CHUNK)),
-                                         jnp.asarray(_pad_rows(zc, _VAL_CHUNK)),
+            total += float(self._nll_sum(weights, stats, jnp.asarray(pad_rows(xc, _VAL_CHUNK)),
+                                         jnp.asarray(pad_rows(zc, _VAL_CHUNK)),
                                          jnp.asarray(mask)))
         return total / max(x.shape[0], 1)
 
@@ -313,16 +315,6 @@ def _trainer(parts: _FlowParts, config: SNLConfig) -> _Trainer:
         _TRAINERS[key] = _Trainer(parts, config.learning_rate, config.clip_norm,
                                   config.batch_size)
     return _TRAINERS[key]
-
-
-def _pad_rows(a: np.ndarray, n: int) -> np.ndarray:
-    if a.shape[0] >= n:
-        return a
-    return np.concatenate([a, np.broadcast_to(a[:1], (n - a.shape[0],) + a.shape[1:])])
-
-
-def _pow2(m: int) -> int:
-    return 1 << max(0, (m - 1).bit_length())
 
 
 def train_flow(rng_key, x: np.ndarray, z: np.ndarray, spec: FlowSpec, config: SNLConfig,
@@ -497,18 +489,12 @@ def learned_posterior(posterior, fit) -> Any:
                           "by the 'snl' engine.")
     group = fit.idata["snl_flow"].to_dataset()
     spec = FlowSpec(**{k: (v if k == "transformer" else (float(v) if k == "interval" else int(v)))
-                       for k, v in json_loads(group.attrs["spec"]).items()})
+                       for k, v in json.loads(group.attrs["spec"]).items()})
     if spec.num_data != posterior.num_data or spec.num_cond != posterior.ndim:
         raise EngineError(f"learned_posterior: the Fit's flow is for {spec.num_cond} parameters "
                           f"and {spec.num_data} data values, the posterior has {posterior.ndim} "
                           f"and {posterior.num_data}.")
     return _learned(posterior, spec, np.asarray(group["vector"].values))
-
-
-def json_loads(s: str) -> dict:
-    import json
-
-    return json.loads(s)
 
 
 # ---------------------------------------------------------------------------- the run
@@ -705,7 +691,7 @@ def run(posterior, rng_key: jax.Array, config: SNLConfig):
     rounds = _rounds_dataset(posterior, rows, round_draws, check)
     flow_group = xr.Dataset(
         {"vector": (("flow_param",), np.asarray(trained["vector"]))},
-        attrs={"spec": _json(dataclasses.asdict(spec)),
+        attrs={"spec": json.dumps(dataclasses.asdict(spec)),
                "description": "the trained flow's weights then the standardisation "
                               "(x mean, x sd, z mean, z sd); snl.learned_posterior rebuilds it"})
     idata = fit.idata.copy()
@@ -728,12 +714,6 @@ class _CompileSeconds:
 
     compile_s = 0.0
     _compiled = None
-
-
-def _json(d: dict) -> str:
-    import json
-
-    return json.dumps(d)
 
 
 def _rounds_dataset(posterior, rows: list[dict], draws: list[np.ndarray], check: dict):
