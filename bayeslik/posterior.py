@@ -41,7 +41,8 @@ from numpyro.distributions.transforms import biject_to
 from numpyro.distributions.util import sum_rightmost
 
 from bayeslik import icdf as _icdf  # at import: its module-level jits are no first-use surprise
-from bayeslik.errors import DataError, ImproperPriorError, ModelError
+from bayeslik.errors import BayeslikError, DataError, ImproperPriorError, ModelError
+from bayeslik.external import is_external_site
 
 __all__ = ["Posterior", "PosteriorBase", "SiteInfo", "Evaluation", "PosteriorFunctions",
            "nonfinite_sites", "NonfiniteSite"]
@@ -83,6 +84,7 @@ class SiteInfo:
     distribution: str
     dims: tuple[str, ...]
     improper: bool = False
+    external: bool = False  # a factor site of bl.external_loglikelihood (a host callback)
 
     @property
     def size(self) -> int:
@@ -493,6 +495,12 @@ def _dist_name(fn: Any) -> str:
     return type(fn).__name__
 
 
+def _is_factor(site: dict) -> bool:
+    """Whether an observed site is a factor: ``numpyro.factor``'s Unit distribution, or an
+    external log-likelihood (:func:`bayeslik.external.external_loglikelihood`)."""
+    return _dist_name(site["fn"]) == "Unit" or is_external_site(site)
+
+
 def _is_improper(fn: Any) -> bool:
     from numpyro.distributions import ImproperUniform
 
@@ -890,6 +898,13 @@ class PosteriorBase:
         """The DataError for numpyro's "size of plate should be positive" assertion or for an
         attribute a scalar argument lacks (``y.shape`` of a float); None for other errors."""
         named = self._named_arguments()
+        duplicated = re.search(r"unique names but got `(.*)` duplicated", str(e))
+        if isinstance(e, AssertionError) and duplicated:
+            return ModelError(
+                f"model '{self.name}': site '{duplicated.group(1)}' appears twice (numpyro: all "
+                "sites must have unique names). Give every sample, deterministic and factor "
+                "site its own name; a bl.external_loglikelihood called more than once (in a "
+                "loop) needs a different name at each call (e.g. f'loglik_{i}').")
         if isinstance(e, AssertionError) and "size of plate should be positive" in str(e):
             sizes = [f"{k}={v!r}" for k, v in named.items()
                      if isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v <= 0]
@@ -950,6 +965,8 @@ class PosteriorBase:
                 )
         except _CONCRETIZATION_ERRORS:
             return None
+        except BayeslikError:  # raised on purpose by the program (bl.external_loglikelihood)
+            raise
         except (ValueError, TypeError, IndexError) as e:
             try:  # a quirk of tracing rather than of the data if an eager run goes through
                 self._trace_at(_INSPECTION_POINTS[0])
@@ -985,6 +1002,8 @@ class PosteriorBase:
             values: dict = {}
             try:
                 trace, _ = self._trace_at(c, values)
+            except BayeslikError:  # raised on purpose by the program: its message stands
+                raise
             except _RUN_ERRORS as e:
                 failures.append((c, values, e))
                 continue
@@ -1104,12 +1123,20 @@ class PosteriorBase:
                 continue
             fn = site["fn"]
             if site["is_observed"]:
+                external = is_external_site(site)
+                if external and site.get("cond_indep_stack"):
+                    plates = [f.name for f in site["cond_indep_stack"]]
+                    raise ModelError(
+                        f"external log-likelihood '{name}' is inside plate(s) {plates}: the plate "
+                        "would count its one value once per plate entry. Call "
+                        "bl.external_loglikelihood outside any plate, with the whole dataset's "
+                        "log-likelihood.")
                 self._check_observed(site, other.get(name), name in computed)
-                kind = "factor" if _dist_name(fn) == "Unit" else "observed"
+                kind = "factor" if _is_factor(site) else "observed"
                 shape = shapes.get(name, _site_shape(site))
                 sites[name] = SiteInfo(
                     name, kind, shape, shape, _dist_name(fn),
-                    _site_dims(site, shape, len(fn.event_shape)),
+                    _site_dims(site, shape, len(fn.event_shape)), external=external,
                 )
                 continue
             if site["infer"].get("enumerate"):
@@ -1146,7 +1173,7 @@ class PosteriorBase:
         value is a function of the parameters (a "data" check against a support then means
         nothing; its finiteness was a condition on the inspection point)."""
         name, fn, value = site["name"], site["fn"], site["value"]
-        if _dist_name(fn) == "Unit":  # numpyro.factor
+        if _is_factor(site):  # numpyro.factor, bl.external_loglikelihood
             _check_finite(name, value, "factor")
             return
         _check_finite(name, value, "observed site")
@@ -1366,6 +1393,13 @@ class PosteriorBase:
     @property
     def latent_names(self) -> tuple[str, ...]:
         return self._latent_names
+
+    @property
+    def external_sites(self) -> tuple[str, ...]:
+        """The program's external log-likelihood sites (``bl.external_loglikelihood``: host
+        callbacks without gradients), in program order; engines that differentiate the log
+        density refuse a posterior that has any."""
+        return tuple(n for n, s in self._sites.items() if s.external)
 
     @property
     def site_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -1595,7 +1629,9 @@ class Posterior(PosteriorBase):
         obs = ", ".join(
             f"{n}{list(s.shape)}" for n, s in self._sites.items() if s.kind == "observed"
         )
-        return f"Posterior({self.name}: ndim={self.ndim}; latent: {lat}; observed: {obs})"
+        ext = ", ".join(self.external_sites)
+        return (f"Posterior({self.name}: ndim={self.ndim}; latent: {lat}; observed: {obs}"
+                + (f"; external likelihood: {ext}" if ext else "") + ")")
 
 
 # ---------------------------------------------------------------------------- non-finite densities
@@ -1672,6 +1708,10 @@ def _bad_value(a: Any) -> str | None:
 
 #: an unconstrained coordinate of a constrained site beyond this is "far out" (exp(20) = 5e8)
 EXTREME_Z = 20.0
+#: a latent site's prior log density below this (nats) makes a point extreme as well: a scale
+#: 3.5e7 prior standard deviations out (the GP regression's alpha=6.9e7 under HalfNormal(2), log
+#: density -6e14) has a finite unconstrained coordinate but no prior mass to speak of
+EXTREME_LOGP = -1.0e4
 
 
 def _is_real(support: Any) -> bool:
@@ -1733,8 +1773,11 @@ def nonfinite_sites(posterior: PosteriorBase, z: Any) -> list[NonfiniteSite]:
     ``EXTREME_Z`` = 20 (a scale below 2e-9 or above 5e8, a probability within 2e-9 of 0 or 1):
     there the constraining map is at the limits of floating point and a density that should be
     a huge negative number comes out NaN or +inf (an InverseGamma at 1e-29 in float32), which
-    says nothing about the model where it has mass. A point with a non-finite coordinate (an
-    integrator that overflowed) is extreme too.
+    says nothing about the model where it has mass. A point where a latent site's own prior
+    term is below ``EXTREME_LOGP`` = -1e4 nats is extreme for the same reason (a GP's amplitude
+    6.9e7 under HalfNormal(2) makes its covariance singular in float64 long before its
+    coordinate reaches 20), and so is a point with a non-finite coordinate (an integrator that
+    overflowed).
 
     The batch is run in blocks of 256 rows by one compiled, vmapped program, compiled once per
     Posterior (it runs after a run, when an engine counted non-finite values and says which
@@ -1781,6 +1824,9 @@ def nonfinite_sites(posterior: PosteriorBase, z: Any) -> list[NonfiniteSite]:
         constrained[a:b] = not real.get(n, True)
     far = ((np.abs(rows[hit]) > EXTREME_Z)[:, constrained].any(axis=1)
            | ~np.isfinite(rows[hit]).all(axis=1))  # an integrator that blew up: not the model
+    for name in posterior.latent_names:  # a latent's prior gives the point no mass at all
+        if name in lps:
+            far |= (lps[name][hit] < EXTREME_LOGP).any(axis=1)
     j = int(np.argmin(far))  # the first bad row that is not far out, if any
     i, extreme = int(hit[j]), bool(far[j])
     point = {n: _brief(np.asarray(v)[i]) for n, v in values.items()}

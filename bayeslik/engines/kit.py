@@ -378,7 +378,8 @@ class Run:
         batch where the engine saw a non-finite value), else at 256 prior draws (a fixed key; for
         an improper prior, uniform points in ``[-2, 2]``); else the site is unknown. Where the only
         points found lie far out (a constrained site's unconstrained coordinate beyond 20: a
-        scale that under- or overflowed, as early NUTS trajectories make) and the prior draws
+        scale that under- or overflowed, as early NUTS trajectories make; or a latent's prior
+        term below -1e4 nats, see :func:`bayeslik.posterior.nonfinite_sites`) and the prior draws
         show none, the values are floating point giving up where the density is negligible, not
         the model: counted and described in ``Cost.extra["nonfinite_where"]``, not flagged.
         Every other count > 0 is flagged, ``nonfinite_where`` saying where. Only called after
@@ -439,7 +440,7 @@ class Run:
         if found:
             text = "; ".join(s.describe() for s in found[:3])
             if far_out:
-                text += (" (far out on the unconstrained scale, where floating point under- or "
+                text += (" (far out, where the prior has no mass and floating point under- or "
                          f"overflows; none {how} has a non-finite term)")
         else:
             text = ("which site made them is unknown" + (f": none {how} has a non-finite term"

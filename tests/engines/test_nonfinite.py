@@ -110,6 +110,32 @@ def test_far_out_points_are_recorded_not_flagged():
     assert run.flags == [] and out["num_nonfinite"] == 2 and "far out" in out["nonfinite_where"]
 
 
+def test_points_without_prior_mass_are_far_out_too():
+    """A GP covariance alpha^2 K + sigma I is singular in floating point when alpha is 7e7 and
+    sigma 3e-6 (gp_regr of posteriordb; NUTS's early warmup got there in float64), though alpha's
+    coordinate is only 18: the prior term (-6e14 nats) says the point has no mass, so it is
+    counted, not flagged (a NaN where the prior has mass is flagged: the test above)."""
+    x = np.linspace(-1.0, 1.0, 6)
+
+    def gp(y):
+        alpha = numpyro.sample("alpha", dist.HalfNormal(2.0))
+        sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+        cov = alpha**2 * jnp.exp(-0.5 * (x[:, None] - x[None, :]) ** 2 / 4.0) + sigma * jnp.eye(6)
+        numpyro.sample("y", dist.MultivariateNormal(jnp.zeros(6), scale_tril=jnp.linalg.cholesky(cov)),
+                       obs=y)
+
+    post = bl.Posterior(gp, y=np.sin(x).astype(np.float32))
+    bad = np.array([[np.log(6.9e7), np.log(3.2e-6)]])
+    (site,) = nonfinite_sites(post, bad)
+    assert (site.site, site.value, site.extreme) == ("y", "NaN", True)
+    assert np.abs(bad).max() < 20  # not far out by the coordinate rule
+    run = kit.Run("demo", post, None)
+    out = run.nonfinite(4, 36673, what="log density", point=bad)
+    assert run.flags == [] and "far out" in out["nonfinite_where"]
+    # the same sigma with an amplitude the prior supports: a finite density, nothing found
+    assert not nonfinite_sites(post, np.array([[0.0, np.log(3.2e-6)]]))
+
+
 # ---------------------------------------------------------------------------- every engine
 @pytest.fixture(scope="module")
 def fits(posteriors):

@@ -33,12 +33,7 @@ FAST = {
 }
 
 #: known failures, with the reason (strict: an entry fails once fixed)
-KNOWN_FAILING = {
-    ("gp_pois_regr-gp_regr", "float64"): (
-        "stop 29: 4 of 36,673 log density evaluations NaN/+inf at observed site 'y' "
-        "(MultivariateNormal) are flagged; deterministic, also with the stop-28 nuts.py; passed "
-        "at stop 28; cause not found yet"),
-}
+KNOWN_FAILING: dict[tuple[str, str], str] = {}
 
 CASES = [
     pytest.param(name, dtype, marks=(() if (name, dtype) in FAST else (pytest.mark.slow,)) + (
