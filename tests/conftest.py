@@ -40,6 +40,14 @@ def x64():
 
 
 @pytest.fixture
+def x64_toggle():
+    """``set(flag)`` switches ``jax_enable_x64`` inside a test; the old setting comes back after."""
+    old = jax.config.read("jax_enable_x64")
+    yield lambda flag: jax.config.update("jax_enable_x64", flag)
+    jax.config.update("jax_enable_x64", old)
+
+
+@pytest.fixture
 def no_jit(monkeypatch):
     """Fail the test if anything is jit-compiled (checks that errors come before compiling)."""
 

@@ -148,3 +148,30 @@ def test_every_engine_runs_in_float64():
 def test_nuts_runs_on_every_family_in_float64():
     for name, dtypes in _run_x64(NUTS_ZOO, timeout=1800).items():
         assert dtypes == ["float64"], name
+
+
+def _dataless():
+    import numpyro
+    import numpyro.distributions as dist
+
+    numpyro.sample("theta", dist.Normal(0.0, 1.0))
+
+
+def test_precision_switch_in_one_process_recompiles(x64_toggle):
+    """A Posterior without data has the same cache key in both precisions; the compiled programs
+    are keyed by the precision too, so a float64 fit after a float32 one is float64 throughout
+    (it once reused the float32 programs and returned float32 draws)."""
+    import jax
+
+    import bayeslik as bl
+
+    from tests.harness import small
+
+    dtypes = {}
+    for x64 in (False, True):
+        x64_toggle(x64)
+        post = bl.Posterior(_dataless)
+        fit = bl.fit(post, "nuts", seed=0, progress_bar=False, **small("nuts"))
+        dtypes[x64] = str(fit.posterior["theta"].dtype)
+        assert jax.config.read("jax_enable_x64") is x64
+    assert dtypes == {False: "float32", True: "float64"}

@@ -126,7 +126,11 @@ class ProgramCache:
         self._items: OrderedDict[Hashable, Programs] = OrderedDict()
 
     def get(self, key: Hashable, build: Callable[[], Programs]) -> Programs:
-        """The instance for ``key``, built by ``build()`` on a miss."""
+        """The instance for ``key``, built by ``build()`` on a miss.
+
+        The key is taken together with ``jax_enable_x64``: programs traced in one precision are
+        never reused in the other (a data-less Posterior's key would not tell them apart)."""
+        key = (key, bool(jax.config.jax_enable_x64))
         if key in self._items:
             self._items.move_to_end(key)
         else:
