@@ -232,6 +232,7 @@ class _FlowParts:
 
         w, xm, xs, zm, zs = self.split_vector(vector)
         flow = paramax.unwrap(self.flow(w))
+        xs = jnp.abs(xs)  # -1 marks a column the simulations never varied (see train_flow)
         return flow.log_prob((x - xm) / xs, condition=(z - zm) / zs) - jnp.sum(jnp.log(xs))
 
     def sample(self, vector: jax.Array, rng_key, z: jax.Array, sample_shape=()) -> jax.Array:
@@ -239,7 +240,8 @@ class _FlowParts:
 
         w, xm, xs, zm, zs = self.split_vector(vector)
         flow = paramax.unwrap(self.flow(w))
-        return flow.sample(rng_key, sample_shape, condition=(z - zm) / zs) * xs + xm
+        u = flow.sample(rng_key, sample_shape, condition=(z - zm) / zs)
+        return jnp.where(xs < 0, xm, u * xs + xm)  # a constant column stays constant
 
 
 _PARTS: dict = {}
@@ -347,10 +349,21 @@ def train_flow(rng_key, x: np.ndarray, z: np.ndarray, spec: FlowSpec, config: SN
     if stats is None:
         xm, xs = x[train_idx].mean(0), x[train_idx].std(0)
         zm, zs = z[train_idx].mean(0), z[train_idx].std(0)
-        xs = np.where(xs > 1e-12 * np.maximum(np.abs(xm), 1.0), xs, 1.0)
+        # a data column the simulator never varies gets the scale -1: it is learned as
+        # independent unit noise around its value (below), so it adds the same log density at
+        # every parameter, as the simulations say; a plain scale would let the flow shrink onto
+        # the constant, and its loss ran to -inf then NaN (SIR with 10,000 simulations)
+        xs = np.where(xs > 1e-12 * np.maximum(np.abs(xm), 1.0), xs, -1.0)
         zs = np.where(zs > 1e-12 * np.maximum(np.abs(zm), 1.0), zs, 1.0)
         stats = np.concatenate([xm, xs, zm, zs]).astype(dtype)
     stats = jnp.asarray(stats, dtype)
+    dx = x.shape[1]
+    constant = np.asarray(stats[dx:2 * dx]) < 0
+    if constant.any():
+        noise = np.asarray(jax.random.normal(jax.random.fold_in(rng_key, 7),
+                                             (n, int(constant.sum())), dtype))
+        x = x.copy()
+        x[:, constant] = np.asarray(stats[:dx])[constant] + noise
     w = parts.initial_weights(k_init).astype(dtype) if weights is None else jnp.asarray(weights)
     val_idx = np.flatnonzero(heldout)
     xv, zv = x[val_idx], z[val_idx]
