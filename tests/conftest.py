@@ -62,7 +62,9 @@ def no_jit(monkeypatch):
 # collection order; the notebooks (about a third of the suite's time, run in kernels of their
 # own) came near the end of it, so one worker ran them alone at the end. Longest first keeps
 # both workers busy to the finish. Order within a file is unchanged.
-_LONGEST_FIRST = ("tests/test_notebooks.py", "tests/test_cli.py", "tests/engines/test_nuts.py",
+_LONGEST_FIRST = ("tests/test_notebooks.py", "tests/test_notebooks_more.py", "tests/test_cli.py",
+                  "tests/engines/test_nuts.py", "tests/test_float64.py",
+                  "tests/engines/test_snl.py", "tests/engines/test_contract.py",
                   "tests/test_sbc.py", "tests/models/test_arhmm.py")
 
 

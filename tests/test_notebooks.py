@@ -27,8 +27,20 @@ XLA_FLAGS = {nb: _UNOPTIMISED for nb in
              ("workflow", "quickstart", "point_processes", "compare_engines", "mixtures")}
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+#: the notebooks whose run is a test of tests/test_notebooks_more.py: a second file, so that
+#: xdist (``--dist loadfile``) runs the two halves on different workers (~350 s in one file made
+#: one worker finish minutes after the other). Every other notebook runs here.
+MORE = ("sbi_chirp", "compare_engines", "meta_learning", "quickstart")
+HERE = [p for p in NOTEBOOKS if p.stem not in MORE]
+
+
+@pytest.mark.parametrize("path", HERE, ids=[p.stem for p in HERE])
 def test_notebook_runs(path, monkeypatch, tmp_path):
+    run_notebook(path, monkeypatch, tmp_path)
+
+
+def run_notebook(path, monkeypatch, tmp_path):
+    """Execute the notebook at ``path`` at small sizes; raises with the failing cell."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     monkeypatch.setenv("BAYESLIK_NOTEBOOK_FAST", "1")
