@@ -359,11 +359,20 @@ def train_flow(rng_key, x: np.ndarray, z: np.ndarray, spec: FlowSpec, config: SN
     stats = jnp.asarray(stats, dtype)
     dx = x.shape[1]
     constant = np.asarray(stats[dx:2 * dx]) < 0
+    # a column of whole numbers (counts) is dequantised: a continuous density on atoms has no
+    # upper bound, and the flow's loss ran off to inf (SIR's infection counts, 10,000
+    # simulations). Training sees x + U(-1/2, 1/2), so q(x_obs) is the density at the centre of
+    # x_obs's unit cell, about the probability of that count (uniform dequantisation)
+    counts = ~constant & np.all(x == np.round(x), axis=0)
+    if constant.any() or counts.any():
+        x = x.copy()
     if constant.any():
         noise = np.asarray(jax.random.normal(jax.random.fold_in(rng_key, 7),
                                              (n, int(constant.sum())), dtype))
-        x = x.copy()
         x[:, constant] = np.asarray(stats[:dx])[constant] + noise
+    if counts.any():
+        x[:, counts] += np.asarray(jax.random.uniform(
+            jax.random.fold_in(rng_key, 8), (n, int(counts.sum())), dtype, -0.5, 0.5))
     w = parts.initial_weights(k_init).astype(dtype) if weights is None else jnp.asarray(weights)
     val_idx = np.flatnonzero(heldout)
     xv, zv = x[val_idx], z[val_idx]

@@ -190,6 +190,36 @@ def test_a_column_the_simulator_never_varies():
     assert sims[-1] == 5.0  # and the flow's simulations keep it constant
 
 
+def _poisson_prior():
+    numpyro.sample("log_rate", dist.Normal(jnp.log(jnp.array([0.5, 2.0])), 0.3).to_event(1))
+
+
+def _poisson_simulator(key, p):
+    return jax.random.poisson(key, jnp.exp(p["log_rate"]), (2,)).astype(jnp.float32)
+
+
+def test_counts_are_dequantised():
+    """Whole-number data (counts) are learned with uniform dequantisation: a continuous flow on
+    atoms has no upper bound (SIR's counts sent the loss to inf at 10,000 simulations); trained on
+    x + U(-1/2, 1/2), the flow's density at a count is about its probability, so the learned
+    log-likelihood is the exact Poisson log pmf to within ~0.1 nats on average (measured -0.05,
+    sd 0.25; without dequantisation -4.0, sd 4.0: the flow piled its density onto the atoms)."""
+    post = bl.SimulatorPosterior(_poisson_prior, _poisson_simulator, np.array([1.0, 2.0]))
+    z = post.sample_prior(jax.random.key(0), 3000)
+    x, _ = post.simulate(jax.random.key(1), z)
+    assert np.all(x == np.round(x))
+    config = snl.SNLConfig(**{k: v for k, v in SMALL.items() if k != "sampler_options"})
+    spec = snl.FlowSpec.of(post, config)
+    out = snl.train_flow(jax.random.key(2), x, np.asarray(z), spec, config)
+    zt = post.sample_prior(jax.random.key(3), 1000)
+    xt, _ = post.simulate(jax.random.key(4), zt)
+    rate = np.exp(np.asarray(jax.vmap(post.constrain)(zt)["log_rate"]))
+    exact = np.asarray(dist.Poisson(rate).to_event(1).log_prob(xt))
+    learned = np.asarray(snl._parts(spec).log_prob(out["vector"], jnp.asarray(xt), jnp.asarray(zt)))
+    gap = exact - learned
+    assert abs(gap.mean()) < 0.15 and gap.std() < 0.5, (gap.mean(), gap.std())
+
+
 def test_training_is_reproducible_by_seed(post):
     z = post.sample_prior(jax.random.key(0), 300)
     x, _ = post.simulate(jax.random.key(1), z)
