@@ -33,6 +33,7 @@ __version__ = "0.1.0"
 #: public name -> the module that defines it
 _LAZY = {
     "fit": "bayeslik.api", "register_engine": "bayeslik.api",
+    "external_loglikelihood": "bayeslik.external",
     "pointwise_loglikelihood": "bayeslik.engines.kit",
     "compare": "bayeslik.compare", "Comparison": "bayeslik.compare", "Reference": "bayeslik.compare",
     "use_cpu_cores": "bayeslik.devices", "FitWarning": "bayeslik.convergence",
@@ -43,7 +44,7 @@ _LAZY = {
     "relabel": "bayeslik.relabel",
     "sbc": "bayeslik.sbc",
 }
-_SUBMODULES = ("engines", "weights", "inits", "convergence", "diagnostics", "filtering",
+_SUBMODULES = ("engines", "external", "weights", "inits", "convergence", "diagnostics", "filtering",
                "surrogate", "checkpoints", "plots", "models")
 
 __all__ = [
@@ -51,7 +52,7 @@ __all__ = [
     "OptionError", "compare", "Comparison", "Reference", "StateSpacePosterior", "SimulatorPosterior", "relabel", "use_cpu_cores",
     "BayeslikError", "DataError", "EngineError", "ImproperPriorError", "InitializationError",
     "ModelError", "PriorTransformError", "pointwise_loglikelihood",
-    "posterior_predictive", "prior_predictive", "FitWarning",
+    "posterior_predictive", "prior_predictive", "FitWarning", "external_loglikelihood",
 ]
 
 

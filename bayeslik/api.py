@@ -22,14 +22,17 @@ from bayeslik.fit import Fit
 from bayeslik.posterior import Posterior
 
 __all__ = ["fit", "register_engine", "engines", "resolve_engine", "engine_spec",
-           "posterior_kinds", "unregister_engine"]
+           "posterior_kinds", "unregister_engine", "gradient_free_engines"]
 
 
 @dataclass(frozen=True)
 class EngineSpec:
     """A registered engine. ``run_many(posteriors, rng_keys, config) -> list[Fit]``, where
     given, fits several Posteriors that share a cache_key at once (vectorised). ``accepts``:
-    the posterior kinds (classes) the engine runs on."""
+    the posterior kinds (classes) the engine runs on. ``gradients``: whether it differentiates
+    the log density, a bool or ``gradients(config) -> bool`` where its settings decide (SMC's
+    move kernel); ``gradients_note`` says, for the refusal's message, which settings need
+    none."""
 
     name: str
     config_cls: type
@@ -37,9 +40,21 @@ class EngineSpec:
     description: str = ""
     run_many: Callable | None = None
     accepts: tuple[type, ...] = (Posterior,)
+    gradients: bool | Callable[[Any], bool] = False
+    gradients_note: str = ""
 
-    def check_accepts(self, posterior: Any) -> None:
-        """Raise an EngineError naming the kinds unless the engine runs on ``posterior``."""
+    def needs_gradients(self, config: Any = None) -> bool:
+        """Whether the engine with ``config`` (None: its defaults) differentiates the log
+        density."""
+        if not callable(self.gradients):
+            return bool(self.gradients)
+        return bool(self.gradients(self.config_cls() if config is None else config))
+
+    def check_accepts(self, posterior: Any, config: Any = None) -> None:
+        """Raise an EngineError unless the engine runs on ``posterior``: naming the kinds it
+        runs on, or, for a posterior with external log-likelihood sites (host callbacks, no
+        gradients) and an engine that differentiates the log density with ``config`` (None:
+        its defaults), naming the sites and the engines that run on it."""
         if not isinstance(posterior, self.accepts):
             kinds = " or ".join(c.__name__ for c in self.accepts)
             others = sorted(n for n, s in _registry().items() if isinstance(posterior, s.accepts))
@@ -47,6 +62,26 @@ class EngineSpec:
                 f"engine {self.name!r} runs on a {kinds}, not a {type(posterior).__name__}"
                 + (f"; the engines for a {type(posterior).__name__} are {others}."
                    if others else "."))
+        external = tuple(getattr(posterior, "external_sites", ()) or ())
+        if external and self.needs_gradients(config):
+            sites = ", ".join(f"'{n}'" for n in external)
+            ok = gradient_free_engines(posterior)
+            raise EngineError(
+                f"engine {self.name!r}"
+                + (" with these settings" if callable(self.gradients) else "")
+                + " differentiates the log density, but this Posterior's likelihood site(s) "
+                f"{sites} are external (bl.external_loglikelihood: a host callback, opaque to "
+                "JAX, with no gradient)."
+                + (f" {self.gradients_note}" if self.gradients_note else "")
+                + (f" The engines that run on it: {ok}." if ok else "")
+                + " Or write the likelihood in JAX to use gradient-based engines.")
+
+
+def gradient_free_engines(posterior: Any) -> list[str]:
+    """The registered engines that run on ``posterior`` with their default settings without
+    differentiating its log density (those that run on a Posterior with external sites)."""
+    return sorted(n for n, s in _registry().items()
+                  if isinstance(posterior, s.accepts) and not s.needs_gradients())
 
 
 _REGISTRY: dict[str, EngineSpec] = {}
@@ -62,15 +97,25 @@ def _registry() -> dict[str, EngineSpec]:
 
 def register_engine(name: str, config_cls: type, run: Callable, description: str = "",
                     run_many: Callable | None = None,
-                    accepts: type | tuple[type, ...] = Posterior) -> None:
+                    accepts: type | tuple[type, ...] = Posterior, *,
+                    gradients: bool | Callable[[Any], bool] = False,
+                    gradients_note: str = "") -> None:
     """Make an engine available to ``bayeslik.fit`` under ``name``; ``accepts`` is the
-    posterior kind (or a tuple of kinds) it runs on."""
+    posterior kind (or a tuple of kinds) it runs on; ``gradients`` whether it differentiates
+    the log density (True/False, or ``gradients(config) -> bool`` where its settings decide),
+    so that ``bl.fit`` refuses it, before compiling anything, on a Posterior with external
+    log-likelihood sites (``bl.external_loglikelihood``); ``gradients_note`` adds to that
+    refusal which settings need no gradients."""
     if not dataclasses.is_dataclass(config_cls):
         raise EngineError(f"engine {name!r}: config_cls must be a dataclass.")
     accepts = accepts if isinstance(accepts, tuple) else (accepts,)
     if not accepts or not all(isinstance(c, type) for c in accepts):
         raise EngineError(f"engine {name!r}: accepts must be a class or a tuple of classes.")
-    _REGISTRY[name] = EngineSpec(name, config_cls, run, description, run_many, accepts)
+    if not (isinstance(gradients, bool) or callable(gradients)):
+        raise EngineError(f"engine {name!r}: gradients must be True, False or a function of "
+                          f"the config returning one, got {gradients!r}.")
+    _REGISTRY[name] = EngineSpec(name, config_cls, run, description, run_many, accepts,
+                                 gradients, str(gradients_note))
 
 
 def unregister_engine(name: str) -> None:
@@ -173,7 +218,7 @@ def fit_quietly(posterior: Posterior, engine: Any = "nuts", *, seed: int | None 
             "bl.Posterior(model, **data)."
         )
     spec, config = resolve_engine(engine, options)
-    spec.check_accepts(posterior)
+    spec.check_accepts(posterior, config)  # the kind, and gradients on external sites
     seed, key = _seed_key(seed)
     _check_init_option(posterior, config)
     from bayeslik.engines import kit  # the option reaches every engine's kit.Run

@@ -5,8 +5,13 @@ from bayeslik.api import register_engine
 from bayeslik.engines import nuts
 from bayeslik.engines.nuts import NUTS, NUTSConfig
 
+# gradients: which engines differentiate the log density (bl.fit refuses them on a Posterior
+# with external log-likelihood sites). NUTS always, SMC with HMC moves; the others are
+# registered with the default, False: nested sampling, nss and the surrogate never differentiate
+# the likelihood, PMMH differentiates nothing, and SNL runs on a SimulatorPosterior (no
+# likelihood sites) and fits its inner sampler through bl.fit, which checks that one.
 register_engine("nuts", NUTSConfig, nuts.run, "No-U-Turn HMC with Stan's windowed warmup (blackjax)",
-                run_many=nuts.run_many)
+                run_many=nuts.run_many, gradients=True)
 
 from bayeslik.engines import nested  # noqa: E402
 from bayeslik.engines.nested import Nested, NestedConfig  # noqa: E402
@@ -30,7 +35,10 @@ from bayeslik.engines import smc  # noqa: E402
 from bayeslik.engines.smc import SMC, SMCConfig  # noqa: E402
 
 register_engine("smc", SMCConfig, smc.run,
-                "Adaptive tempered SMC (tuned HMC/random-walk moves), logZ with its error")
+                "Adaptive tempered SMC (tuned HMC/random-walk moves), logZ with its error",
+                gradients=smc.needs_gradients,
+                gradients_note="SMC's random-walk moves need none: pass kernel='rwm' or leave "
+                               "kernel unset (the random walk is then its default).")
 
 from bayeslik.engines import pmmh  # noqa: E402
 from bayeslik.engines.pmmh import PMMH, PMMHConfig  # noqa: E402

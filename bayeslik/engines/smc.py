@@ -59,7 +59,7 @@ same shapes, compiles nothing.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, NamedTuple
 
 import jax
@@ -75,6 +75,7 @@ from bayeslik.weights import RESAMPLING, log_ess, pad_rows
 __all__ = ["SMCConfig", "SMC", "SMCState", "StageInfo", "StageParams", "Particle", "Move",
            "init", "build_kernel", "hmc_move", "rwm_move", "config_move", "dense_shape",
            "diagonal_shape", "stage_params", "next_temperature", "single_run_variance",
+           "default_kernel", "needs_gradients", "resolve_kernel",
            "runs_consistency", "RUNS_ALPHA", "SINGLE_RUN_METHOD", "run"]
 
 _KERNELS = ("hmc", "rwm")
@@ -90,7 +91,9 @@ class SMCConfig:
     target_ess : the next temperature makes the ESS of the incremental weights this fraction of
         num_particles (smaller: fewer, bigger steps in lambda, noisier evidence).
     kernel : "hmc" (gradient-based, inverse mass matrix from the particles' covariance) or
-        "rwm" (random walk, proposal covariance from the particles' covariance).
+        "rwm" (random walk, proposal covariance from the particles' covariance); None (the
+        default): "hmc", or "rwm" for a Posterior with external log-likelihood sites
+        (``bl.external_loglikelihood``, no gradients), where "hmc" is refused.
     num_leapfrog_steps : leapfrog steps per HMC move (the step size is jittered by +-20%).
     dense_mass : HMC's inverse mass matrix is the particles' covariance (True) or its diagonal
         (False); None: dense up to 100 dimensions. The random walk always uses the covariance.
@@ -124,7 +127,7 @@ class SMCConfig:
     num_particles: int = 2000
     num_runs: int = 1
     target_ess: float = 0.5
-    kernel: str = "hmc"
+    kernel: str | None = None
     num_leapfrog_steps: int = 10
     dense_mass: bool | None = None
     target_accept: float | None = None
@@ -146,7 +149,9 @@ class SMCConfig:
                   "max_mutation_steps", "max_stages")
         c.require(self.num_particles >= 10, "num_particles",
                   "must be at least 10 (a few hundred or more is usual).")
-        c.choice("kernel", _KERNELS).choice("resampling", RESAMPLING)
+        if self.kernel is not None:
+            c.choice("kernel", _KERNELS)
+        c.choice("resampling", RESAMPLING)
         c.number("target_ess", low=0.0, high=1.0, hint="0.5 is usual")
         c.number("target_accept", low=0.0, high=1.0, optional=True,
                  hint="None is the kernel's default: 0.65 HMC, 0.234 random walk")
@@ -165,7 +170,7 @@ class SMCConfig:
     @property
     def accept_target(self) -> float:
         a = self.target_accept
-        return _DEFAULT_ACCEPT[self.kernel] if a is None else float(a)
+        return _DEFAULT_ACCEPT[self.kernel or "hmc"] if a is None else float(a)
 
 
 SMC = SMCConfig  # bl.engines.SMC(num_particles=...) reads better in user code
@@ -424,6 +429,32 @@ def hmc_move(num_leapfrog_steps: int = 10, dense_mass: bool | None = None) -> Mo
         return Particle(*new), accept, prob, (bad, x_bad)
 
     return Move(precondition, init, step)
+
+
+def default_kernel(posterior) -> str:
+    """The move kernel ``kernel=None`` means: "rwm" for a posterior with external
+    log-likelihood sites (host callbacks without gradients), else "hmc"."""
+    return "rwm" if getattr(posterior, "external_sites", ()) else "hmc"
+
+
+def needs_gradients(config: SMCConfig) -> bool:
+    """Whether SMC with ``config`` differentiates the log density: its HMC moves do
+    (``kernel=None`` is the random walk on a posterior where that matters)."""
+    return config.kernel == "hmc"
+
+
+def resolve_kernel(config: SMCConfig, posterior) -> SMCConfig:
+    """``config`` with its kernel chosen for ``posterior`` (``kernel=None``: see
+    :func:`default_kernel`); an EngineError for HMC moves on external log-likelihood sites."""
+    external = tuple(getattr(posterior, "external_sites", ()) or ())
+    if config.kernel == "hmc" and external:
+        raise EngineError(
+            f"SMC option kernel='hmc': HMC moves differentiate the log density, but the "
+            f"likelihood site(s) {list(external)} are external (bl.external_loglikelihood, no "
+            "gradient). Pass kernel='rwm' or leave kernel unset (the random walk is then the "
+            "default).")
+    return config if config.kernel is not None else replace(config,
+                                                            kernel=default_kernel(posterior))
 
 
 def config_move(config: SMCConfig) -> Move:
@@ -734,6 +765,7 @@ def run(posterior, rng_key: jax.Array, config: SMCConfig) -> Fit:
     True
     """
     posterior.require_proper_prior("tempered SMC (it starts from prior draws)")
+    config = resolve_kernel(config, posterior)
     N, R, D = config.num_particles, config.num_runs, posterior.ndim
     Check("SMC", config).require(
         config.kernel != "rwm" or not config.adapt or N > D + 1, "num_particles",
