@@ -17,6 +17,10 @@ if "BAYESLIK_CONFIG_DIR" not in os.environ:
 
     os.environ["BAYESLIK_CONFIG_DIR"] = tempfile.mkdtemp(prefix="bayeslik-test-config-")
 
+# the engines are imported (and their import-time jax.jit calls made) before any test, so the
+# no_jit fixture below sees only what the test itself compiles, whichever file runs first
+import bayeslik.engines  # noqa: E402,F401
+
 
 @pytest.fixture
 def seed() -> int:
