@@ -50,8 +50,11 @@ The likelihood hook (``loglikelihood_wrapper``), for likelihood surrogates
     ``"cost_extra"`` (merged into ``Cost.extra``), ``"num_true_calls"`` (replaces
     ``Cost.num_loglik_evals``), ``"log_evidence"``, ``"log_evidence_err"`` (replace the Fit's),
     ``"flags"`` (appended to ``Fit.flags``) and ``"attrs"`` (merged into the attributes of the
-    ``nested_samples`` group). Without a wrapper, ``Cost.num_loglik_evals`` counts the points
-    given to the true ``batch_fn`` (dynesty's calls plus the initial live points).
+    ``nested_samples`` group). A wrapper with a ``watch`` method is given the sampler's progress
+    once the sampler exists: ``wrapper.watch(progress_fn, dlogz)``, ``progress_fn() ->
+    (iterations, delta_logz)`` or None (a dynamic run), ``dlogz`` the value a static run stops
+    at. Without a wrapper, ``Cost.num_loglik_evals`` counts the points given to the true
+    ``batch_fn`` (dynesty's calls plus the initial live points).
 
 What the Fit holds
     ``posterior``: equal-weight draws (chain=1), resampled systematically from the dead points;
@@ -532,6 +535,8 @@ def run(posterior, rng_key: jax.Array, config: NestedConfig, *,
                      if saved is not None
                      else _new_sampler(posterior, config, call, true_fn, batch_fn,
                                        _np_rng(k_dyn), pool))
+            if hasattr(wrapper, "watch"):  # the sampler's progress, for a cost-aware wrapper
+                wrapper.watch(_progress_fn(start.sampler), _stop_dlogz(config))
             _run_nested(run, start, config, ckpt, saved is not None)
         if run.interrupted:
             _finish_interrupted(run, start, config)
@@ -956,6 +961,29 @@ def _simulated_logzerr(res, rng: np.random.Generator, num: int) -> float:
 
     logz = [dyfunc.jitter_run(dyfunc.resample_run(res, rng), rng)["logz"][-1] for _ in range(num)]
     return float(np.std(logz, ddof=1))
+
+
+def _progress_fn(sampler) -> Callable[[], tuple[int, float] | None]:
+    """For a likelihood wrapper's ``watch``: ``() -> (iterations, delta_logz)`` of a static run
+    as it goes, dynesty's own stopping quantity (``log(1 + max live L * X / Z)``); None before
+    the first iteration and for a dynamic run. Called from the likelihood, i.e. while dynesty's
+    loop waits for the values."""
+
+    def state():
+        run = getattr(sampler, "saved_run", None)
+        if hasattr(sampler, "batch_sampler") or run is None or not len(run["logz"]):
+            return None
+        delta = np.logaddexp(0.0, np.max(sampler.live_logl) + run["logvol"][-1] - run["logz"][-1])
+        return int(sampler.it) - 1, float(delta)
+
+    return state
+
+
+def _stop_dlogz(config: NestedConfig) -> float | None:
+    """The delta_logz a static run stops at (dynesty's default where dlogz is None)."""
+    if config.dynamic:
+        return None
+    return float(config.dlogz) if config.dlogz is not None else 1e-3 * (config.num_live - 1) + 0.01
 
 
 def _counter(true_fn: true_batch_fn) -> Callable[[], int]:

@@ -21,8 +21,19 @@ evaluations (sampling and guard); ``Fit.cost.extra`` holds ``num_surrogate_calls
 ``num_true_calls`` (sampling only), ``num_guard_calls``, ``num_rechecks``, ``num_above_range``,
 ``num_high_spread``, ``num_trainings``, ``num_retrains``, ``num_fallbacks``, ``train_s``,
 ``search_s``, ``first_switch_in_at``, ``architecture``, and the guard's ``guard_correction``,
-``guard_ess_fraction``. The posterior draws use the values the sampler saw (surrogate ones
-included).
+``guard_ess_fraction``; the cost rule's (:mod:`bayeslik.surrogate.cost`): ``switch``,
+``background``, ``call_s`` (seconds per true call, measured or declared), ``predict_s`` (per
+network answer), ``true_call_s`` (seconds of the sampling's true calls), ``serve_s``,
+``guard_s``, ``train_blocking_s`` (the training seconds that blocked the sampler),
+``first_train_at``, ``num_cost_refusals``, ``num_stopped_trainings``, ``projected_saving_s``,
+``time_saved_s`` (``call_s`` x served points - ``train_s`` - ``serve_s`` - ``guard_s``) and
+``surrogate_decision`` (why it switched in or not, in words); the same in one line in the
+``nested_samples`` group's attribute ``surrogate_cost``, beside ``surrogate_history``. The
+posterior draws use the values the sampler saw (surrogate ones included).
+
+By default (``switch="cost"``) a network is trained, and switched in, only where that saves
+wall time: a cheap likelihood (compiled JAX, well under a millisecond a call) runs as plain
+dynesty, unflagged; ``switch="accuracy"`` switches in whenever the network is accurate.
 
 Every true likelihood evaluation (the initial live points, training, re-checks, fallbacks and
 the guard: all go through the engine's ``true_batch_fn``) is checked for NaN and +inf as the
@@ -76,7 +87,8 @@ class NestedSurrogateConfig:
         full_accuracy_nats, recheck_every, recheck_window, fallback_rmse, retrain_every,
         num_members, train_steps, search, kinds, widths, depths, learning_rates,
         search_min_steps; the guard: guard_num_points, guard_max_correction,
-        guard_min_ess_fraction.
+        guard_min_ess_fraction; the cost rule: switch ("cost", the default, or "accuracy"),
+        background, expected_train_s, call_cost_s, horizon.
 
     >>> cfg = NestedSurrogateConfig(num_live=400, rmse_max=0.05, guard_num_points=300)
     >>> nested, options = split_config(cfg)
@@ -131,6 +143,11 @@ class NestedSurrogateConfig:
     guard_num_points: int = 200
     guard_max_correction: float = 0.1
     guard_min_ess_fraction: float = 0.5
+    switch: str = "cost"
+    background: bool = True
+    expected_train_s: float = 10.0
+    call_cost_s: float | None = None
+    horizon: float = 1.0
 
     def __post_init__(self) -> None:
         # construct both halves: their own __post_init__ validates every option
@@ -159,8 +176,19 @@ def run(posterior, rng_key: jax.Array, config) -> Fit:
         raise EngineError(f"run needs a NestedSurrogateConfig, got {type(config).__name__}.")
     nested_config, options = split_config(config)
     wrapper = SurrogateLikelihood(options, num_live=nested_config.num_live)
-    fit = _nested.run(posterior, rng_key, nested_config, loglikelihood_wrapper=wrapper)
+    try:
+        fit = _nested.run(posterior, rng_key, nested_config, loglikelihood_wrapper=wrapper)
+    except BaseException:
+        wrapper.close(quiet=True)  # a background training stops at its next chunk
+        raise
     fit.idata.attrs["engine"] = "nested+surrogate"
     history = "; ".join(f"{n}:{e}:{r:.3g}" for n, e, r in wrapper.history)
     fit.idata["nested_samples"].attrs["surrogate_history"] = history
+    c = wrapper.counters
+    call = "unmeasured" if c["call_s"] is None else f"{1e3 * c['call_s']:.3g} ms"
+    fit.idata["nested_samples"].attrs["surrogate_cost"] = (
+        f"true call {call}; true calls {c['num_true_calls']} (+{c['num_guard_calls']} guard); "
+        f"surrogate calls {c['num_surrogate_calls']}; training {c['train_s']:.1f} s "
+        f"({c['train_blocking_s']:.1f} s blocking); time saved {c['time_saved_s']:.1f} s; "
+        f"{c['surrogate_decision']}")
     return dataclasses.replace(fit, engine="nested+surrogate", config=dataclasses.asdict(config))

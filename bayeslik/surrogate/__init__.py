@@ -5,7 +5,9 @@
   successive-halving search over kinds and architectures;
 * :mod:`~bayeslik.surrogate.likelihood`: :class:`SurrogateLikelihood`, the ``loglikelihood_wrapper``
   that decides point by point between the network and the true likelihood;
-* :mod:`~bayeslik.surrogate.guard`: the importance correction of the evidence after the run.
+* :mod:`~bayeslik.surrogate.guard`: the importance correction of the evidence after the run;
+* :mod:`~bayeslik.surrogate.cost`: the cost model that decides whether a training, and a
+  switch-in, would save wall time.
 
 Use it through the engine: ``bl.fit(post, "nested+surrogate", ...)`` (see docs/surrogates.md).
 """

@@ -46,7 +46,15 @@ The rules (all thresholds in :class:`SurrogateOptions`):
    likelihood again) and retrained after ``retrain_every`` new points. While it serves, it is
    retrained (warm start) every ``retrain_every`` new true points; the new ensemble replaces the
    serving one only if it does better on the new window's held-out points.
-6. **Guard.** ``finalize`` re-weights a subsample of the final posterior with the true likelihood
+6. **Cost** (``switch="cost"``, the default; :mod:`bayeslik.surrogate.cost`). The wall time of
+   the true calls (per point, compile time excluded), of each training and of the network's
+   answers is measured as the run goes. A due training (rules 1 and 5) starts only when the
+   projected saving over the points still to come exceeds its expected cost; a network that
+   passes the check of rule 3 is switched in only when the projected saving is positive.
+   Otherwise the points keep going to the true likelihood. Trainings run in a background
+   thread (``background=True``) on a snapshot of the window while the sampler goes on; the
+   result is taken in at the next batch after it is done.
+7. **Guard.** ``finalize`` re-weights a subsample of the final posterior with the true likelihood
    (:mod:`bayeslik.surrogate.guard`) and replaces the evidence by the corrected one; the fit is
    flagged when the correction exceeds ``guard_max_correction`` nats or its ESS fraction is below
    ``guard_min_ess_fraction``.
@@ -67,8 +75,10 @@ Example
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -76,6 +86,7 @@ import jax
 import numpy as np
 
 from bayeslik.errors import EngineError
+from bayeslik.surrogate import cost as _cost
 from bayeslik.surrogate import guard as _guard
 from bayeslik.surrogate import network as _net
 from bayeslik.weights import bucket, pad_rows
@@ -149,6 +160,11 @@ class SurrogateOptions:
     guard_num_points: int = 200
     guard_max_correction: float = 0.1
     guard_min_ess_fraction: float = 0.5
+    switch: str = "cost"
+    background: bool = True
+    expected_train_s: float = 10.0
+    call_cost_s: float | None = None
+    horizon: float = 1.0
 
     def __post_init__(self) -> None:
         from bayeslik.engines.kit import Check  # here: bayeslik.engines imports this module
@@ -175,6 +191,10 @@ class SurrogateOptions:
                       "must be 0 (no guard) or an integer >= 2.")
         check.number("guard_min_ess_fraction", low=0.0, high=1.0, low_open=False,
                      high_open=False)
+        check.choice("switch", ("cost", "accuracy")).boolean("background")
+        check.number("expected_train_s", low=0.0, low_open=False, hint="seconds")
+        check.number("call_cost_s", low=0.0, optional=True, hint="seconds per true call")
+        check.number("horizon", low=0.0, hint="1 is the break-even rule")
         for name in ("kinds", "widths", "depths", "learning_rates"):
             v = getattr(self, name)
             check.require(isinstance(v, tuple) and bool(v), name,
@@ -243,12 +263,67 @@ def _best_per_kind(table, exclude) -> list:
     return [a for _, a in sorted(best.values(), key=lambda t: t[0])]
 
 
+def _scores(ens, x, y, check, sc):
+    """(RMS of error / s, mean spread / s, plain RMSE) of an ensemble on the check rows."""
+    if ens is None or not check.any():
+        return np.inf, np.inf, np.inf
+    mean, spread = _net.predict(ens, x[check])
+    return (float(np.sqrt(np.mean(np.square((mean - y[check]) / sc)))),
+            float(np.mean(spread / sc)), float(np.sqrt(np.mean(np.square(mean - y[check])))))
+
+
+def _fit_job(job: dict, should_stop: Callable[[], bool] | None) -> dict:
+    """One (re)training on a snapshot of the window (``job``, made by the main thread): the
+    search (first training only), the ensemble of each design tried, their scores, and the time
+    one network answer costs. Pure: it reads only ``job``, so it can run in a thread."""
+    t0 = time.perf_counter()
+    x, y, check, sc = job["x"], job["y"], job["check"], job["sc"]
+    out: dict[str, Any] = {"search_s": 0.0, "table": None, "arch": job["arch"],
+                           "runner_ups": list(job["runner_ups"])}
+    if job["search"]:
+        ts = time.perf_counter()
+        res = _net.search_architecture(job["k_search"], x, y, job["w_train"], job["w_check"],
+                                       job["candidates"], min_steps=job["search_min_steps"],
+                                       should_stop=should_stop)
+        out.update(arch=res.best, runner_ups=_best_per_kind(res.table, exclude=res.best),
+                   table=res.table, search_s=time.perf_counter() - ts)
+    out["base_arch"] = out["arch"]
+    # The search ran once, on the first window (mostly prior draws), so its choice of kind can
+    # be wrong for the region the run reaches later. After a refusal, the best design of the
+    # other kind is trained too and the better of the two on this window's check is kept.
+    designs = [out["arch"]] + (out["runner_ups"] if job["extra_designs"] else [])
+    warm = job["warm"]
+    best = None
+    for arch in designs:
+        ens, _ = _net.train_ensemble(
+            job["k_train"], x, y, job["w_train"], job["w_check"], arch,
+            num_members=job["num_members"], max_steps=job["steps"], chunk=200, patience=2,
+            init=warm, scaler=None if warm is None else warm.scaler, should_stop=should_stop)
+        s = _scores(ens, x, y, check, sc)
+        if best is None or s[0] < best[1][0]:
+            best = (ens, s, arch)
+    out["ens"], out["scores"], out["arch"] = best
+    out["old_scores"] = _scores(job["old"], x, y, check, sc) if job["old"] is not None else None
+    # what one network answer costs: a batch of 16 (compiled by now), timed twice, the second
+    probe = x[:16]
+    _net.predict(out["ens"], probe)
+    tp = time.perf_counter()
+    _net.predict(out["ens"], probe)
+    out["predict_s"] = (time.perf_counter() - tp) / len(probe)
+    out["stopped"] = bool(should_stop is not None and should_stop())
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
 class SurrogateLikelihood:
     """A single-use ``loglikelihood_wrapper`` for nested sampling (see the module docstring).
 
     ``wrapper(true_batch_fn, posterior, rng_key)`` returns the batched function the sampler
     calls; ``wrapper.finalize(fit_parts)`` runs the guard and returns what the engine merges into
-    its Fit; ``wrapper.counters`` and ``wrapper.history`` tell what happened.
+    its Fit; ``wrapper.counters`` and ``wrapper.history`` tell what happened. The nested engine
+    calls ``wrapper.watch(progress_fn, dlogz)`` once its sampler exists, where
+    ``progress_fn() -> (iterations, delta_logz)`` or None: the sampler's progress, which the
+    cost rule uses to project the points still to come.
     """
 
     def __init__(self, options: SurrogateOptions | None = None, *, num_live: int = 500,
@@ -264,6 +339,12 @@ class SurrogateLikelihood:
             num_fallbacks=0, num_switch_ins=0, num_guard_calls=0, train_s=0.0, search_s=0.0,
             first_switch_in_at=None, last_heldout_score=None, last_heldout_rmse=None,
             last_heldout_spread=None, architecture=None, num_design_changes=0,
+            # the cost side (bayeslik.surrogate.cost)
+            switch=self.options.switch, background=self.options.background,
+            call_s=None, predict_s=None, true_call_s=0.0, serve_s=0.0, guard_s=0.0,
+            train_blocking_s=0.0, num_cost_refusals=0, num_stopped_trainings=0,
+            first_train_at=None, projected_saving_s=None, time_saved_s=None,
+            surrogate_decision="",
         )
         self.history: list[tuple[int, str, float]] = []  # (true calls so far, event, score)
 
@@ -279,7 +360,7 @@ class SurrogateLikelihood:
         self._features = _features_fn(posterior) if self.options.inputs == "physical" else None
         k_np, self._key = jax.random.split(rng_key)
         self._rng = np.random.default_rng(np.asarray(jax.random.key_data(k_np)).ravel())
-        self._x: list[np.ndarray] = []  # true evaluations, in order
+        self._u: list[np.ndarray] = []  # true evaluations (unit cube), in order
         self._y: list[float] = []
         self._known: dict[bytes, float] = {}
         self._ensemble: _net.Ensemble | None = None
@@ -293,7 +374,24 @@ class SurrogateLikelihood:
         self._y_ref = -np.inf
         self._full_acc: float | None = None
         self._refusals = 0
+        compile_s = (lambda: float(getattr(true_batch_fn, "compile_s", 0.0)))
+        self._timer = _cost.CallTimer(compile_s)   # the sampling's true calls
+        self._guard_timer = _cost.CallTimer(compile_s)
+        self._asked = 0    # points the switched-in network was asked (served or sent back)
+        self._last_train_s: float | None = None
+        self._predict_est: float | None = None
+        self._watch: Callable[[], Any] | None = None
+        self._dlogz: float | None = None
+        self._marks: deque = deque()  # (iteration, points so far): the recent points per iteration
+        self._job: tuple[dict, Future] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._stop = threading.Event()
         return self.batch_fn
+
+    def watch(self, progress_fn: Callable[[], Any], dlogz: float | None) -> None:
+        """Give the cost rule the sampler's progress: ``progress_fn() -> (iterations,
+        delta_logz)`` (None while unknown) and the ``dlogz`` the sampler stops at."""
+        self._watch, self._dlogz = progress_fn, dlogz
 
     @property
     def active(self) -> bool:
@@ -303,11 +401,11 @@ class SurrogateLikelihood:
     def _inputs(self, u: np.ndarray) -> np.ndarray:
         return u if self._features is None else self._features(u)
 
-    def _true(self, u: np.ndarray, x: np.ndarray) -> np.ndarray:
-        vals = np.asarray(self._true_fn(u), np.float64).reshape(len(u))
+    def _true(self, u: np.ndarray) -> np.ndarray:
+        vals = np.asarray(self._timer.timed(self._true_fn, u), np.float64).reshape(len(u))
         for row, v in zip(u, vals):
             self._known[row.tobytes()] = float(v)
-        self._x.extend(np.asarray(x, np.float64))
+        self._u.extend(np.array(u, np.float64))  # a copy: the caller may reuse its array
         self._y.extend(vals.tolist())
         self.counters["num_true_calls"] += len(u)
         return vals
@@ -327,12 +425,16 @@ class SurrogateLikelihood:
         self.counters["num_points"] += len(u)
         if self._full_acc is None:
             self._full_acc = self.options.full_accuracy(u.shape[1])
+        self._poll()
         o = self.options
-        x = self._inputs(u)
         if not self._active:
-            vals = self._true(u, x)
+            vals = self._true(u)
         else:
+            t0 = time.perf_counter()
+            x = self._inputs(u)
             mean, spread = _net.predict(self._ensemble, x)
+            self.counters["serve_s"] += time.perf_counter() - t0
+            self._asked += len(u)
             scale = self._scale(mean)
             above = ~(mean <= self._y_hi)  # also catches NaN
             unsure = (spread > o.spread_max * scale) & (mean + 3 * spread > self._floor)
@@ -340,7 +442,7 @@ class SurrogateLikelihood:
             need = above | unsure | recheck
             vals = mean.copy()
             if need.any():
-                vals[need] = self._true(u[need], x[need])
+                vals[need] = self._true(u[need])
                 # the re-checks are a random sample of the points the surrogate would serve: their
                 # errors (in units of the tolerance) decide the fallback
                 rc = recheck & ~above & ~unsure
@@ -357,9 +459,63 @@ class SurrogateLikelihood:
                 rmse = float(np.sqrt(np.mean(np.square(self._errors))))
                 if rmse > o.fallback_rmse:
                     self._switch_out(rmse)
-        if len(self._y) >= self._next_train:
-            self._train()
+        if len(self._y) >= self._next_train and self._job is None:
+            self._maybe_train()
         return vals
+
+    # ------------------------------------------------------------------ the cost rule
+    def call_s(self) -> float | None:
+        """Seconds per true call: ``call_cost_s`` if given, else the mean measured so far."""
+        if self.options.call_cost_s is not None:
+            return float(self.options.call_cost_s)
+        return self._timer.per_point
+
+    def _served_fraction(self) -> float:
+        if self._asked >= _cost.MIN_SERVED_TO_MEASURE:
+            return self.counters["num_surrogate_calls"] / self._asked
+        return _cost.SERVED_FRACTION_PRIOR
+
+    def _predict_s(self) -> float:
+        if self._asked >= _cost.MIN_SERVED_TO_MEASURE:
+            return self.counters["serve_s"] / self._asked
+        return self._predict_est or 0.0
+
+    def _expected_train_s(self) -> float:
+        """The next training's expected seconds: the last one's (search excluded), measured, or
+        ``expected_train_s`` before any."""
+        return self.options.expected_train_s if self._last_train_s is None else self._last_train_s
+
+    def projected_points(self) -> float:
+        """The points the sampler is projected still to ask for (:func:`cost.projected_points`)."""
+        state = self._watch() if self._watch is not None else None
+        it, delta = state if state is not None else (None, None)
+        n = self.counters["num_points"]
+        rate = None
+        if it is not None:
+            # points per iteration over the last num_live / 2 iterations or more: the sampler's
+            # efficiency changes as its bounds tighten, so the mean since the start misleads
+            marks = self._marks
+            if not marks or it > marks[-1][0]:
+                marks.append((it, n))
+            while len(marks) > 2 and it - marks[1][0] >= max(self.num_live // 2, 1):
+                marks.popleft()
+            if it - marks[0][0] >= max(self.num_live // 4, 1):
+                rate = (n - marks[0][1]) / (it - marks[0][0])
+        return _cost.projected_points(num_points=n, num_live=self.num_live, iterations=it,
+                                      delta_logz=delta, dlogz=self._dlogz,
+                                      horizon=self.options.horizon, points_per_iteration=rate)
+
+    def estimate(self) -> _cost.SavingEstimate:
+        """The projected saving of a network serving from now on (:func:`cost.projected_saving`),
+        with this run's measured costs."""
+        o = self.options
+        est = _cost.projected_saving(
+            num_future=self.projected_points(), call_s=self.call_s() or 0.0,
+            predict_s=self._predict_s(), train_s=self._expected_train_s(),
+            served_fraction=self._served_fraction(), recheck_every=int(o.recheck_every),
+            retrain_every=int(o.retrain_every), guard_num_points=int(o.guard_num_points))
+        self.counters["projected_saving_s"] = est.saving_s
+        return est
 
     # ------------------------------------------------------------------ training
     def _switch_out(self, rmse: float) -> None:
@@ -393,15 +549,18 @@ class SurrogateLikelihood:
         return np.sort(np.concatenate([top, recent]))
 
     def _window(self):
-        """The training window: inputs, clipped targets, train/validation/contour-check weights."""
+        """The training window: inputs, clipped targets, train/validation/contour-check weights.
+        The network inputs of the window's points are computed here, in one call."""
         o = self.options
         y_all = np.asarray(self._y, np.float64)
         rows = self._window_rows(y_all)
         n = len(rows)
         cap = int(o.train_size)
-        x = np.full((cap, len(self._x[0])), 0.5, np.float32)
+        x_rows = np.asarray(self._inputs(np.asarray([self._u[i] for i in rows], np.float64)),
+                            np.float32)
+        x = np.full((cap, x_rows.shape[1]), 0.5, np.float32)
         y_raw = np.full(cap, -np.inf)
-        x[:n] = np.asarray([self._x[i] for i in rows], np.float32)
+        x[:n] = x_rows
         y_raw[:n] = y_all[rows]
         finite = np.isfinite(y_raw[:n])
         vals = y_raw[:n][finite]
@@ -418,99 +577,159 @@ class SurrogateLikelihood:
         w = 1.0 / np.square(self._scale(y))
         return x, y, train * w, check * w, check, floor, n
 
-    def _train(self) -> None:
+    def _maybe_train(self) -> None:
+        """A training is due: start it (inline or in the background thread) unless the cost rule
+        says it cannot pay for itself yet (then it is asked again at the next batch)."""
         o = self.options
-        t0 = time.perf_counter()
+        if o.switch == "cost":
+            est = self.estimate()
+            need = self._expected_train_s()
+            if not est.saving_s > need:
+                before = (f"switched in at {self.counters['first_switch_in_at']} true calls; "
+                          "then a retraining " if self.counters["num_switch_ins"] else "training ")
+                self.counters["surrogate_decision"] = (
+                    f"{before}deferred: projected saving {est.saving_s:.3g} s over "
+                    f"{est.num_future:.0f} more points at {self.call_s() or 0.0:.3g} s per true "
+                    f"call does not exceed the training's expected {need:.3g} s")
+                return
+        job = self._prepare()
+        if self.counters["first_train_at"] is None:
+            self.counters["first_train_at"] = self.counters["num_true_calls"]
+        if o.background:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1,
+                                                    thread_name_prefix="bayeslik-surrogate")
+            self._job = (job, self._executor.submit(_fit_job, job, self._stop.is_set))
+        else:
+            t0 = time.perf_counter()
+            result = _fit_job(job, None)
+            self.counters["train_blocking_s"] += time.perf_counter() - t0
+            self._apply(job, result)
+
+    def _poll(self) -> None:
+        """Apply a background training that has finished (the main thread's side)."""
+        if self._job is not None and self._job[1].done():
+            job, future = self._job
+            self._job = None
+            self._apply(job, future.result())  # a training's exception is raised here
+
+    def _prepare(self) -> dict:
+        """Snapshot what a training needs (main thread): the window, keys, designs."""
+        o = self.options
         finite = np.isfinite(self._y)
         self._y_ref = max(self._y_ref, float(np.max(np.asarray(self._y)[finite]))) \
             if np.any(finite) else self._y_ref
         x, y, w_train, w_check, check, floor, n = self._window()
         self._key, k_search, k_train = jax.random.split(self._key, 3)
-        if self._arch is None:
-            if o.search and len(o.candidates()) > 1:
-                ts = time.perf_counter()
-                res = _net.search_architecture(k_search, x, y, w_train, w_check, o.candidates(),
-                                               min_steps=int(o.search_min_steps))
-                self._arch = res.best
-                self._runner_ups = _best_per_kind(res.table, exclude=res.best)
-                self.counters["search_s"] += time.perf_counter() - ts
-                self.counters["search_table"] = [
-                    (r, a.kind, a.width, a.depth, a.learning_rate, s, e)
-                    for r, a, s, e in res.table]
-            else:
-                self._arch = o.candidates()[0]
-            self.counters["architecture"] = dataclasses.asdict(self._arch)
+        search = self._arch is None and bool(o.search) and len(o.candidates()) > 1
+        arch = self._arch if self._arch is not None else o.candidates()[0]
         warm = self._ensemble if self._active else None
-        steps = int(o.train_steps) if warm is None else max(1, int(o.train_steps) // 2)
+        return dict(
+            x=x, y=y, w_train=w_train, w_check=w_check, check=check, sc=self._scale(y[check]),
+            floor=floor, n=n, k_search=k_search, k_train=k_train, search=search,
+            candidates=o.candidates(), search_min_steps=int(o.search_min_steps), arch=arch,
+            runner_ups=list(self._runner_ups),
+            extra_designs=not self._active and self._refusals > 0, warm=warm, old=warm,
+            steps=int(o.train_steps) if warm is None else max(1, int(o.train_steps) // 2),
+            num_members=int(o.num_members), n_total=len(self._y), was_active=self._active,
+            first=self._arch is None)
 
-        def scores(e):
-            if not check.any():
-                return np.inf, np.inf, np.inf
-            mean, spread = _net.predict(e, x[check])
-            sc = self._scale(y[check])
-            return (float(np.sqrt(np.mean(np.square((mean - y[check]) / sc)))),
-                    float(np.mean(spread / sc)),
-                    float(np.sqrt(np.mean(np.square(mean - y[check])))))
-
-        # The search ran once, on the first window (mostly prior draws), so its choice of kind can
-        # be wrong for the region the run reaches later. After a refusal, the best design of the
-        # other kind is trained too and the better of the two on this window's check is kept.
-        designs = [self._arch]
-        if not self._active and self._refusals > 0:
-            designs += self._runner_ups  # never holds self._arch (swapped below)
-        best = None
-        for arch in designs:
-            ens, _ = _net.train_ensemble(
-                k_train, x, y, w_train, w_check, arch, num_members=int(o.num_members),
-                max_steps=steps, chunk=200, patience=2, init=warm,
-                scaler=None if warm is None else warm.scaler)
-            sc = scores(ens)
-            if best is None or sc[0] < best[1][0]:
-                best = (ens, sc, arch)
-        ens, (score, spread_score, rmse_top), arch = best
+    def _apply(self, job: dict, r: dict) -> None:
+        """Take a finished training's result into the surrogate's state (main thread)."""
+        o = self.options
+        c = self.counters
+        c["train_s"] += r["seconds"]
+        c["search_s"] += r["search_s"]
+        self._last_train_s = max(r["seconds"] - r["search_s"], 0.0)
+        self._predict_est = r["predict_s"]
+        if job["first"]:
+            self._arch, self._runner_ups = r["base_arch"], list(r["runner_ups"])
+            if r["table"] is not None:
+                c["search_table"] = [(k, a.kind, a.width, a.depth, a.learning_rate, s, e)
+                                     for k, a, s, e in r["table"]]
+            c["architecture"] = dataclasses.asdict(self._arch)
+        arch = r["arch"]
         if arch != self._arch:
             self._runner_ups = [a for a in self._runner_ups if a != arch] + [self._arch]
             self._arch = arch
-            self.counters["architecture"] = dataclasses.asdict(arch)
-            self.counters["num_design_changes"] += 1
+            c["architecture"] = dataclasses.asdict(arch)
+            c["num_design_changes"] += 1
+        ens, (score, spread_score, rmse_top) = r["ens"], r["scores"]
         kept = False
-        if self._active:
+        cost_refused = False
+        if job["was_active"] and self._active:
             # While serving, the window's recent true points are the ones the surrogate sent back
             # (above its range, unsure, re-checked): a biased sample of hard points, so it does
             # not decide the switch-out (the re-checks do). A retrain replaces the serving
             # ensemble only if it does better on them.
-            old = scores(self._ensemble)
-            if old[0] <= score:
+            old = r["old_scores"]
+            if old is not None and old[0] <= score:
                 (score, spread_score, rmse_top), kept = old, True
             ok = True
         else:
             ok = score <= o.rmse_max and spread_score <= o.spread_max
-        self.counters["num_trainings"] += 1
-        self.counters["num_retrains"] += int(self._ensemble is not None)
-        self.counters["last_heldout_score"] = score
-        self.counters["last_heldout_rmse"] = rmse_top
-        self.counters["last_heldout_spread"] = spread_score
+            if ok and o.switch == "cost" and not self._active:
+                est = self.estimate()
+                if not est.saving_s > 0.0:  # accurate, but serving would not pay (any more)
+                    ok, cost_refused = False, True
+                    c["num_cost_refusals"] += 1
+                    c["surrogate_decision"] = (
+                        f"an accurate network was not switched in: projected saving "
+                        f"{est.saving_s:.3g} s over {est.num_future:.0f} more points")
+        c["num_trainings"] += 1
+        c["num_retrains"] += int(self._ensemble is not None)
+        c["last_heldout_score"] = score
+        c["last_heldout_rmse"] = rmse_top
+        c["last_heldout_spread"] = spread_score
         if not kept:
             self._ensemble = ens
-            self._floor = floor
-            self._y_hi = float(np.max(y[:n]))
+            self._floor = job["floor"]
+            self._y_hi = float(np.max(job["y"][:job["n"]]))
         was = self._active
         self._active = bool(ok)
         if ok and not was:
-            self.counters["num_switch_ins"] += 1
-            if self.counters["first_switch_in_at"] is None:
-                self.counters["first_switch_in_at"] = self.counters["num_true_calls"]
+            c["num_switch_ins"] += 1
+            c["surrogate_decision"] = "switched in"
+            if c["first_switch_in_at"] is None:
+                c["first_switch_in_at"] = c["num_true_calls"]
             self._errors.clear()
         event = ("switch-in" if ok and not was else ("kept" if kept else "retrain") if ok
-                 else "refused")
-        self._refusals = 0 if ok else self._refusals + 1
-        self.history.append((self.counters["num_true_calls"], event, score))
+                 else "not worth it" if cost_refused else "refused")
+        if ok:
+            self._refusals = 0
+        elif not cost_refused:  # an accurate network the cost rule declined leaves the backoff
+            self._refusals += 1
+        self.history.append((c["num_true_calls"], event, score))
         # back off geometrically while refused (the interval doubles, up to 32x): a likelihood
         # the networks cannot learn then costs O(log run length) trainings, not O(run length)
-        self._next_train = len(self._y) + int(o.retrain_every) * 2 ** min(self._refusals, 5)
-        self.counters["train_s"] += time.perf_counter() - t0
+        self._next_train = job["n_total"] + int(o.retrain_every) * 2 ** min(self._refusals, 5)
         if self._progress is not None:
             self._progress(f"surrogate {event}: held-out score {score:.3f}")
+
+    def close(self, *, quiet: bool = False) -> None:
+        """Stop a background training (between two chunks) and wait for it; its seconds count in
+        ``train_s``, its result is dropped. Called by ``finalize`` and, when the run fails or is
+        interrupted, by the engine (``quiet``: a training's own exception is not raised then, the
+        run's is); safe to call twice."""
+        if self._job is not None:
+            self._stop.set()
+            job, future = self._job
+            self._job = None
+            try:
+                r = future.result()  # a training's exception is raised here
+            except Exception:
+                if not quiet:
+                    raise
+                r = {"seconds": 0.0}
+            self.counters["train_s"] += r["seconds"]
+            self.counters["num_stopped_trainings"] += 1
+            self.history.append((self.counters["num_true_calls"], "stopped", np.nan))
+            if self.counters["num_switch_ins"] == 0:
+                self.counters["surrogate_decision"] = ("the run ended before a background "
+                                                       "training finished")
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
 
     # ------------------------------------------------------------------ after the run
     def finalize(self, fit_parts: dict) -> dict:
@@ -521,6 +740,7 @@ class SurrogateLikelihood:
         sampling's plus the guard's), ``log_evidence``/``log_evidence_err`` (corrected),
         ``flags`` and ``attrs``.
         """
+        self.close()
         o = self.options
         c = self.counters
         logz, logzerr = float(fit_parts["logz"]), float(fit_parts["logzerr"])
@@ -530,17 +750,24 @@ class SurrogateLikelihood:
         out: dict[str, Any] = {}
         if c["num_switch_ins"] == 0:
             score = c["last_heldout_score"]
-            why = (f"the run ended before {self.num_initial} true points were collected"
-                   if score is None else
-                   f"last held-out score {score:.3g} against rmse_max {o.rmse_max}; the "
-                   "likelihood may be too rough for the networks, or raise train_size / loosen "
-                   "rmse_max")
-            flags.append(f"surrogate never switched in: every likelihood value is true ({why}).")
+            if len(self._y) < self.num_initial:
+                flags.append("surrogate never switched in: every likelihood value is true (the "
+                             f"run ended before {self.num_initial} true points were collected).")
+            elif c["num_trainings"] == c["num_cost_refusals"]:
+                # every training was declined or its accurate network did not pay: the cost rule
+                # working as meant (a cheap likelihood), not a failure; said in cost.extra
+                pass
+            else:
+                flags.append(
+                    "surrogate never switched in: every likelihood value is true (last held-out "
+                    f"score {score:.3g} against rmse_max {o.rmse_max}; the likelihood may be too "
+                    "rough for the networks, or raise train_size / loosen rmse_max).")
         if o.guard_num_points > 0 and len(fit_parts["logl"]) > 0 and c["num_switch_ins"] > 0:
             g = _guard.importance_correction(
                 self._rng, fit_parts["u"], fit_parts["logwt"], fit_parts["logl"], logz=logz,
-                logzerr=logzerr, true_batch_fn=self._true_fn, num_points=int(o.guard_num_points),
-                known_true=self._known)
+                logzerr=logzerr,
+                true_batch_fn=lambda uu: self._guard_timer.timed(self._true_fn, uu),
+                num_points=int(o.guard_num_points), known_true=self._known)
             c["num_guard_calls"] = g.num_true_calls
             out["log_evidence"] = g.log_evidence
             out["log_evidence_err"] = g.log_evidence_err
@@ -556,6 +783,19 @@ class SurrogateLikelihood:
                     "one, but the posterior draws use the surrogate's values: rerun with a "
                     "smaller rmse_max or plain 'nested' if this matters."
                 )
+        call_s = self.call_s()
+        c["call_s"] = call_s
+        c["predict_s"] = self._predict_s() if (self._asked or self._predict_est) else None
+        c["true_call_s"] = self._timer.seconds
+        c["guard_s"] = self._guard_timer.seconds
+        # true-call seconds avoided (the served points at the measured cost per call) minus what
+        # the surrogate cost: its trainings (all of them, background ones included), its answers
+        # and the guard's true calls
+        c["time_saved_s"] = ((call_s or 0.0) * c["num_surrogate_calls"] - c["train_s"]
+                             - c["serve_s"] - c["guard_s"])
+        if not c["surrogate_decision"]:
+            c["surrogate_decision"] = ("no training was due" if c["num_trainings"] == 0
+                                       else "never switched in")
         total = c["num_true_calls"] + c["num_guard_calls"]
         extra = {k: v for k, v in c.items() if k != "search_table"}
         extra["num_true_calls_total"] = total

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import equinox as eqx
 import jax
@@ -236,13 +236,15 @@ def _select(mask, new, old):
     return jax.tree_util.tree_map(pick, new, old)
 
 
-def _train_stack(models, opt_states, x, y, w_train, w_val, *, max_steps, chunk, patience):
-    """Train stacked members with per-member early stopping; return best models and RMSEs."""
+def _train_stack(models, opt_states, x, y, w_train, w_val, *, max_steps, chunk, patience,
+                 should_stop=None):
+    """Train stacked members with per-member early stopping; return best models and RMSEs.
+    ``should_stop()`` (if given) is asked between chunks: True ends the training there."""
     best = models
     best_rmse = np.full(w_train.shape[0], np.inf)
     stale = np.zeros(w_train.shape[0], int)
     steps = 0
-    while steps < max_steps:
+    while steps < max_steps and not (should_stop is not None and steps and should_stop()):
         n = int(min(chunk, max_steps - steps))
         models, opt_states = _train_chunk(models, opt_states, x, y, w_train, jnp.asarray(n))
         steps += n
@@ -267,6 +269,7 @@ def train_ensemble(rng_key: jax.Array, x: np.ndarray, y: np.ndarray, w_train: np
                    w_val: np.ndarray, architecture: Architecture, *, num_members: int = 4,
                    max_steps: int = 3000, chunk: int = 250, patience: int = 3,
                    scaler: Scaler | None = None, init: Ensemble | None = None,
+                   should_stop: Callable[[], bool] | None = None,
                    ) -> tuple[Ensemble, TrainInfo]:
     """Train an ensemble of MLPs on (x, y) and return it with its held-out accuracy.
 
@@ -276,6 +279,9 @@ def train_ensemble(rng_key: jax.Array, x: np.ndarray, y: np.ndarray, w_train: np
     member keeps its best parameters; training stops when no member improved for ``patience``
     chunks or after ``max_steps``. ``init`` warm-starts from a previous ensemble of the same
     architecture (a retrain); ``scaler`` defaults to :func:`fit_scaler` on the training rows.
+    ``should_stop()``, if given, is asked between chunks (after the first): True ends the training
+    early with the best parameters so far (the surrogate's background thread uses it to stop when
+    the run ends).
 
     Returns the ensemble and a :class:`TrainInfo` whose ``val_rmse`` is the RMSE of the ensemble
     mean on the held-out rows, in the units of ``y``.
@@ -297,7 +303,8 @@ def train_ensemble(rng_key: jax.Array, x: np.ndarray, y: np.ndarray, w_train: np
     wt = jnp.broadcast_to(jnp.asarray(w_train), (num_members, x.shape[0]))
     wv = jnp.broadcast_to(jnp.asarray(w_val), (num_members, x.shape[0]))
     best, member_rmse, _, _, steps = _train_stack(
-        models, opt_states, xs, ys, wt, wv, max_steps=max_steps, chunk=chunk, patience=patience)
+        models, opt_states, xs, ys, wt, wv, max_steps=max_steps, chunk=chunk, patience=patience,
+        should_stop=should_stop)
     ens = Ensemble(best, scaler, architecture, num_members)
     mean, _ = predict(ens, x)
     val_rmse = _weighted_rmse(mean, y, w_val)
@@ -335,7 +342,8 @@ def predict(ensemble: Ensemble, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def search_architecture(rng_key: jax.Array, x: np.ndarray, y: np.ndarray, w_train: np.ndarray,
                         w_val: np.ndarray, candidates: list[Architecture], *,
                         min_steps: int = 300, eta: int = 3, chunk: int = 100,
-                        scaler: Scaler | None = None) -> SearchResult:
+                        scaler: Scaler | None = None,
+                        should_stop: Callable[[], bool] | None = None) -> SearchResult:
     """Successive halving over ``candidates``, ranked by held-out RMSE of one network each.
 
     Rung r trains the surviving candidates for ``min_steps * eta**r`` steps (with early
@@ -343,7 +351,8 @@ def search_architecture(rng_key: jax.Array, x: np.ndarray, y: np.ndarray, w_trai
     (which is not trained further: the caller trains its ensemble). Candidates of one (kind,
     width, depth) are trained together (stacked, each with its own learning rate), so the search
     compiles once per (kind, width, depth). Survivors continue from the parameters they reached
-    (no restart), as in Hyperband's successive halving.
+    (no restart), as in Hyperband's successive halving. ``should_stop`` as in
+    :func:`train_ensemble` (a stopped search returns the best candidate of the rung reached).
     """
     if not candidates:
         raise OptionError("search_architecture needs at least one candidate architecture.")
@@ -377,14 +386,16 @@ def search_architecture(rng_key: jax.Array, x: np.ndarray, y: np.ndarray, w_trai
             # dead candidates ride along with zero weight (no gradient), keeping one shape
             wt = wt * jnp.asarray(live, jnp.float32)[:, None]
             best, rmse, models, opt, _ = _train_stack(
-                models, opt, xs, ys, wt, wv, max_steps=steps, chunk=chunk, patience=2)
+                models, opt, xs, ys, wt, wv, max_steps=steps, chunk=chunk, patience=2,
+                should_stop=should_stop)
             state[wd] = [best, opt, archs]
             trainings += sum(live)
             for a, r, ok in zip(archs, rmse, live):
                 if ok:
                     score[a] = float(r) * float(scaler.y_scale)
                     table.append((rung, a, steps, score[a]))
-        if len(alive) == 1:
+        if len(alive) == 1 or (should_stop is not None and should_stop()):
+            alive.sort(key=lambda a: score[a])
             break
         alive.sort(key=lambda a: score[a])
         alive = alive[: max(1, math.ceil(len(alive) / eta))]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import bayeslik as bl
+from bayeslik.convergence import FitWarning
 from bayeslik.engines.nested import NestedConfig
 from bayeslik.engines.nested_surrogate import NestedSurrogateConfig, split_config
 from bayeslik.errors import EngineError
@@ -19,9 +20,12 @@ from bayeslik.models import reference
 from tests.conftest import SEED
 from tests.harness import LOGZ_FLOOR, K, check_evidence
 
-# small but default-shaped settings: the test must stay cheap on two shared cores
+# small but default-shaped settings: the test must stay cheap on two shared cores. The likelihood
+# here is cheap (compiled JAX), so the cost rule would (rightly) never switch the network in:
+# switch="accuracy" tests the surrogate itself, trained inline (a background training would
+# still be running when this 2-second run ends; the slowed likelihood below tests that path)
 OPTS = dict(num_live=200, progress_bar=False, search=False, num_members=3, train_steps=1500,
-            guard_num_points=100)
+            guard_num_points=100, switch="accuracy", background=False)
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +66,68 @@ def test_cost_separates_true_and_surrogate_calls(normal_mean_fits):
     attrs = sur.idata["nested_samples"].attrs
     assert "surrogate_log_evidence_uncorrected" in attrs and attrs["surrogate_history"]
     assert sur.config["rmse_max"] == NestedSurrogateConfig().rmse_max
+    # the cost side is reported too: a measured cost per true call and the time saved
+    assert e["call_s"] > 0 and e["train_s"] > 0 and e["background"] is False
+    assert e["time_saved_s"] == pytest.approx(
+        e["call_s"] * e["num_surrogate_calls"] - e["train_s"] - e["serve_s"] - e["guard_s"])
+    assert e["train_blocking_s"] == pytest.approx(e["train_s"], abs=0.1)  # inline: it blocked
+
+
+def _gauss2d():
+    """x ~ Uniform(-5, 5)^2, log-likelihood N(x; 0.5, 1) summed: log Z = 2 log(box mass / 10)."""
+    import numpyro
+    import numpyro.distributions as dist
+
+    x = numpyro.sample("x", dist.Uniform(-5.0, 5.0).expand([2]).to_event(1))
+    numpyro.factor("loglik", dist.Normal(0.5, 1.0).log_prob(x).sum())
+
+
+def _gauss2d_log_evidence() -> float:
+    from scipy import stats
+
+    return 2 * float(np.log((stats.norm.cdf(4.5) - stats.norm.cdf(-5.5)) / 10.0))
+
+
+# a network the size a test can train in about a second; expected_train_s says so, since
+# the default (10 s, a first training with the search) would not pay on a run this short
+SLOW_OPTS = dict(search=False, widths=(32,), depths=(2,), num_members=3, train_steps=1000,
+                 expected_train_s=2.0)
+
+
+def test_an_expensive_likelihood_runs_faster_with_fewer_true_calls(seed):
+    """A 2-D Gaussian whose likelihood sleeps 5 ms a point (a host callback): the cost-aware
+    surrogate (the default switch, training in the background) makes fewer true calls and takes
+    less wall time than plain dynesty on the same slowed likelihood, with log Z within the
+    guard's max(4 err, 0.2) of the exact value."""
+    import time
+    import warnings
+
+    from tests.surrogate.slow import slowed
+
+    post = bl.Posterior(slowed(_gauss2d, 0.005))
+    with warnings.catch_warnings(record=True) as caught:  # compile outside the timings
+        warnings.simplefilter("always")
+        bl.fit(post, "nested", seed=seed, num_live=50, max_iterations=5, progress_bar=False)
+    # what a 5-iteration run is told (stopped early, few effective samples), and nothing else
+    assert caught and all(issubclass(w.category, FitWarning) for w in caught)
+    assert any("max_iterations=5" in str(w.message) for w in caught)
+    t0 = time.perf_counter()
+    plain = bl.fit(post, "nested", seed=seed, num_live=50, progress_bar=False)
+    plain_wall = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sur = bl.fit(post, "nested+surrogate", seed=seed, num_live=50, progress_bar=False,
+                 **SLOW_OPTS)
+    sur_wall = time.perf_counter() - t0
+    e = sur.cost.extra
+    assert e["switch"] == "cost" and e["num_switch_ins"] >= 1, e["surrogate_decision"]
+    assert sur.cost.num_loglik_evals < 0.7 * plain.cost.num_loglik_evals
+    assert sur_wall < plain_wall, (sur_wall, plain_wall)
+    assert 0.004 < e["call_s"] < 0.05  # the measured cost: the sleep, padding, overhead
+    assert e["time_saved_s"] > 0
+    assert e["background"] and e["train_blocking_s"] == 0.0  # trained in the thread
+    line = sur.idata["nested_samples"].attrs["surrogate_cost"]
+    assert f"surrogate calls {e['num_surrogate_calls']}" in line and "switched in" in line
+    check_evidence(sur, _gauss2d_log_evidence(), floor=LOGZ_FLOOR)
 
 
 def test_config_is_validated_before_compiling(no_jit):
@@ -99,7 +165,9 @@ def test_loggamma_4d_switches_in_with_a_tenth_of_the_true_calls(seed):
 
     post = nested_suite._loggamma(4).posterior()
     plain = bl.fit(post, "nested", seed=seed, num_live=300, progress_bar=False)
-    sur = bl.fit(post, "nested+surrogate", seed=seed, num_live=300, progress_bar=False)
+    # a cheap likelihood: the cost rule would not train; this checks what the networks learn
+    sur = bl.fit(post, "nested+surrogate", seed=seed, num_live=300, progress_bar=False,
+                 switch="accuracy", background=False)
     e = sur.cost.extra
     assert e["architecture"]["kind"] == "additive"
     assert e["num_switch_ins"] >= 1
@@ -109,3 +177,26 @@ def test_loggamma_4d_switches_in_with_a_tenth_of_the_true_calls(seed):
     x = sur.draws("x").reshape(-1, 4)
     n_eff = len(x) / 5  # equal-weight draws from dynesty's dead points are correlated
     assert np.all(np.abs(x.mean(0) - mean) < 5 * sd / np.sqrt(n_eff))
+
+
+@pytest.mark.parametrize("x64_flag", [False, True], ids=["float32", "float64"])
+def test_declared_cost_inline_is_reproducible(seed, x64_toggle, x64_flag):
+    """With a declared cost per call (``call_cost_s``), inline training and dynesty's plain path
+    (``batch=False``), the cost rule's decisions do not depend on timing here (the margin is
+    tens of seconds): two runs are identical, in float32 and float64, and the rule used the
+    sampler's progress to project the points to come."""
+    x64_toggle(x64_flag)
+    post = bl.Posterior(_gauss2d)
+    opts = dict(SLOW_OPTS, call_cost_s=0.05, background=False, batch=False, num_live=50,
+                progress_bar=False)
+    a = bl.fit(post, "nested+surrogate", seed=seed, **opts)
+    b = bl.fit(post, "nested+surrogate", seed=seed, **opts)
+    e = a.cost.extra
+    assert e["call_s"] == 0.05 and e["num_switch_ins"] >= 1 and e["train_blocking_s"] > 0
+    assert e["first_train_at"] == 100  # due at num_initial = 2 x 50, and worth it at 0.05 s
+    assert a.log_evidence == b.log_evidence
+    assert a.cost.num_loglik_evals == b.cost.num_loglik_evals
+    assert a.idata["nested_samples"].attrs["surrogate_history"] == \
+        b.idata["nested_samples"].attrs["surrogate_history"]
+    assert a.draws("x").dtype == (np.float64 if x64_flag else np.float32)
+    check_evidence(a, _gauss2d_log_evidence(), floor=LOGZ_FLOOR)

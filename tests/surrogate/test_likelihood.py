@@ -13,7 +13,7 @@ from bayeslik.surrogate.likelihood import SurrogateLikelihood, SurrogateOptions
 
 FAST = dict(inputs="cube", search=False, widths=(32,), depths=(2,), learning_rates=(1e-2,),
             num_members=3, train_steps=1500, num_initial=400, train_size=400,
-            retrain_every=10_000, full_accuracy_nats=50.0)
+            retrain_every=10_000, full_accuracy_nats=50.0, switch="accuracy", background=False)
 
 
 class Counting:
@@ -131,7 +131,7 @@ def test_window_keeps_the_highest_points_of_the_whole_run(no_jit):
     wrapper = SurrogateLikelihood(SurrogateOptions(**{**FAST, "train_size": 100}), num_live=50)
     wrapper(smooth, None, jax.random.key(0))
     y = np.concatenate([np.linspace(-1.0, 0.0, 60), np.full(500, -50.0), [np.nan, -np.inf]])
-    wrapper._x = list(np.arange(len(y), dtype=float)[:, None])
+    wrapper._u = list(np.arange(len(y), dtype=float)[:, None])
     wrapper._y = list(y)
     rows = wrapper._window_rows(y)
     assert len(rows) == 100 and len(set(rows)) == 100
@@ -144,7 +144,7 @@ def test_window_keeps_the_highest_points_of_the_whole_run(no_jit):
     x, yw, *_ , n = wrapper._window()
     assert n == 100 and yw.max() == 0.0
     # a short run: every point is in the window
-    wrapper._x, wrapper._y = wrapper._x[:30], wrapper._y[:30]
+    wrapper._u, wrapper._y = wrapper._u[:30], wrapper._y[:30]
     np.testing.assert_array_equal(wrapper._window_rows(y[:30]), np.arange(30))
     with pytest.raises(EngineError, match="top_fraction"):
         SurrogateOptions(top_fraction=1.0)
