@@ -44,8 +44,10 @@ SMALL: dict[str, dict] = {
     "smc": dict(num_particles=300),
     "nested": dict(num_live=100),
     "nss": dict(num_live=100),
+    # the accuracy rule, inline: the test likelihoods are cheap, so the cost rule (the default)
+    # would never train, and the contract and float64 checks would not see the networks
     "nested+surrogate": dict(num_live=100, search=False, num_members=2, train_steps=300,
-                             guard_num_points=50),
+                             guard_num_points=50, switch="accuracy", background=False),
     "pmmh": dict(num_warmup=100, num_samples=100, num_chains=2, num_particles=50),
     # a 600-simulation, 2-round run with a small flow (tests/engines/test_snl.py shares it)
     "snl": dict(num_simulations=600, num_rounds=2, flow_layers=2, nn_width=32, knots=6,
