@@ -30,7 +30,9 @@ import pandas as pd
 from bayeslik.errors import DataError, OptionError
 
 __all__ = ["load", "COLUMNS", "SENSORS", "INFORMATIVE", "HealthIndicator", "rul_score", "baseline_rul",
-           "degradation_data", "rul_distribution", "rul_from_state_probs", "predict_rul"]
+           "degradation_data", "rul_distribution", "rul_from_state_probs", "predict_rul",
+           "QUANTILES", "QUANTILE_COLUMNS", "INTERVALS", "quantiles_from_pmf", "predict_rul_quantiles",
+           "rul_metrics"]
 
 SENSORS = ["T2", "T24", "T30", "T50", "P2", "P15", "P30", "Nf", "Nc", "epr", "Ps30", "phi",
            "NRf", "NRc", "BPR", "farB", "htBleed", "Nf_dmd", "PCNfR_dmd", "W31", "W32"]
@@ -303,3 +305,93 @@ def predict_rul(fit, data: dict, num_states: int, *, final_cycles: int = 15, hor
                          "upper": quant((1 + interval) / 2),
                          "mean": np.minimum((pmf * np.arange(pmf.shape[1])).sum(1), cap)},
                         index=data["units"])
+
+
+# ----------------------------------------------------------------------------- benchmark metrics
+#: the predictive quantiles a benchmark row stores: the median and the ends of the central 50, 80,
+#: 90 and 95% intervals
+QUANTILES = (0.025, 0.05, 0.10, 0.25, 0.5, 0.75, 0.90, 0.95, 0.975)
+QUANTILE_COLUMNS = ("q025", "q05", "q10", "q25", "median", "q75", "q90", "q95", "q975")
+#: central interval -> (lower column, upper column)
+INTERVALS = {0.5: ("q25", "q75"), 0.8: ("q10", "q90"), 0.9: ("q05", "q95"), 0.95: ("q025", "q975")}
+
+
+def quantiles_from_pmf(pmf, probs=QUANTILES, cap: int | None = 125) -> np.ndarray:
+    """Quantiles ``(B, len(probs))`` of discrete RUL distributions ``pmf`` ``(B, N)`` on 0..N-1:
+    the smallest RUL whose CDF reaches each level, capped at ``cap`` like the truth.
+
+    >>> quantiles_from_pmf(np.array([[0.2, 0.3, 0.5]]), probs=(0.1, 0.5, 0.9), cap=None).tolist()
+    [[0, 1, 2]]
+    """
+    pmf = np.asarray(pmf, float)
+    if pmf.ndim != 2:
+        raise DataError(f"quantiles_from_pmf: pmf must be (units, RUL values), got shape {pmf.shape}")
+    cdf = np.cumsum(pmf / pmf.sum(1, keepdims=True), axis=1)
+    q = np.stack([np.argmax(cdf >= p - 1e-12, axis=1) for p in probs], axis=1)
+    return q if cap is None else np.minimum(q, cap)
+
+
+def predict_rul_quantiles(fit, data: dict, num_states: int, *, final_cycles: int = 15,
+                          horizon: int = 400, num_draws: int = 200, cap: int = 125) -> pd.DataFrame:
+    """Like :func:`predict_rul` for the AR-HMM, but with every benchmark quantile: a DataFrame by
+    unit with :data:`QUANTILE_COLUMNS` (capped at ``cap``) and the mean."""
+    total = fit.num_chains * fit.num_draws
+    pick = np.round(np.linspace(0, total - 1, min(num_draws, total))).astype(int)
+    params = {}
+    for k in ("pi", "trans", "b", "A", "sigma"):
+        a = fit.draws(k)
+        params[k] = a.reshape((-1,) + a.shape[2:])[pick]
+    pmf = rul_distribution(params, data, num_states, final_cycles=final_cycles, horizon=horizon)
+    out = pd.DataFrame(quantiles_from_pmf(pmf, QUANTILES, cap), columns=list(QUANTILE_COLUMNS),
+                       index=data["units"])
+    out["mean"] = np.minimum((pmf * np.arange(pmf.shape[1])).sum(1), cap)
+    return out
+
+
+def rul_metrics(predictions: pd.DataFrame, cap: int = 125) -> pd.DataFrame:
+    """Every benchmark metric, by method, from a table of predictions per test unit.
+
+    ``predictions`` has one row per (method, unit) with columns ``method``, ``true_rul`` and
+    ``median``, and optionally the quantile columns of :data:`QUANTILE_COLUMNS` (NaN or absent
+    for a point predictor). The truth and every prediction are capped at ``cap`` (the usual
+    convention; a predicted quantile above the cap covers a capped truth exactly when the capped
+    quantile does). Returns, per method: ``num_units``; ``rmse`` and ``phm08`` of the median
+    (:func:`rul_score`); ``coverage_50/80/90/95``, the fraction of units whose capped truth lies
+    in the central interval (:data:`INTERVALS`, ends included); ``width_90``, the mean width of
+    the capped 90% interval. Coverage and width are NaN for a method without those quantiles.
+
+    >>> t = pd.DataFrame({"method": ["m", "m"], "true_rul": [10, 200], "median": [20, 115],
+    ...                   "q05": [5, 100], "q95": [15, 130]})
+    >>> r = rul_metrics(t).loc["m"]
+    >>> float(r["rmse"]), float(r["coverage_90"]), float(r["width_90"])
+    (10.0, 1.0, 17.5)
+    """
+    missing = [c for c in ("method", "true_rul", "median") if c not in predictions.columns]
+    if missing:
+        raise DataError(f"rul_metrics: predictions has no column(s) {missing}; it needs one row per "
+                        "(method, unit) with method, true_rul, median and optionally the quantiles "
+                        f"{list(QUANTILE_COLUMNS)}")
+    if not isinstance(cap, (int, np.integer)) or isinstance(cap, bool) or cap < 1:
+        raise OptionError(f"rul_metrics: cap must be an integer >= 1, got {cap!r}")
+    rows = {}
+    for method, g in predictions.groupby("method", sort=False):
+        true = np.minimum(g["true_rul"].to_numpy(float), cap)
+        med = np.minimum(g["median"].to_numpy(float), cap)
+        if not np.all(np.isfinite(med)) or not np.all(np.isfinite(true)):
+            raise DataError(f"rul_metrics: method {method!r} has NaN or infinite true_rul/median; "
+                            "every unit needs a point prediction and its truth")
+        s = rul_score(true, med, cap=cap)
+        row = {"num_units": len(g), "rmse": s["rmse"], "phm08": s["phm08"]}
+        for level, (lo, hi) in INTERVALS.items():
+            name = f"coverage_{round(level * 100)}"
+            if lo in g.columns and hi in g.columns and g[[lo, hi]].notna().all().all():
+                low = np.minimum(g[lo].to_numpy(float), cap)
+                up = np.minimum(g[hi].to_numpy(float), cap)
+                row[name] = float(np.mean((low <= true) & (true <= up)))
+                if level == 0.9:
+                    row["width_90"] = float(np.mean(up - low))
+            else:
+                row[name] = np.nan
+        row.setdefault("width_90", np.nan)
+        rows[method] = row
+    return pd.DataFrame.from_dict(rows, orient="index")
