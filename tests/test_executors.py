@@ -17,16 +17,16 @@ def test_ray_executor_runs_a_comparison_like_in_process():
 
     prob = reference.get("normal_mean")
     post = prob.posterior()
-    here = bl.compare(post, ["nuts"], reference=prob, seeds=[0, 1], engine_options=OPTS,
+    here = bl.compare(post, ["nuts"], reference=prob, seeds=[0], engine_options=OPTS,
                       progress_bar=False)
     with RayExecutor(num_cpus=2) as ex:
-        there = bl.compare(post, ["nuts"], reference=prob, seeds=[0, 1], engine_options=OPTS,
+        there = bl.compare(post, ["nuts"], reference=prob, seeds=[0], engine_options=OPTS,
                            executor=ex, progress_bar=False)
         with pytest.raises(ValueError):
             RayExecutor(cpus_per_task=0)
     assert (there.table["status"] == "ok").all()
     # same seeds, same engine: the same draws, computed in another process
-    for seed_idx in range(2):
+    for seed_idx in range(1):
         np.testing.assert_allclose(there.fits["nuts"][seed_idx].draws("mu"),
                                    here.fits["nuts"][seed_idx].draws("mu"), rtol=1e-5)
     with pytest.raises(RuntimeError, match="after shutdown"):

@@ -94,6 +94,7 @@ SLOW_OPTS = dict(search=False, widths=(32,), depths=(2,), num_members=3, train_s
                  expected_train_s=2.0)
 
 
+@pytest.mark.slow  # compares wall times (a property for benchmarks/surrogate_cost.py); ~25 s
 def test_an_expensive_likelihood_runs_faster_with_fewer_true_calls(seed):
     """A 2-D Gaussian whose likelihood sleeps 5 ms a point (a host callback): the cost-aware
     surrogate (the default switch, training in the background) makes fewer true calls and takes
