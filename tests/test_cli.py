@@ -97,7 +97,8 @@ def test_compare_rejects_options_without_an_engine(capsys):
 
 def test_demo_quick_writes_both_parts(tmp_path, capsys):
     """The README's main job at its smallest size: every engine on the reference problem, then
-    the C-MAPSS AR-HMM (NUTS) and the RUL table."""
+    the C-MAPSS AR-HMM and the degradation-path model (NUTS), and the RUL table of both beside
+    the linear baseline."""
     import pandas as pd
 
     out = tmp_path / "demo"
@@ -109,8 +110,28 @@ def test_demo_quick_writes_both_parts(tmp_path, capsys):
     # exact log evidence known: every engine that estimates it is within 1 nat here
     ev = ref.dropna(subset=["log_evidence"])
     assert len(ev) >= 1 and (ev["log_evidence_error"].abs() < 1.0).all(), ev
-    rul = pd.read_csv(out / "cmapss" / "rul.csv")
-    assert set(rul["method"]) >= {"linear baseline", "AR-HMM (nuts)"}
+    rul = pd.read_csv(out / "cmapss" / "rul.csv").set_index("method")
+    assert set(rul.index) == {"linear baseline", "AR-HMM (nuts)", "degradation path (nuts)"}
+    assert (rul["num_units"] == 100).all()
+    metrics = ["rmse", "phm08", "coverage_50", "coverage_80", "coverage_90", "coverage_95",
+               "width_90"]
+    assert np.isfinite(rul[metrics].to_numpy(float)).all(), rul
+    assert ((rul[metrics[2:6]] >= 0) & (rul[metrics[2:6]] <= 1)).all().all(), rul
+    # the table is rul_metrics of the per-engine predictions written beside it
+    from bayeslik.models import cmapss
+
+    pred = pd.read_csv(out / "cmapss" / "rul_predictions.csv")
+    again = cmapss.rul_metrics(pred)
+    assert np.allclose(again.loc[rul.index, "rmse"], rul["rmse"], atol=0.006)
+    d = cmapss.load()
+    deg = pred[pred["method"] == "degradation path (nuts)"].sort_values("unit")
+    assert (deg["unit"].to_numpy() == np.arange(1, 101)).all()
+    assert (deg["true_rul"].to_numpy() == d["rul"]).all()  # rows map back to their test engine
+    assert (deg["q05"] <= deg["median"]).all() and (deg["median"] <= deg["q95"]).all()
+    # the fit's facts (status, R-hat, flags) are written and shown
+    facts = pd.read_csv(out / "cmapss_degradation" / "table.csv")
+    assert list(facts["status"]) == ["ok"] and facts["train_units"].iloc[0] >= 1
+    assert "== 3. C-MAPSS FD001: hierarchical degradation-path model" in captured.out
     assert (out / "cmapss" / "rul.png").exists()
 
 
