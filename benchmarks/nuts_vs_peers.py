@@ -1,11 +1,12 @@
-"""bayeslik NUTS (Stan's and the Fisher mass-matrix adaptation) against NumPyro and nutpie.
+"""bayeslik NUTS (Stan's, the Fisher and the low-rank Fisher mass-matrix adaptations) against NumPyro and nutpie.
 
-Run:  python benchmarks/nuts_vs_peers.py [--samplers stan fisher numpyro nutpie]
+Run:  python benchmarks/nuts_vs_peers.py [--samplers stan fisher fisher_lowrank numpyro nutpie]
                                         [--names NAME ...] [--seed 0] [--repeats 1]
                                         [--dtype 32|64] [--nutpie-cores 1]
                                         [--out benchmarks/results/nuts_vs_peers.csv] [--update]
-      python benchmarks/nuts_vs_peers.py --corpus [--dtype 32] [--out CSV]   # every posteriordb
-                                    # posterior, both adaptations, the reference check; a table
+      python benchmarks/nuts_vs_peers.py --corpus [--adaptations stan fisher fisher_lowrank]
+                                    [--dtype 32] [--out CSV]   # every posteriordb posterior,
+                                    # each adaptation, the reference check; a table
 
 Posteriors: eight posteriordb posteriors (``POSTERIORS``: linear regressions, poorly scaled
 regressions, a hierarchical model, an autoregression and a Gaussian process), each through
@@ -13,6 +14,9 @@ regressions, a hierarchical model, an autoregression and a Gaussian process), ea
 * ``stan``: bayeslik NUTS, ``mass_adaptation="stan"`` (Stan's windowed variance adaptation);
 * ``fisher``: bayeslik NUTS, ``mass_adaptation="fisher"`` (the Fisher-divergence diagonal on
   nutpie's schedule);
+* ``fisher_lowrank``: bayeslik NUTS, ``mass_adaptation="fisher_lowrank"`` (nutpie's
+  low-rank-plus-diagonal version; compared with nutpie's diagonal default, as nutpie's low-rank
+  mode is opt-in);
 * ``numpyro``: NumPyro's NUTS on the same NumPyro program (chains one after the other, NumPyro's
   behaviour on one device); run twice, the second run (compiled already) times the sampling;
 * ``nutpie``: nutpie (numba backend, float64) on a PyMC version of the model written here
@@ -50,7 +54,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "nuts_vs_peers.csv"
-SAMPLERS = ("stan", "fisher", "numpyro", "nutpie")
+ADAPTATIONS = ("stan", "fisher", "fisher_lowrank")
+SAMPLERS = ADAPTATIONS + ("numpyro", "nutpie")
 POSTERIORS = (
     "kidiq-kidscore_momhsiq",                       # regression, uncentred mom_iq
     "kidiq_with_mom_work-kidscore_interaction_c",   # regression with an interaction, centred
@@ -268,7 +273,7 @@ def _run_rows(args) -> list[dict]:
             for sampler in order:
                 seed = args.seed + rep
                 try:
-                    if sampler in ("stan", "fisher"):
+                    if sampler in ADAPTATIONS:
                         row = _bayeslik(name, p, sampler, seed, dtype)
                     elif sampler == "numpyro":
                         row = _numpyro(name, p, seed, dtype)
@@ -283,7 +288,7 @@ def _run_rows(args) -> list[dict]:
 
 
 def _corpus_rows(args) -> list[dict]:
-    """Every posteriordb posterior through both adaptations at the corpus settings
+    """Every posteriordb posterior through each adaptation (``--adaptations``) at the corpus settings
     (posteriordb.NUTS_OPTIONS, except that the Fisher adaptation is diagonal only, so where
     the corpus asks for a dense metric both run diagonal)."""
     import jax
@@ -299,7 +304,8 @@ def _corpus_rows(args) -> list[dict]:
         post = bl.Posterior(p["model"], **p["data"])
         opts = {k: v for k, v in posteriordb.NUTS_OPTIONS.get(name, {}).items()
                 if k != "dense_mass"}
-        order = ("stan", "fisher") if i % 2 == 0 else ("fisher", "stan")
+        k = i % len(args.adaptations)
+        order = list(args.adaptations[k:]) + list(args.adaptations[:k])  # rotates
         for adaptation in order:
             t0 = time.perf_counter()
             try:
@@ -387,8 +393,9 @@ def corpus_table(rows: list[dict]) -> str:
     by: dict = {}
     for r in rows:
         by.setdefault(r["name"], {})[r["sampler"]] = r
-    lines = ["| posterior | d | stan: pass, z, steps/draw, s | fisher: pass, z, steps/draw, s |",
-             "|---|---|---|---|"]
+    present = [a for a in ADAPTATIONS if any(a in c for c in by.values())]
+    lines = ["| posterior | d | " + " | ".join(f"{a}: pass, z, steps/draw, s" for a in present)
+             + " |", "|---|---|" + "---|" * len(present)]
     for name, c in by.items():
         def cell(r):
             if r is None or "worst_z" not in r:
@@ -396,7 +403,7 @@ def corpus_table(rows: list[dict]) -> str:
             return (f"{'pass' if str(r['passed']) == 'True' else '**FAIL**'} {r['worst_z']}, "
                     f"{r['steps_per_draw']}, {r['wall_s']}")
         nd = next(iter(c.values())).get("ndim", "")
-        lines.append(f"| {name} | {nd} | {cell(c.get('stan'))} | {cell(c.get('fisher'))} |")
+        lines.append(f"| {name} | {nd} | " + " | ".join(cell(c.get(a)) for a in present) + " |")
     return "\n".join(lines)
 
 
@@ -409,6 +416,8 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", choices=["32", "64"], default="32")
     ap.add_argument("--nutpie-cores", type=int, default=1)
     ap.add_argument("--corpus", action="store_true")
+    ap.add_argument("--adaptations", nargs="+", default=list(ADAPTATIONS), choices=ADAPTATIONS,
+                    help="--corpus: the adaptations to run")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--update", action="store_true")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

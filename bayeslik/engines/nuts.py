@@ -51,6 +51,9 @@ __all__ = ["NUTSConfig", "NUTS", "run", "run_many", "init", "build_kernel", "bui
            "DualAveragingState", "INITIAL_STEP_SIZE", "FAST", "SLOW", "SAMPLING", "RESTART",
            "MASS_ADAPTATIONS", "build_fisher_adapt", "fisher_schedule", "schedule",
            "fisher_inverse_mass", "gradient_inverse_mass", "FisherMoments", "FisherState",
+           "lowrank_inverse_mass", "lowrank_correction", "fisher_scales", "spd_geometric_mean",
+           "LowRankState", "build_lowrank_adapt", "LOW_RANK_WINDOW", "LOW_RANK_EVERY",
+           "LOW_RANK_MIN_DRAWS", "LOW_RANK_EIGVAL_CLIP",
            "FISHER_CLIP"]
 
 
@@ -70,6 +73,20 @@ class NUTSConfig:
         elementwise from the draws and their gradients, on nutpie's schedule of overlapping
         windows (:func:`fisher_schedule`): started from the gradient at the starting point and
         updated after every early iteration; diagonal only (``dense_mass=False``).
+        "fisher_lowrank": nutpie's low-rank-plus-diagonal version
+        (:func:`lowrank_inverse_mass`): the Fisher diagonal, times ``I + U (Lambda - I) U^T``
+        where ``U, Lambda`` are the eigenvectors and eigenvalues, outside ``[1/low_rank_cutoff,
+        low_rank_cutoff]``, of the Fisher-optimal full metric in the span of the window's
+        (diagonally scaled) draws and gradients: it learns strong correlations a diagonal
+        cannot. It is held as a dense (ndim, ndim) matrix, so a leapfrog step costs O(ndim^2)
+        and each update three (ndim, ndim) eigendecompositions: meant for up to a few hundred
+        parameters. Same schedule as "fisher"; recomputed every :data:`LOW_RANK_EVERY` slow
+        iterations, at window switches and at the step-size restart.
+    low_rank_cutoff, low_rank_gamma : "fisher_lowrank" only: the eigenvalue cutoff (> 1; 2.0 as
+        the nutpie R package's default, nutpie's Python default is 100: a larger cutoff keeps
+        fewer directions, which there makes a leapfrog step cheaper, while here the matrix is
+        dense anyway) and the regularisation of the draws' and gradients' covariances (nutpie's
+        1e-5).
     init : "auto" (the default: the model's own starting point where it provides one, see
         :mod:`bayeslik.inits`, as the AR-HMM and mixture families do; otherwise "uniform"),
         "uniform" (uniform in [-init_radius, init_radius] in unconstrained space, as Stan),
@@ -93,6 +110,8 @@ class NUTSConfig:
     max_tree_depth: int = 10
     dense_mass: bool = False
     mass_adaptation: str = "stan"
+    low_rank_cutoff: float = 2.0
+    low_rank_gamma: float = 1e-5
     init: Any = "auto"
     init_radius: float = 2.0
     chain_method: str = "vectorized"
@@ -112,6 +131,9 @@ class NUTSConfig:
         check.number("init_radius", low=0.0)
         check.choice("chain_method", ("vectorized", "sequential"))
         check.choice("mass_adaptation", MASS_ADAPTATIONS)
+        check.number("low_rank_cutoff", low=1.0, hint="2 keeps every direction whose scale "
+                     "the diagonal misses by more than a factor 2")
+        check.number("low_rank_gamma", low=0.0, hint="1e-5 is nutpie's default")
         check.require(not (self.dense_mass and self.mass_adaptation != "stan"),
                       "mass_adaptation", "adapts a diagonal inverse mass matrix; use "
                       "dense_mass=False with it, or mass_adaptation='stan' for a dense one.")
@@ -120,7 +142,7 @@ class NUTSConfig:
 NUTS = NUTSConfig  # bl.engines.NUTS(num_samples=...) reads better in user code
 
 #: the values of NUTSConfig.mass_adaptation
-MASS_ADAPTATIONS = ("stan", "fisher")
+MASS_ADAPTATIONS = ("stan", "fisher", "fisher_lowrank")
 
 
 # ---------------------------------------------------------------------------- the algorithm
@@ -389,6 +411,132 @@ def gradient_inverse_mass(logdensity_grad: jax.Array) -> jax.Array:
     return jnp.where(ok, jnp.clip(inv, *FISHER_CLIP), 1.0).astype(logdensity_grad.dtype)
 
 
+#: rows of the window buffer of "fisher_lowrank": at least the longest current window of
+#: :func:`fisher_schedule` for any num_warmup (two 80-draw windows and up to 79 more: 239)
+LOW_RANK_WINDOW = 256
+#: "fisher_lowrank" recomputes its metric at least every this many slow iterations
+LOW_RANK_EVERY = 10
+
+
+class LowRankState(NamedTuple):
+    """The window of "fisher_lowrank" (``WarmupState.welford``): the last
+    :data:`LOW_RANK_WINDOW` kept draws ``xs`` and their gradients ``gs`` (a ring buffer, row
+    ``a % LOW_RANK_WINDOW`` for the a-th kept draw), ``count`` draws kept so far, the current
+    window's first draw ``start`` and the background window's ``start_next`` (nutpie's
+    foreground and background windows, as draw numbers), ``since`` iterations since the
+    low-rank correction was last computed, ``scale`` the diagonal scales ``s`` and
+    ``correction`` the (ndim, ndim) ``U (Lambda - I) U^T`` of :func:`lowrank_inverse_mass`
+    (the inverse metric is ``s (I + correction) s``)."""
+
+    xs: jax.Array
+    gs: jax.Array
+    count: jax.Array
+    start: jax.Array
+    start_next: jax.Array
+    since: jax.Array
+    scale: jax.Array
+    correction: jax.Array
+
+
+#: fewest draws in the window before "fisher_lowrank" estimates a correction (the diagonal
+#: alone before); and the range its eigenvalues are clipped to (relative to the diagonal: the
+#: metric is kept as a dense matrix, inverted and factorised in the working precision)
+LOW_RANK_MIN_DRAWS = 10
+LOW_RANK_EIGVAL_CLIP = (1e-4, 1e4)
+
+
+def spd_geometric_mean(a: jax.Array, b: jax.Array) -> jax.Array:
+    r"""The symmetric positive definite ``m`` with ``m b m = a``, the geometric mean of ``a``
+    and ``b^{-1}``: ``b^{-1/2} (b^{1/2} a b^{1/2})^{1/2} b^{-1/2}``, from two eigendecompositions
+    (both arguments symmetric positive definite).
+
+    >>> import numpy as np
+    >>> a, b = np.array([[2.0, 0.5], [0.5, 1.0]]), np.array([[1.0, 0.2], [0.2, 3.0]])
+    >>> m = np.asarray(spd_geometric_mean(jnp.asarray(a), jnp.asarray(b)))
+    >>> bool(np.allclose(m @ b @ m, a, atol=1e-5)), bool(np.allclose(m, m.T, atol=1e-6))
+    (True, True)
+    """
+    eb, ub = jnp.linalg.eigh(b)
+    eb = jnp.maximum(eb, jnp.finfo(b.dtype).tiny)
+    b_half = (ub * jnp.sqrt(eb)) @ ub.T
+    b_inv_half = (ub / jnp.sqrt(eb)) @ ub.T
+    inner = b_half @ a @ b_half
+    ei, ui = jnp.linalg.eigh((inner + inner.T) / 2)
+    inner_half = (ui * jnp.sqrt(jnp.maximum(ei, 0.0))) @ ui.T
+    m = b_inv_half @ inner_half @ b_inv_half
+    return (m + m.T) / 2
+
+
+def _window_moments(xs, gs, valid):
+    w = valid.astype(xs.dtype)[:, None]
+    n = jnp.sum(w)
+    safe_n = jnp.maximum(n, 1.0)
+    dx = (xs - jnp.sum(xs * w, 0) / safe_n) * w
+    dg = (gs - jnp.sum(gs * w, 0) / safe_n) * w
+    return n, dx, dg
+
+
+def fisher_scales(xs: jax.Array, gs: jax.Array, valid: jax.Array,
+                  previous: jax.Array) -> jax.Array:
+    """The Fisher diagonal's scales ``s`` (``s^2 = sqrt(var(x) / var(g))``, the estimate of
+    :func:`fisher_inverse_mass`, clipped alike) from the ``valid`` rows of a window of draws
+    ``xs`` and gradients ``gs``; ``previous`` where fewer than three rows are valid, or
+    elementwise where the estimate is not a positive finite number."""
+    n, dx, dg = _window_moments(xs, gs, valid)
+    est = jnp.sqrt(jnp.sqrt(jnp.sum(dx * dx, 0) / jnp.sum(dg * dg, 0)))
+    ok = jnp.isfinite(est) & (est > 0) & (n >= 3)
+    lo, hi = FISHER_CLIP
+    return jnp.where(ok, jnp.clip(est, lo ** 0.5, hi ** 0.5), previous).astype(previous.dtype)
+
+
+def lowrank_correction(xs: jax.Array, gs: jax.Array, valid: jax.Array, scale: jax.Array,
+                       cutoff: float = 2.0, gamma: float = 1e-5) -> jax.Array:
+    """The low-rank part ``U (Lambda - I) U^T`` of :func:`lowrank_inverse_mass`, in the
+    coordinates scaled by ``scale``; zero where fewer than :data:`LOW_RANK_MIN_DRAWS` rows are
+    valid or anything is not finite. Eigenvalues are clipped to :data:`LOW_RANK_EIGVAL_CLIP`."""
+    dtype = xs.dtype
+    n, dx, dg = _window_moments(xs, gs, valid)
+    x, g = dx / scale, dg * scale
+    eye = jnp.eye(xs.shape[1], dtype=dtype)
+    safe_n = jnp.maximum(n, 1.0)
+    c = 1.0 / (safe_n * safe_n * gamma)
+    lam, vec = jnp.linalg.eigh(spd_geometric_mean(c * (x.T @ x) + eye, c * (g.T @ g) + eye))
+    keep = (lam > cutoff) | (lam < 1.0 / cutoff)
+    lam = jnp.clip(lam, *LOW_RANK_EIGVAL_CLIP)
+    out = (vec * jnp.where(keep, lam - 1.0, 0.0)) @ vec.T
+    out = (out + out.T) / 2
+    ok = (n >= LOW_RANK_MIN_DRAWS) & jnp.all(jnp.isfinite(out))
+    return jnp.where(ok, out, jnp.zeros_like(out)).astype(dtype)
+
+
+def lowrank_inverse_mass(xs: jax.Array, gs: jax.Array, valid: jax.Array, previous: jax.Array,
+                         cutoff: float = 2.0, gamma: float = 1e-5) -> jax.Array:
+    r"""nutpie's low-rank-plus-diagonal inverse metric from a window of draws and gradients.
+
+    ``xs``, ``gs`` (rows, ndim): draws and the gradients of the log density there; ``valid``
+    (rows,) marks the rows of the window. With ``s`` the Fisher diagonal's scales
+    (:func:`fisher_scales`), the draws are scaled to ``x / s`` and the gradients to ``g s``;
+    their covariances ``C_x``, ``C_g`` (over the ``n`` rows, regularised as nutpie:
+    ``C / (n gamma) + I``) give the metric ``A`` with ``A C_g A = C_x``
+    (:func:`spd_geometric_mean`), the minimiser of the Fisher divergence over all linear maps
+    (Seyboldt et al. 2024): on a Gaussian, where ``g = -Sigma^{-1} (x - mu)``, ``A`` is the
+    (scaled) covariance itself once the window spans the space. Its eigenvalues outside
+    ``[1/cutoff, cutoff]`` and their eigenvectors ``U``, ``Lambda`` are kept (directions outside
+    the span of the window's draws and gradients have eigenvalue 1 and drop out, as they do from
+    nutpie's projection onto that span; :func:`lowrank_correction`):
+
+    .. math:: M^{-1} = S \left(I + U (\Lambda - I) U^T\right) S, \qquad S = \operatorname{diag}(s).
+
+    Returned dense (ndim, ndim); ``previous`` where fewer than three rows are valid, the scales
+    falling back to ``sqrt(diag(previous))`` elementwise as in :func:`fisher_scales`.
+    """
+    scale = fisher_scales(xs, gs, valid, jnp.sqrt(jnp.diag(previous)))
+    corr = lowrank_correction(xs, gs, valid, scale, cutoff, gamma)
+    eye = jnp.eye(xs.shape[1], dtype=previous.dtype)
+    out = scale[:, None] * (eye + corr) * scale[None, :]
+    return jnp.where(jnp.sum(valid) >= 3, out, previous)
+
+
 def fisher_schedule(num_warmup: int, early_fraction: float = 0.3, final_fraction: float = 0.15,
                     early_switch: int = 10, switch: int = 80) -> tuple[np.ndarray, np.ndarray]:
     """nutpie's warmup schedule as (stage, switch) arrays of length num_warmup, for
@@ -434,7 +582,7 @@ def schedule(config: NUTSConfig) -> tuple[np.ndarray, np.ndarray]:
     """The warmup's (stage, window_end) arrays for ``config``: Stan's windows
     (:func:`warmup_schedule`), or nutpie's for ``mass_adaptation="fisher"``
     (:func:`fisher_schedule`)."""
-    if config.mass_adaptation == "fisher":
+    if config.mass_adaptation in ("fisher", "fisher_lowrank"):
         return fisher_schedule(config.num_warmup)
     return warmup_schedule(config.num_warmup)
 
@@ -449,6 +597,8 @@ def init(rng_key: jax.Array, position: jax.Array, logdensity_fn, config: NUTSCon
     state = blackjax.nuts.init(position, logdensity_fn)
     if config.mass_adaptation == "fisher":
         inverse_mass_matrix = gradient_inverse_mass(state.logdensity_grad)
+    elif config.mass_adaptation == "fisher_lowrank":
+        inverse_mass_matrix = jnp.diag(gradient_inverse_mass(state.logdensity_grad))
     else:
         inverse_mass_matrix = _identity(position.shape[0], position.dtype, config.dense_mass)
     step_size = find_reasonable_step_size(
@@ -508,6 +658,8 @@ def build_adapt(logdensity_fn, config: NUTSConfig, find_step_size=find_reasonabl
     instead; ``diverging`` (whether the transition
     diverged) matters only there.
     """
+    if config.mass_adaptation == "fisher_lowrank":
+        return build_lowrank_adapt(logdensity_fn, config, find_step_size)
     if config.mass_adaptation != "stan":
         return build_fisher_adapt(logdensity_fn, config, find_step_size)
     _, w_update, w_final = _mass_matrix(config.dense_mass)
@@ -605,6 +757,66 @@ def build_fisher_adapt(logdensity_fn, config: NUTSConfig,
     return adapt
 
 
+def build_lowrank_adapt(logdensity_fn, config: NUTSConfig,
+                        find_step_size=find_reasonable_step_size):
+    """The warmup update of ``mass_adaptation="fisher_lowrank"`` (``state.welford`` a
+    :class:`LowRankState`), on :func:`fisher_schedule` as :func:`build_fisher_adapt`: dual
+    averaging each iteration; in a slow stage the draw and its gradient join the ring buffer
+    (not a diverging one); at a window switch the background window becomes the current one;
+    the inverse metric is :func:`lowrank_inverse_mass` of the current window, recomputed at the
+    :data:`RESTART` iteration (then the step size is found again and dual averaging restarts
+    from it), at each switch and otherwise every :data:`LOW_RANK_EVERY` slow iterations (three
+    eigendecompositions each time), held in between."""
+    da_init, da_update, _ = dual_averaging(config.target_accept)
+    cutoff, gamma = config.low_rank_cutoff, config.low_rank_gamma
+
+    def adapt(rng_key, state: WarmupState, stage, window_end, accept_stat,
+              diverging=False) -> WarmupState:
+        chain = state.chain
+        da = da_update(state.dual_averaging, accept_stat)
+        est: LowRankState = state.welford
+        slow = (stage == SLOW) | (stage == RESTART)
+        x, g = chain.position, chain.logdensity_grad
+        good = slow & ~jnp.asarray(diverging) & jnp.all(jnp.isfinite(g))
+        row = est.count % LOW_RANK_WINDOW
+        xs = jnp.where(good, est.xs.at[row].set(x), est.xs)
+        gs = jnp.where(good, est.gs.at[row].set(g), est.gs)
+        count = est.count + good.astype(jnp.int32)
+        switch = slow & window_end
+        start = jnp.where(switch, est.start_next, est.start)
+        start_next = jnp.where(switch, count, est.start_next)
+        update = slow & (switch | (stage == RESTART) | (est.since + 1 >= LOW_RANK_EVERY))
+
+        slots = jnp.arange(LOW_RANK_WINDOW)
+        # the draw number in each slot: the latest a < count with a % W == slot
+        number = count - 1 - jnp.mod(count - 1 - slots, LOW_RANK_WINDOW)
+        valid = (number >= start) & (number >= 0) & (number < count)
+        # the diagonal every slow iteration (cheap, as "fisher"), the correction at the cadence
+        scale = jnp.where(slow, fisher_scales(xs, gs, valid, est.scale), est.scale)
+        correction = jax.lax.cond(
+            update, lambda c: lowrank_correction(xs, gs, valid, scale, cutoff, gamma),
+            lambda c: c, est.correction)
+        eye = jnp.eye(x.shape[0], dtype=x.dtype)
+        inverse_mass_matrix = jnp.where(slow, scale[:, None] * (eye + correction) * scale[None, :],
+                                        chain.inverse_mass_matrix)
+        since = jnp.where(update, 0, est.since + slow.astype(jnp.int32))
+
+        def restart(da):
+            eps = find_step_size(rng_key, logdensity_fn, chain.position, chain.logdensity,
+                                 chain.logdensity_grad, inverse_mass_matrix,
+                                 jnp.exp(da.log_step_size))
+            eps = jnp.asarray(eps, chain.step_size.dtype)
+            return da_init(eps), eps
+
+        da, eps = jax.lax.cond(stage == RESTART, restart,
+                               lambda da: (da, jnp.exp(da.log_step_size)), da)
+        chain = chain._replace(step_size=eps, inverse_mass_matrix=inverse_mass_matrix)
+        return WarmupState(chain, da, LowRankState(xs, gs, count, start, start_next, since,
+                                                   scale, correction))
+
+    return adapt
+
+
 def build_warmup(logdensity_fn, config: NUTSConfig, find_step_size=find_reasonable_step_size):
     """Stan's adaptive NUTS sampler as ``(init, kernel)``:
 
@@ -630,6 +842,12 @@ def build_warmup(logdensity_fn, config: NUTSConfig, find_step_size=find_reasonab
         ndim = chain.position.shape[0]
         if config.mass_adaptation == "stan":
             window = w_init(ndim)
+        elif config.mass_adaptation == "fisher_lowrank":
+            buf = jnp.zeros((LOW_RANK_WINDOW, ndim), chain.position.dtype)
+            zero = jnp.zeros((), jnp.int32)
+            scale = jnp.sqrt(jnp.diag(chain.inverse_mass_matrix))
+            window = LowRankState(buf, buf, zero, zero, zero, zero, scale,
+                                  jnp.zeros((ndim, ndim), chain.position.dtype))
         else:
             empty = _moments_init(ndim, chain.position.dtype)
             window = FisherState(empty, empty)
@@ -779,7 +997,7 @@ def _programs(posterior, config: NUTSConfig, mesh, batched: bool = False) -> _Pr
     """The compiled programs for this Posterior's cache_key and the settings that change the
     compiled code (least recently used ones are dropped beyond the cache's size)."""
     static = (config.target_accept, config.max_tree_depth, config.dense_mass,
-              config.mass_adaptation, batched)
+              config.mass_adaptation, batched, config.low_rank_cutoff, config.low_rank_gamma)
     key = (posterior.cache_key, static, None if mesh is None else tuple(mesh.devices.flat))
     return _CACHE.get(key, lambda: _Programs(posterior, config, mesh, batched))
 
