@@ -19,7 +19,18 @@ columns, .npz arrays or a .json object) gives the model's keyword arguments by n
 
 Exit codes: 0 success, 1 a bayeslik error (bad model, data or engine option; the message says
 which), 2 bad command-line usage or an unknown model, 3 an SBC run that failed calibration,
-130 interrupted (a partial Fit an engine kept is still printed and saved).
+130 interrupted (a partial Fit an engine kept is still printed and saved; an engine that kept
+nothing says why, e.g. SMC before its first run reached lambda = 1).
+
+SIGTERM (what ``timeout``, a batch scheduler's time limit or ``kill`` send) is handled as Ctrl-C:
+it raises KeyboardInterrupt in the command, so an engine that keeps a partial Fit on Ctrl-C
+(NUTS: the draws made; SMC: the completed runs) keeps it, flagged ``interrupted: ...``, and
+``bayeslik fit --out`` saves it before exiting with 130. The engine stops at its next Python
+step (after the compiled chunk or stage it is in); a second SIGTERM interrupts what is running
+then (e.g. the save), and SIGKILL cannot be caught at all, so give a time limit a grace period
+(``timeout -k 60 ...``). ``bayeslik compare`` keeps its finished runs and writes them, as on
+Ctrl-C; ``bayeslik demo`` finishes the part it was in with what its interrupted fit kept and
+stops before the next part (exit 130).
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import warnings
 from typing import Any, Callable
@@ -440,6 +452,7 @@ def _cmd_demo(args) -> int:
                      engine_options=options, progress_bar=show)
     cmp.save(os.path.join(out, "reference"))
     print(cmp)
+    _stop_if_terminated()
 
     # 2. the partially-hidden AR-HMM of C-MAPSS (NUTS; --cmapss-engines adds SMC), and the RUL
     # of the test engines
@@ -476,6 +489,7 @@ def _cmd_demo(args) -> int:
     # 3. the hierarchical degradation-path model (benchmarks/cmapss_rul.py's best on FD001):
     # NUTS on the run-to-failure engines and the 100 test engines' sensor paths (never their
     # RUL) in one program; each test engine's RUL is a parameter, its posterior the prediction
+    _stop_if_terminated()
     deg_units = 10 if args.quick else num_train
     print(f"\n== 3. C-MAPSS FD001: hierarchical degradation-path model, {deg_units} training "
           "engines and the 100 test engines' paths; RUL of the 100 test engines")
@@ -682,10 +696,43 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: set by SIGTERM's handler: a command of several parts (the demo) stops before its next part
+_terminated_by: str | None = None
+
+
+def _terminated(signum, frame) -> None:
+    """SIGTERM's handler while a command runs: the Ctrl-C path (see the module's text)."""
+    global _terminated_by
+    _terminated_by = signal.Signals(signum).name
+    raise KeyboardInterrupt(f"terminated by signal {_terminated_by}")
+
+
+def _stop_if_terminated() -> None:
+    """Between the parts of a long command: after a SIGTERM that the part in progress absorbed
+    (``bl.compare`` keeps its finished runs on an interrupt), end here, not in the next part."""
+    if _terminated_by is not None:
+        raise KeyboardInterrupt(f"terminated by signal {_terminated_by}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``bayeslik`` command on ``argv`` (default ``sys.argv[1:]``); returns the exit
     code. Nothing heavy (JAX, NumPyro, ArviZ, the models) is imported before a command runs,
-    so ``--help`` and ``--version`` are quick."""
+    so ``--help`` and ``--version`` are quick. While it runs, SIGTERM raises KeyboardInterrupt
+    (in the main thread; the previous handler comes back afterwards)."""
+    global _terminated_by
+    _terminated_by = None
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminated)
+    except ValueError:  # not the main thread: signals cannot be handled here
+        previous = None
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         args = _parser().parse_args(argv)
         from bayeslik.devices import use_cpu_cores
@@ -703,8 +750,11 @@ def main(argv: list[str] | None = None) -> int:
         except BayeslikError as e:
             print(f"bayeslik: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
             return 1
-    except KeyboardInterrupt:
-        print("bayeslik: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        # an engine that kept nothing says why and how to keep part of a long run
+        why = str(e)
+        why = " (SIGTERM)" if why.startswith("terminated by signal") else f": {why}" if why else ""
+        print(f"bayeslik: interrupted{why}", file=sys.stderr)
         return 130
 
 

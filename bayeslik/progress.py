@@ -14,7 +14,12 @@ The engines (through ``kit.Run.progress``), ``bl.compare`` and dynesty (through 
 * ``off``: no bars at all, whatever ``progress_bar=`` says.
 
 Until its first step a bar reads "(compiling)", and its rate and time left count from that
-first step on: the first ETA leaves the compile out (the elapsed time does not).
+first step on: the first ETA leaves the compile out (the elapsed time does not). Meanwhile a
+bar that someone watches (a terminal, a notebook's line or widget; not a log file) is redrawn
+every :data:`TICK` seconds by a thread, so its elapsed time moves through a long compile and
+shows the run is alive. An engine names its phase
+with ``bar.set_phase(name)`` (NUTS: "warmup", then "sampling"): the description becomes
+"<desc> <phase>" (after the compile, where it is still compiling).
 
 tqdm's ``tqdm.auto`` warns (``TqdmWarning: IProgress not found``) when it is imported in a
 Jupyter kernel without ipywidgets, and numpyro imports it at its top. No bayeslik bar uses
@@ -26,7 +31,10 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+import time
 import warnings
+import weakref
 from typing import Any
 
 from tqdm.std import TqdmWarning
@@ -42,6 +50,11 @@ ENV = "BAYESLIK_PROGRESS"
 MODES = ("auto", "text", "notebook", "off")
 #: seconds between redraws of a text bar whose stream is not a terminal (a log file)
 LOG_INTERVAL = 5.0
+#: seconds between the redraws of a bar that is still compiling (at least its mininterval)
+TICK = 1.0
+#: a bar stops redrawing itself while compiling after this many seconds (one never updated
+#: nor closed must not write forever)
+TICK_LIMIT = 3600.0
 
 
 def mode() -> str:
@@ -86,30 +99,76 @@ def kind() -> str:
     return m
 
 
-class _FirstStep:
-    """Mixin for tqdm bars: until the first ``update`` the description says "(compiling)"; that
-    first update restarts the rate clock, so the rate and time left count from it."""
+def _tick(ref: "weakref.ReferenceType", stop: threading.Event, interval: float) -> None:
+    """The redraws of a compiling bar (a weak reference: a forgotten bar is not kept alive)."""
+    t0 = time.monotonic()
+    while not stop.wait(interval) and time.monotonic() - t0 < TICK_LIMIT:
+        bar = ref()
+        if bar is None or not bar._pending or bar.disable:
+            return
+        try:
+            bar.refresh()
+        except Exception:  # noqa: BLE001 - a closed stream: the bar's owner will see it
+            return
+        del bar
 
-    def __init__(self, *args: Any, compiling: bool = True, **kwargs: Any) -> None:
+
+class _FirstStep:
+    """Mixin for tqdm bars: until the first ``update`` the description says "(compiling)" and a
+    thread redraws the bar every :data:`TICK` seconds (so the elapsed time moves); that first
+    update restarts the rate clock, so the rate and time left count from it. ``set_phase``
+    names the phase in the description."""
+
+    def __init__(self, *args: Any, compiling: bool = True, tick: bool = True,
+                 **kwargs: Any) -> None:
         self._pending = bool(compiling)
         self._ready_t: float | None = None
         self._ready_n: float = 0
+        self._ticker: threading.Thread | None = None
         desc = kwargs.get("desc") or ""
-        self._plain_desc = desc
+        self._plain_desc = self._phase_desc = desc
         if compiling:
             kwargs["desc"] = f"{desc} (compiling)" if desc else "compiling"
         super().__init__(*args, **kwargs)
+        if self._pending and tick and not self.disable:
+            self._tick_stop = threading.Event()
+            interval = max(TICK, float(getattr(self, "mininterval", 0) or 0))
+            self._ticker = threading.Thread(target=_tick, name="bayeslik-progress-tick",
+                                            args=(weakref.ref(self), self._tick_stop, interval),
+                                            daemon=True)
+            self._ticker.start()
+
+    def _stop_ticking(self) -> None:
+        ticker, self._ticker = getattr(self, "_ticker", None), None
+        if ticker is not None:
+            self._tick_stop.set()
+            if ticker is not threading.current_thread():
+                ticker.join(timeout=1.0)
+
+    def set_phase(self, phase: str | None) -> None:
+        """Name the run's phase: the description becomes "<desc> <phase>" (the plain
+        description for None); while compiling, from the first step on."""
+        base = self._plain_desc
+        self._phase_desc = (f"{base} {phase}" if base else str(phase)) if phase else base
+        if not self._pending:
+            self.desc = self._phase_desc
+            self.refresh()
 
     def update(self, n: float = 1) -> bool | None:
         if not self._pending or self.disable:
             return super().update(n)
+        self._stop_ticking()
         self._pending = False
         self.n += n
         self.last_print_n = self._ready_n = self.n
         self.last_print_t = self._ready_t = self._time()
-        self.desc = self._plain_desc
+        self.desc = self._phase_desc
         self.refresh()
         return True
+
+    def close(self) -> None:
+        self._stop_ticking()
+        super().close()
 
     @property
     def format_dict(self) -> dict:
@@ -172,6 +231,10 @@ class TextBar(_FirstStep, _std_tqdm):
                 kwargs.setdefault("dynamic_ncols", True)
                 if not _isatty(sys.stderr):
                     kwargs.setdefault("mininterval", LOG_INTERVAL)
+        # redrawn while compiling only where someone watches: a terminal or a notebook's line
+        # (a log gets the lines of real progress alone)
+        kwargs.setdefault("tick", isinstance(kwargs["file"], _KernelLine)
+                          or _isatty(kwargs["file"]))
         super().__init__(*args, **kwargs)
 
 
@@ -204,6 +267,8 @@ def bar(*, disable: bool = False, compiling: bool = True, **tqdm_kwargs: Any):
     disable : no bar (as tqdm's ``disable``); ``BAYESLIK_PROGRESS=off`` disables every bar.
     compiling : the bar reads "(compiling)" until its first ``update`` and counts its rate and
         time left from there; pass False for a bar whose first step compiles nothing.
+    tick (in ``tqdm_kwargs``) : whether a compiling bar redraws itself every :data:`TICK`
+        seconds; default where it is watched (a terminal, a notebook), not in a log.
     **tqdm_kwargs : passed to tqdm (``total``, ``desc``, ``unit``, ``bar_format``, ...).
     """
     k = kind()

@@ -263,6 +263,118 @@ def test_fit_a_users_model_file(user_files, capsys, monkeypatch):
     assert bl.load_fit(str(tmp / "partial.nc")).flags == partial.flags
 
 
+def test_sigterm_is_ctrl_c_while_a_command_runs(monkeypatch, capsys):
+    """In-process: SIGTERM during the run is KeyboardInterrupt (exit 130, said so); an engine's
+    own interrupt message (what it kept, how to keep more) is printed; the previous SIGTERM
+    handler is back afterwards."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers are set in the main thread only")
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(bl, "fit", lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM))
+    assert main(["fit", "normal_mean"]) == 130
+    assert capsys.readouterr().err == "bayeslik: interrupted (SIGTERM)\n"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+    def kept_nothing(*a, **k):
+        raise KeyboardInterrupt("SMC was interrupted in run 1 of 1 at stage 3; use num_runs")
+
+    monkeypatch.setattr(bl, "fit", kept_nothing)
+    assert main(["fit", "normal_mean"]) == 130
+    assert capsys.readouterr().err == ("bayeslik: interrupted: SMC was interrupted in run 1 of 1 "
+                                       "at stage 3; use num_runs\n")
+
+
+def test_sigterm_stops_the_demo_before_its_next_part(monkeypatch, capsys, tmp_path):
+    """bl.compare absorbs the interrupt (it keeps its finished runs): the demo writes part 1 and
+    then stops with 130 instead of going on to the C-MAPSS parts."""
+    import signal
+    import threading
+
+    from bayeslik.models import cmapss
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers are set in the main thread only")
+    saved = []
+
+    class Kept:
+        def save(self, path):
+            saved.append(path)
+
+        def __repr__(self):
+            return "the finished runs"
+
+    def compare(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)   # delivered here; compare keeps what it has
+        return Kept()
+
+    def interrupting_compare(*a, **k):
+        try:
+            return compare(*a, **k)
+        except KeyboardInterrupt:
+            return Kept()
+
+    monkeypatch.setattr(bl, "compare", interrupting_compare)
+    monkeypatch.setattr(cmapss, "load", lambda *a, **k: pytest.fail("part 2 ran"))
+    assert main(["demo", "--quick", "--quiet", "--out", str(tmp_path)]) == 130
+    captured = capsys.readouterr()
+    assert "the finished runs" in captured.out and saved
+    assert captured.err.endswith("bayeslik: interrupted (SIGTERM)\n")
+    assert main(["fit", "normal_mean"] + SMALL) == 0          # the next command starts afresh
+
+
+def test_sigterm_saves_the_partial_fit_as_ctrl_c_does(user_files):
+    """`bayeslik fit ... --engine smc --out x.nc` sent SIGTERM (what `timeout` sends) after two
+    of its runs finished: the engine keeps the completed runs as on Ctrl-C, the CLI prints and
+    saves that partial Fit with its "interrupted" flag and exits 130. SMC's bar redraws at every
+    stage (its postfix), so the test reads from stderr which run is in progress."""
+    import re
+    import signal
+    import threading
+    import time
+
+    tmp, _ = user_files
+    out = tmp / "partial.nc"
+    cmd = [sys.executable, "-m", "bayeslik.cli", "fit", f"{tmp / 'my_model.py'}:model",
+           "--data", str(tmp / "d.csv"), "--data", str(tmp / "s.json"), "--engine", "smc",
+           "--set", "num_runs=5000", "--set", "num_particles=64", "--out", str(out)]
+    env = dict(os.environ, BAYESLIK_PROGRESS="text", JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    seen: list[bytes] = []
+
+    def drain():  # read stderr while the child runs, so its writes never block
+        for chunk in iter(lambda: proc.stderr.read1(4096), b""):
+            seen.append(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 180
+    try:
+        while b"run 3/5000" not in b"".join(seen):  # runs 1 and 2 reached lambda = 1
+            assert proc.poll() is None, b"".join(seen).decode(errors="replace")[-2000:]
+            assert time.monotonic() < deadline, "the SMC run did not reach its third run"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=180)             # its stdout (the Fit's summary) fits in the pipe
+        stdout = proc.stdout.read().decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        reader.join(timeout=10)
+    err = b"".join(seen).decode(errors="replace")
+    assert proc.returncode == 130, (stdout, err[-2000:])
+    assert f"saved {out}" in stdout
+    assert "interrupted; the engine kept a partial fit" in err
+    fit = bl.load_fit(str(out))
+    (flag,) = [f for f in fit.flags if f.startswith("interrupted")]
+    kept = int(re.match(r"interrupted: kept (\d+) of 5000 completed runs", flag).group(1))
+    assert 2 <= kept < 5000 and fit.num_chains == kept  # one chain per completed run
+    assert np.isfinite(fit.log_evidence)
+
+
 def test_a_users_model_file_is_checked_before_the_run(user_files, capsys, monkeypatch):
     """A missing file or name, data that does not match the signature, a file that raises: one
     line naming them, nothing run."""

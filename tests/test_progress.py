@@ -219,6 +219,99 @@ def test_rate_and_eta_count_from_the_first_step(monkeypatch):
     plain.close()
 
 
+# ------------------------------------------------------------------ alive through a compile; phases
+def _tick_threads():
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "bayeslik-progress-tick" and t.is_alive()]
+
+
+class _Tty(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_a_compiling_bar_redraws_itself_and_then_names_its_phase(monkeypatch):
+    """While compiling (no step yet) a bar on a terminal is redrawn every TICK seconds by a
+    thread, so its elapsed time moves; the first step stops that thread; set_phase names the
+    phase after the compile; a closed or forgotten bar leaves no thread behind; a bar writing
+    to a log is not redrawn."""
+    import gc
+    import time
+
+    monkeypatch.setattr(progress, "TICK", 0.02)
+    monkeypatch.setenv(progress.ENV, "text")
+    out = _Tty()
+    b = progress.bar(total=10, desc="NUTS m", mininterval=0, file=out)
+    assert len(_tick_threads()) == 1
+    time.sleep(0.5)
+    redraws = out.getvalue().count("NUTS m (compiling)")
+    assert redraws >= 5, out.getvalue()          # 25 ticks in 0.5 s; at least 5 on a busy machine
+    b.set_phase("warmup")                         # still compiling: the description waits
+    assert b.desc == "NUTS m (compiling)"
+    b.update(2)
+    assert b.desc == "NUTS m warmup" and not _tick_threads()
+    drawn = out.getvalue()
+    time.sleep(0.2)
+    assert out.getvalue() == drawn                # no redraws without steps after the compile
+    b.set_phase("sampling")
+    b.update(8)
+    assert "NUTS m sampling: 100%" in out.getvalue().split("\r")[-1]
+    b.close()
+    closed = progress.bar(total=3, file=_Tty())
+    assert len(_tick_threads()) == 1
+    closed.close()
+    assert not _tick_threads()
+    forgotten = progress.bar(total=3, file=_Tty())
+    del forgotten
+    gc.collect()
+    time.sleep(0.2)
+    assert not _tick_threads()
+    # no thread for a bar that is off, that compiles nothing, or that writes to a log
+    progress.bar(total=3, disable=True)
+    progress.bar(total=3, compiling=False, file=_Tty()).close()
+    log = io.StringIO()
+    quiet = progress.bar(total=3, desc="NUTS m", mininterval=0, file=log)
+    assert not _tick_threads()
+    time.sleep(0.1)
+    assert log.getvalue().count("(compiling)") == 1
+    quiet.close()
+    monkeypatch.setattr(sys, "stderr", _Tty())   # the default stream: a terminal ticks
+    on_stderr = progress.bar(total=3)
+    assert len(_tick_threads()) == 1
+    on_stderr.close()
+    assert not _tick_threads()
+
+
+def test_nuts_bar_names_warmup_and_sampling(monkeypatch, capfd, post):
+    monkeypatch.setenv(progress.ENV, "text")
+    bl.fit(post, "nuts", num_warmup=300, num_samples=500, num_chains=1, progress_bar=True)
+    lines = capfd.readouterr().err.replace("\r", "\n").splitlines()
+    phases = [name for line in lines for name in ("(compiling)", "warmup", "sampling")
+              if line.startswith(f"NUTS {post.name} {name}")]
+    assert phases[0] == "(compiling)" and "warmup" in phases and phases[-1] == "sampling"
+    assert phases.index("sampling") > max(i for i, p in enumerate(phases) if p == "warmup")
+    assert not _tick_threads()
+
+
+def test_smc_bar_shows_no_rate_eta_and_an_eta_from_finished_runs(monkeypatch, capfd, post):
+    """A rate in lambda predicts nothing, so SMC's bar has no "<remaining"; from the second run
+    on its postfix says "eta ~m:ss" from the runs' wall times."""
+    import re
+
+    monkeypatch.setenv(progress.ENV, "text")
+    bl.fit(post, "smc", num_particles=64, num_runs=3, progress_bar=True)
+    lines = [ln for ln in capfd.readouterr().err.replace("\r", "\n").splitlines()
+             if ln.startswith(f"SMC {post.name}") and "run " in ln]
+    assert lines
+    assert not any(re.search(r"\[\d+:\d+<", ln) for ln in lines), lines
+    first = [ln for ln in lines if "run 1/3" in ln]
+    later = [ln for ln in lines if "run 2/3" in ln or "run 3/3" in ln]
+    assert first and later
+    assert not any("eta" in ln for ln in first)
+    assert all(re.search(r"eta ~\d+:\d\d\]", ln) for ln in later), later
+
+
 # ------------------------------------------------------------------ import in a notebook
 def test_no_tqdm_warning_on_import_in_a_notebook_without_ipywidgets():
     """A subprocess that looks like a Jupyter kernel to tqdm (ipykernel.zmqshell and IPython

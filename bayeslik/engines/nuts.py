@@ -100,7 +100,9 @@ class NUTSConfig:
     thinning : keep every thinning-th iteration: each chain runs ``num_samples * thinning``
         sampling iterations and keeps ``num_samples`` draws (NumPyro's MCMC instead runs
         ``num_samples`` and keeps ``num_samples // thinning``).
-    progress_bar : a tqdm bar; num_chunks is how many times per phase it moves.
+    progress_bar : a tqdm bar; num_chunks is how many times per phase it moves. It reads
+        "(compiling)" (its elapsed time moving) until the first chunk returns, then names the
+        phase: "NUTS <model> warmup", then "NUTS <model> sampling".
     """
 
     num_warmup: int = 1000
@@ -1328,8 +1330,10 @@ def _run(posteriors, rng_keys, config: NUTSConfig) -> list[Fit]:
             idx = np.array(chains)
             d = _take(data, idx, lay.batched)
             state = _start(progs, posteriors, starts, idx, d, config, work)
+            bar.set_phase("warmup" if config.num_warmup else "sampling")
             state = _warmup(progs, state, starts.warmup_keys[idx], d, config, idx, work, bar)
             step_sizes[g] = np.asarray(state.chain.step_size)
+            bar.set_phase("sampling")
             _sample(progs, state, starts.sample_keys[idx], d, config, idx, work, kept[g], kept, bar)
     run.require(any(kept), "NUTS was interrupted before any draw was kept")
     info, step_size, rows = _collect(kept, step_sizes, lay.groups)

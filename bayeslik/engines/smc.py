@@ -59,6 +59,7 @@ same shapes, compiles nothing.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, replace
 from typing import Callable, NamedTuple
 
@@ -121,7 +122,13 @@ class SMCConfig:
         EngineError (whatever on_degenerate says: short of lambda=1 there is no answer).
     on_degenerate : "raise" (EngineError at the first degenerate stage) or "flag" (finish the
         run and flag the Fit).
-    progress_bar : a tqdm bar that moves with the temperature of each stage.
+    progress_bar : a tqdm bar that moves with the temperature of each stage (``lambda n/R``:
+        the runs finished plus the current run's lambda). It shows the elapsed time but no
+        time left from that rate: lambda grows unevenly (small steps first, the last stages
+        jump to 1), so a rate in lambda predicts nothing. From the second run on, the time
+        left is estimated from the latest completed run's wall time (its first stage, which
+        compiles in run 1, left out and the rest scaled to all its stages): ``eta ~m:ss`` in
+        the postfix.
     """
 
     num_particles: int = 2000
@@ -773,9 +780,10 @@ def run(posterior, rng_key: jax.Array, config: SMCConfig) -> Fit:
         f"than ndim+1={D + 1} of them; use many more (hundreds).")
     run = kit.Run("smc", posterior, config)
     progs = run.track(_programs(posterior, config))
+    # no {remaining}: a rate in lambda predicts nothing (see the config's progress_bar)
     bar = run.progress(total=R, desc=f"SMC {posterior.name}",
                        bar_format="{desc}: {percentage:3.0f}%|{bar}| lambda {n:.3f}/{total} "
-                                  "[{elapsed}<{remaining}{postfix}]")
+                                  "[{elapsed}{postfix}]")
     runs: list[_Completed] = []
     tally = {"evals": 0, "grads": 0, "degenerate": 0}
     with run.interruptible(bar):
@@ -846,6 +854,7 @@ def _tempered_run(rng_key: jax.Array, run: kit.Run, progs: _Programs, r: int, ba
             "likelihood for parameters the prior allows, and that the model has no "
             "log(0) or division by zero.")
     key_data = np.asarray(jax.random.key_data(k_run))
+    started = first_stage = time.perf_counter()
     hmc = config.kernel == "hmc"
     per_step = config.num_leapfrog_steps if hmc else 1
     rows: list[dict] = []
@@ -870,10 +879,12 @@ def _tempered_run(rng_key: jax.Array, run: kit.Run, progs: _Programs, r: int, ba
                          info.nonfinite_position)
         tally["progress"] = (r, len(rows), row["temperature"])
         tally["grads"] += N * steps * per_step + N if hmc else 0
+        if len(rows) == 1:
+            first_stage = time.perf_counter()
         bar.update(row["temperature"] - lam)
         lam = row["temperature"]
         bar.set_postfix_str(f"run {r + 1}/{R} stage {len(rows)} steps {steps} "
-                            f"acc {row['acceptance_rate']:.2f}")
+                            f"acc {row['acceptance_rate']:.2f}" + _eta(tally, r, R, started))
         if row["degenerate"]:
             msg = _degenerate_message(posterior, r, len(rows) - 1, row, config)
             if config.on_degenerate == "raise":
@@ -881,8 +892,32 @@ def _tempered_run(rng_key: jax.Array, run: kit.Run, progs: _Programs, r: int, ba
             tally["degenerate"] += 1
             if tally["degenerate"] == 1:
                 run.flag(msg)
+    # the run's wall time without its first stage (which compiles the programs in run 1), scaled
+    # to all its stages: what a further run takes
+    end = time.perf_counter()
+    per_run = ((end - first_stage) * len(rows) / (len(rows) - 1) if len(rows) > 1
+               else end - started)
+    tally.setdefault("run_walls", []).append(per_run)
     return _Completed(state, np.asarray(start), info,
                       {f: np.array([s[f] for s in rows]) for f in _STAGE_FIELDS})
+
+
+def _eta(tally: dict, r: int, R: int, started: float) -> str:
+    """The bar's time left (", eta ~m:ss") once a run has finished: the latest completed run's
+    wall time (its compile left out) for each run not finished, less the time the current one
+    has run; "" before (within one run nothing predicts the stages still to come)."""
+    walls = tally.get("run_walls") or []
+    if not walls:
+        return ""
+    left = max(walls[-1] * (R - r) - (time.perf_counter() - started), 0.0)
+    return f", eta ~{_clock(left)}"
+
+
+def _clock(seconds: float) -> str:
+    """``m:ss`` (``h:mm:ss`` from an hour), as tqdm writes times."""
+    s = int(round(seconds))
+    h, rest = divmod(s, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
 
 
 def _count_nonfinite(tally: dict, bad: np.ndarray, checked: int, point=None) -> None:
