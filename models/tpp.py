@@ -66,7 +66,14 @@ factorised. With
 interval contributes :math:`\log \sum_m p(m \mid h)\, S(T - t_{n} \mid m, h)`, with the mixture
 survival :math:`S(\tau \mid m, h) = \sum_k w_k \Phi\big(-(\log\tau - \ell_k)/s_k\big)`.
 The components are exchangeable (label switching: R-hat of the component parameters can be large;
-predictions are unaffected). Priors: ``decay ~ LogNormal(log r, 1)``, ``mark_bias ~ N(0, 2)``,
+predictions are unaffected). Importing this module registers the relabel spec ``"lognormmix"``
+(:data:`LOGNORMMIX_RELABEL_SPEC`: the component axis is the last axis of ``mix_bias``,
+``mix_weight``, ``loc_bias``, ``loc_weight``, ``log_scale_bias`` and ``log_scale_weight``; the
+pivot method compares components by ``loc_bias``), so ``bl.relabel(fit, "lognormmix")`` aligns
+the components across draws and chains before per-component summaries. It undoes the exact
+symmetry, one permutation shared by every mark; with ``mark_dependent=True`` chains can also
+settle in modes whose component order differs between mark rows, which no relabelling joins.
+Priors: ``decay ~ LogNormal(log r, 1)``, ``mark_bias ~ N(0, 2)``,
 ``mark_weight, mix_bias, mix_weight, loc_weight ~ N(0, 1)``, ``loc_bias ~ N(log time_scale, 2)``,
 ``log_scale_bias ~ N(0, 1)``, ``log_scale_weight ~ N(0, 0.5)``. Inter-event times are floored at
 :data:`TAU_FLOOR` times ``time_scale`` (ties created by rounding to float32 would otherwise give
@@ -112,6 +119,7 @@ from jax.scipy.special import log_ndtr, logsumexp
 from numpyro.distributions import constraints
 
 from bayeslik.errors import DataError, ModelError, OptionError
+from bayeslik.relabel import register_components
 
 __all__ = [
     "TAU_FLOOR", "HawkesProcess", "LogNormMixProcess", "StabilityReport",
@@ -119,7 +127,7 @@ __all__ = [
     "hawkes", "lognormmix", "bucket_by_length", "hawkes_buckets", "lognormmix_buckets", "hawkes_loglik", "lognormmix_loglik", "event_terms",
     "simulate_hawkes", "simulate_lognormmix", "stability", "flag_stability",
     "init_params", "param_draws", "next_event", "example", "example_hawkes", "example_lognormmix", "intensity", "evaluate", "load", "load_synthetic",
-    "HAWKES_SITES", "LOGNORMMIX_SITES",
+    "HAWKES_SITES", "LOGNORMMIX_SITES", "LOGNORMMIX_RELABEL_SPEC", "LOGNORMMIX_RELABEL_COST_SITES",
 ]
 
 #: Inter-event times below TAU_FLOOR * time_scale are raised to it in the log-normal mixture.
@@ -128,6 +136,14 @@ TAU_FLOOR = 1e-6
 HAWKES_SITES = ("mu", "alpha", "beta")
 LOGNORMMIX_SITES = ("decay", "mark_bias", "mark_weight", "mix_bias", "mix_weight", "loc_bias",
                     "loc_weight", "log_scale_bias", "log_scale_weight")
+#: The log-normal mixture's sites that carry the component axis, ``{site: axis}`` (axes of the
+#: site's value): every ``(Md, K)`` bias and ``(M, K)`` weight, component last. Registered for
+#: :func:`bayeslik.relabel.relabel` as ``"lognormmix"`` when this module is imported.
+LOGNORMMIX_RELABEL_SPEC = {"mix_bias": 1, "mix_weight": 1, "loc_bias": 1, "loc_weight": 1,
+                           "log_scale_bias": 1, "log_scale_weight": 1}
+#: The sites the pivot method compares components by: the log-time locations (one per mark row),
+#: as the Gaussian mixture's spec uses its means.
+LOGNORMMIX_RELABEL_COST_SITES = ("loc_bias",)
 
 # Gauss-Legendre nodes on (0, 1), for integrals over the next inter-event time
 _GL_X, _GL_W = np.polynomial.legendre.leggauss(64)
@@ -1191,3 +1207,17 @@ def load_synthetic(name: str) -> list[dict]:
         t = np.load(f)["arrival_times"]
     return [{"times": row.astype(float), "marks": np.zeros(len(row), np.int32), "t_start": 0.0,
              "t_end": float(row[-1])} for row in t]
+
+
+def _check_relabel(fit) -> None:
+    """The "lognormmix" relabel spec applies to Fits of :func:`lognormmix` (or its buckets):
+    every component site present (their K is checked by bayeslik.relabel)."""
+    post = fit.idata["posterior"]
+    missing = [k for k in LOGNORMMIX_RELABEL_SPEC if k not in post]
+    if missing:
+        raise ModelError(f"relabel spec 'lognormmix': the Fit lacks the log-normal mixture's "
+                         f"component site(s) {missing}; is it a Fit of tpp.lognormmix?")
+
+
+register_components("lognormmix", LOGNORMMIX_RELABEL_SPEC,
+                    cost_sites=LOGNORMMIX_RELABEL_COST_SITES, check_fn=_check_relabel)
