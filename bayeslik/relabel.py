@@ -20,7 +20,8 @@ when its module is imported, as it hands over its default starting point with
 component in the pivot method's cost (``cost_sites``), optionally a ``classification_fn(fit)``
 giving Stephens' method its classification probabilities from the Fit alone, and a
 ``check_fn(fit)`` that rejects Fits the spec does not apply to. The zoo registers ``"mixture"``
-(:mod:`bayeslik.models.mixture`) and ``"arhmm"`` (:mod:`bayeslik.models.arhmm`); a registered
+(:mod:`bayeslik.models.mixture`), ``"arhmm"`` (:mod:`bayeslik.models.arhmm`) and
+``"lognormmix"`` (:mod:`bayeslik.models.tpp`); a registered
 spec's sites that a Fit does not have are skipped.
 
 >>> from bayeslik.models import mixture          # registers "mixture"
@@ -361,8 +362,9 @@ def relabel(fit, components: str | Mapping | ComponentSpec = "mixture", method: 
         fit: a :class:`~bayeslik.Fit` of a mixture, an HMM, or any model with exchangeable
             components.
         components: the name of a registered spec (:func:`register_components`; the zoo
-            registers ``"mixture"`` and ``"arhmm"`` when :mod:`bayeslik.models.mixture` /
-            :mod:`bayeslik.models.arhmm` is imported), a :class:`ComponentSpec`, or
+            registers ``"mixture"``, ``"arhmm"`` and ``"lognormmix"`` when
+            :mod:`bayeslik.models.mixture` / :mod:`bayeslik.models.arhmm` /
+            :mod:`bayeslik.models.tpp` is imported), a :class:`ComponentSpec`, or
             ``{site: axis}`` / ``{site: (axis, ...)}`` naming every site that carries the
             component axis (axes of the site's value).
         method: ``"pivot"`` or ``"stephens"`` (see the module docstring).
