@@ -66,6 +66,11 @@ an optional prefix ``mask`` ``(B, T)`` for unequal lengths (``labels`` then ``(B
 log-likelihood is a ``jax.vmap`` of the single-sequence one; the pointwise log-likelihood is one
 value per sequence. A single sequence may have a ``(T,)`` mask.
 
+**How many states.** :func:`choose_states` fits ``K = 1, 2, 3, ...`` with one engine and
+tabulates the log evidence (SMC, nested sampling) and PSIS-LOO over the one-step-ahead terms
+:math:`\log p(y_t \mid y_{<t}, \theta)` (:func:`step_loglik`, :func:`pointwise_steps`; the
+model's own pointwise log-likelihood is one value per sequence, too few for LOO).
+
 Example
 -------
 >>> import jax, bayeslik as bl
@@ -106,15 +111,18 @@ __all__ = [
     "ARHMMLikelihood",
     "RELABEL_COST_SITES",
     "RELABEL_SPEC",
+    "choose_states",
     "classification_fn",
     "default_params",
     "hmm_inputs",
     "init_params",
     "mode_init",
     "model",
+    "pointwise_steps",
     "prior",
     "simulate",
     "state_posterior",
+    "step_loglik",
 ]
 
 #: Prior scales (the data are assumed to be of order one).
@@ -909,3 +917,186 @@ def _default_init(y, num_states: int, num_lags: int = 1, labels=None, left_to_ri
 
 
 set_default_init(model, _default_init)
+
+
+# --------------------------------------------------------------------------------------------------
+# one-step-ahead terms and the choice of the number of states
+# --------------------------------------------------------------------------------------------------
+def step_loglik(params: dict, y, *, num_lags: int = 1, labels=None, left_to_right: bool = False,
+                mask=None) -> jax.Array:
+    r"""``(T,)`` the one-step-ahead log predictive densities :math:`c_t = \log p(y_t \mid y_{<t},
+    \theta)` of one sequence, from the forward filter on :func:`hmm_inputs`:
+    :math:`c_t = \log \sum_j p(z_t = j \mid y_{<t}) \exp \text{log\_obs}[t, j]` with the predicted
+    state probabilities :math:`p(z_t \mid y_{<t}) = \sum_i p(z_{t-1} = i \mid y_{<t})
+    P_{ij}` (``pi`` at ``t = 0``). ``c_t = 0`` on masked steps and for ``t < L`` (no density
+    there; with ``labels``, ``c_t`` is there the log of the predicted probability of the labels),
+    so ``step_loglik(...).sum()`` is the model's log-likelihood (the same as ``hmm_loglik``).
+
+    These terms are the pointwise log-likelihood that :func:`choose_states` gives PSIS-LOO.
+
+    >>> import jax
+    >>> data = simulate(jax.random.key(0), num_steps=50, num_states=2)
+    >>> c = step_loglik(data["params"], data["y"])
+    >>> c.shape, float(c[0])
+    ((50,), 0.0)
+    """
+    from bayeslik.filtering import hmm_filter
+
+    li, lt, lo = hmm_inputs(params, y, num_lags=num_lags, labels=labels,
+                            left_to_right=left_to_right)
+    filt = hmm_filter(li, lt, lo, mask=mask).log_filtered  # (T, K)
+    pred_rest = jax.nn.logsumexp(filt[:-1, :, None] + lt[None], axis=1)  # (T-1, K)
+    pred = jnp.concatenate([li[None], pred_rest], axis=0)
+    c = jax.nn.logsumexp(pred + lo, axis=1)  # 0 for t < L without labels (log_obs = 0 there)
+    if mask is not None:
+        c = jnp.where(jnp.asarray(mask, bool), c, 0.0)
+    return c
+
+
+def pointwise_steps(fit, posterior, num_draws_per_batch: int = 256) -> np.ndarray:
+    r"""``(chains, draws, N)``: every draw's one-step-ahead log predictive density
+    :math:`\log p(y_t \mid y_{<t}, \theta)` (:func:`step_loglik`) at each of the ``N`` steps that
+    have a density (``t >= num_lags``, the valid steps under ``mask``; for a batch the sequences'
+    steps one after the other), for ``posterior``'s data. Their sum over the steps is each
+    draw's log-likelihood (with ``labels``, less the label terms of the first ``num_lags``
+    steps, which concern no observation)."""
+    data = posterior.data
+    y = jnp.asarray(data["y"])
+    num_lags = int(data.get("num_lags", 1))
+    ltr = bool(data.get("left_to_right", False))
+    labels, mask = data.get("labels"), data.get("mask")
+    names = [n for n in _PARAM_NAMES if n in fit.idata["posterior"]]
+    draws = {n: np.asarray(fit.draws(n)) for n in names}
+    C, S = draws["pi"].shape[:2]
+    flat = {n: v.reshape((C * S,) + v.shape[2:]) for n, v in draws.items()}
+
+    def one(p, yy, lab, m):
+        return step_loglik(p, yy, num_lags=num_lags, labels=lab, left_to_right=ltr, mask=m)
+
+    if y.ndim == 2:
+        fn = jax.jit(jax.vmap(lambda p: one(p, y, labels, mask)))
+    else:
+        seq = jax.vmap(one, in_axes=(None, 0, None if labels is None else 0,
+                                     None if mask is None else 0))
+        fn = jax.jit(jax.vmap(lambda p: seq(p, y, labels, mask)))
+    B = int(num_draws_per_batch)
+    out = np.concatenate([np.asarray(fn({n: jnp.asarray(v[i:i + B]) for n, v in flat.items()}))
+                          for i in range(0, C * S, B)], axis=0)  # (C*S, [B,] T)
+    T = y.shape[-2]
+    valid = np.broadcast_to(np.arange(T) >= num_lags, y.shape[:-1]).copy()
+    if mask is not None:
+        valid &= np.asarray(mask, bool).reshape(y.shape[:-1])
+    out = out.reshape(C * S, -1)[:, valid.reshape(-1)]
+    return out.reshape(C, S, -1)
+
+
+def _loo_steps(fit, posterior) -> tuple[dict, np.ndarray]:
+    """PSIS-LOO over the one-step-ahead terms: ({elpd_loo, elpd_loo_se, p_loo, pareto_k_max},
+    elpd_i (N,))."""
+    import warnings
+
+    import arviz_stats as azs
+    import xarray as xr
+
+    ll = pointwise_steps(fit, posterior)
+    C, S, N = ll.shape
+    coords = {"chain": np.arange(C), "draw": np.arange(S)}
+    tree = xr.DataTree.from_dict({
+        "posterior": xr.Dataset({"loglik": (("chain", "draw"), ll.sum(-1))}, coords=coords),
+        "log_likelihood": xr.Dataset({"y_step": (("chain", "draw", "step"), ll)},
+                                     coords={**coords, "step": np.arange(N)}),
+    })
+    with warnings.catch_warnings():  # a large Pareto k is reported in the table, not hidden
+        warnings.simplefilter("ignore")
+        res = azs.loo(tree, pointwise=True, var_name="y_step")
+    return ({"elpd_loo": float(res.elpd), "elpd_loo_se": float(res.se), "p_loo": float(res.p),
+             "pareto_k_max": float(np.max(np.asarray(res.pareto_k)))},
+            np.asarray(res.elpd_i, float).reshape(-1))
+
+
+def choose_states(y, ks=(1, 2, 3), engine: str = "smc", criterion: str = "both", *,
+                  seed: int = 0, model_kwargs: dict | None = None, return_fits: bool = False,
+                  **engine_options):
+    r"""Fit the AR-HMM for each number of states ``K`` in ``ks`` with one engine and tabulate the
+    evidence and LOO (as :func:`bayeslik.models.mixture.choose_k` does for mixtures).
+
+    ``engine`` is any name (or config) ``bl.fit`` accepts, ``engine_options`` go to it, and
+    ``model_kwargs`` to :func:`model` (``num_lags``, ``left_to_right``, ``sticky``, ``mask``;
+    not ``labels``, whose width is the number of states). NUTS starts from the model's default
+    init (:func:`mode_init`). Criteria:
+
+    * ``"evidence"``: :math:`\log Z_K \pm` its standard error, from engines that estimate it
+      (``"smc"``, ``"nss"``, ``"nested"``); the posterior probability of ``K`` under a uniform
+      prior over ``ks`` is :math:`\propto Z_K` (column ``p_k``);
+    * ``"loo"``: PSIS-LOO over the one-step-ahead terms :math:`\log p(y_t \mid y_{<t}, \theta)`
+      (:func:`pointwise_steps`; the model's own pointwise log-likelihood is one value per
+      sequence, too few for LOO). Leaving out the term of step ``t`` is an approximation of
+      leaving out ``y_t`` (whose value also conditions the later terms); ``elpd_loo`` estimates
+      the sum over steps of the log predictive density of :math:`y_t` given the past;
+      ``elpd_diff``, ``se_diff`` against the best ``K`` from the pointwise differences, and the
+      largest Pareto k (above 0.7 the estimate is unreliable);
+    * ``"both"``: whatever the engine gives.
+
+    Returns a pandas DataFrame indexed by ``K`` (columns ``log_evidence``,
+    ``log_evidence_err``, ``p_k``, ``elpd_loo``, ``elpd_loo_se``, ``elpd_diff``, ``se_diff``,
+    ``p_loo``, ``pareto_k_max``, ``wall_s``, ``flags``: the number of flags the Fit carries). Its
+    ``attrs`` hold ``best_evidence`` (largest :math:`\log Z`) and ``best_loo``, the *smallest*
+    ``K`` whose ``elpd_loo`` is within ``2 se_diff`` of the best (an extra state that is
+    barely used costs LOO almost nothing). With ``return_fits=True``, ``(table, {K: Fit})``.
+    On :func:`example` (2 states) SMC and LOO both choose 2 (the numbers are in
+    ``docs/arhmm.md``).
+
+    >>> table = choose_states(y, [1, 2, 3], engine="smc", num_particles=500)   # doctest: +SKIP
+    >>> table.attrs["best_evidence"], table.attrs["best_loo"]                  # doctest: +SKIP
+    (2, 2)
+    """
+    import time
+
+    import pandas as pd
+
+    import bayeslik as bl
+
+    if criterion not in ("evidence", "loo", "both"):
+        raise OptionError(f"choose_states: criterion must be 'evidence', 'loo' or 'both', got "
+                          f"{criterion!r}")
+    try:
+        ks = [int(k) for k in ks]
+    except (TypeError, ValueError):
+        raise OptionError(f"choose_states: ks must be a list of positive ints, got {ks!r}") from None
+    if not ks or min(ks) < 1 or len(set(ks)) != len(ks):
+        raise OptionError(f"choose_states: ks must be a non-empty list of distinct positive ints, "
+                          f"got {ks!r}")
+    kw = dict(model_kwargs or {})
+    if "num_states" in kw or "labels" in kw:
+        raise OptionError("choose_states: model_kwargs may not hold 'num_states' (ks gives it) or "
+                          "'labels' (their width is the number of states)")
+    rows, fits, elpd_i = [], {}, {}
+    for K in ks:
+        post = bl.Posterior(model, y=y, num_states=K, **kw)
+        t0 = time.perf_counter()
+        fit = bl.fit(post, engine, seed=seed, **engine_options)
+        row = {"K": K, "wall_s": time.perf_counter() - t0, "flags": len(fit.flags)}
+        if criterion in ("evidence", "both"):
+            row["log_evidence"] = fit.log_evidence
+            row["log_evidence_err"] = fit.log_evidence_err
+        if criterion in ("loo", "both"):
+            loo, elpd_i[K] = _loo_steps(fit, post)
+            row.update(loo)
+        rows.append(row)
+        fits[K] = fit
+    table = pd.DataFrame(rows).set_index("K")
+    if "log_evidence" in table and table["log_evidence"].notna().all():
+        lz = table["log_evidence"].to_numpy(float)
+        table["p_k"] = np.exp(lz - np.logaddexp.reduce(lz))
+        table.attrs["best_evidence"] = int(table.index[np.argmax(lz)])
+    elif criterion == "evidence":
+        raise OptionError(f"choose_states: engine {engine!r} does not estimate the evidence; use "
+                          "criterion='loo' or an evidence engine such as 'smc' or 'nss'")
+    if "elpd_loo" in table:
+        top = int(table.index[np.argmax(table["elpd_loo"].to_numpy(float))])
+        diff = {K: elpd_i[K] - elpd_i[top] for K in ks}
+        table["elpd_diff"] = [float(diff[K].sum()) for K in ks]
+        table["se_diff"] = [float(np.sqrt(len(diff[K]) * np.var(diff[K]))) for K in ks]
+        close = [K for K in ks if table.loc[K, "elpd_diff"] >= -2 * table.loc[K, "se_diff"]]
+        table.attrs["best_loo"] = min(close)
+    return (table, fits) if return_fits else table

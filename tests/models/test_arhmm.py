@@ -533,3 +533,133 @@ def test_population_engines_agree_with_nuts_on_the_arhmm(engine, options, seed):
         se = np.sqrt(np.asarray(mcse[name]) ** 2 + se_o**2)
         diff = np.abs(o_flat.mean(0) - r.reshape((-1,) + r.shape[2:]).mean(0))
         assert np.all(diff < 4 * se), (name, diff, se)
+
+
+# ------------------------------------------------------------------ one-step terms, choice of K
+@pytest.mark.parametrize("K, T, D, L, ltr, use_labels", CASES)
+def test_step_loglik_is_the_difference_of_brute_force_prefix_logliks(x64, K, T, D, L, ltr,
+                                                                     use_labels):
+    """c_t = log p(y_{L:t+1} | y_{:L}) - log p(y_{L:t} | y_{:L}), each by enumerating all K^t
+    paths (exact to 1e-10); 0 before the first lag; the terms sum to the model's loglik."""
+    rng = np.random.default_rng(7 * K + T + D + L)
+    _, full = _point(K, D, L, ltr, rng)
+    y = rng.normal(0, 1, (T, D))
+    labels = _soft_labels(T, K, rng) if use_labels else None
+    c = np.asarray(arhmm.step_loglik(full, y, num_lags=L, labels=labels, left_to_right=ltr))
+    prefix = [0.0] + [brute_force_loglik(full, y[: t + 1], L,
+                                         None if labels is None else labels[: t + 1])
+                      for t in range(T)]
+    # a prefix of length <= L has no density, but its labels and states still weigh the paths
+    want = np.diff(prefix)
+    np.testing.assert_allclose(c, want, atol=1e-10)
+    ll = arhmm._sequence_loglik(full, jnp.asarray(y), labels, None, num_lags=L, left_to_right=ltr)
+    assert c.sum() == pytest.approx(float(ll), abs=1e-10)
+
+
+@pytest.mark.slow  # mode_init's L-BFGS compile and run: ~150 s on the loaded 2-core machine
+def test_default_init_on_the_example_is_the_main_mode():
+    """bl.fit(post, "nuts") at defaults starts from the model's init ("auto" -> mode_init): on
+    the zoo example (2 states, 300 steps) that point is a mode (log-density gradient below 0.05
+    per coordinate, against hundreds at the cheap estimate) above the true parameters' log
+    density (the main mode; chains started uniformly in [-2, 2] had split between modes,
+    R-hat 1.73, see the next tests)."""
+    from bayeslik.inits import default_init
+
+    _, data = arhmm.example()
+    post = bl.Posterior(arhmm.model, **data)
+    value_and_grad = jax.jit(jax.value_and_grad(post.logdensity))
+    lp, g = value_and_grad(post.unconstrain(default_init(post)))
+    truth = arhmm.simulate(jax.random.key(0), num_steps=300, num_states=2)["params"]
+    true_latent = {"pi": truth["pi"], "trans": truth["trans"], "b0": truth["b"][:, 0],
+                   "A": truth["A"], "sigma": truth["sigma"]}
+    lp_true, _ = value_and_grad(post.unconstrain(true_latent))
+    _, g_cheap = value_and_grad(post.unconstrain(arhmm.init_params(data["y"], 2)))
+    assert float(jnp.max(jnp.abs(g))) < 0.05, g
+    assert float(jnp.max(jnp.abs(g_cheap))) > 1.0
+    assert float(lp) > float(lp_true)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_nuts_at_defaults_on_the_example_converges_without_flags(seed):
+    """The issue-24 cell: bl.fit(post, "nuts") at defaults (4 chains x 1000/1000) on the zoo
+    example: split R-hat below 1.01 everywhere and no flags (seed 0: max R-hat 1.003, 73 s;
+    seeds 1, 2: 1.002, 1.004 on the loaded 2-core machine)."""
+    _, data = arhmm.example()
+    post = bl.Posterior(arhmm.model, **data)
+    fit = bl.fit(post, "nuts", seed=seed, progress_bar=False)
+    assert fit.flags == ()
+    assert float(fit.summary()["r_hat"].max()) < 1.01
+
+
+@pytest.mark.slow
+def test_nuts_from_uniform_starts_on_the_example_is_flagged_by_r_hat():
+    """Started uniformly in [-2, 2] (not the default), the chains of the example split between
+    modes: the Fit says so with the R-hat flag, not only a divergence count."""
+    _, data = arhmm.example()
+    post = bl.Posterior(arhmm.model, **data)
+    with pytest.warns(bl.FitWarning, match="R-hat"):
+        fit = bl.fit(post, "nuts", seed=0, init="uniform", num_warmup=150, num_samples=150,
+                     num_chains=4, progress_bar=False)
+    assert any(f.startswith("chains disagree: split R-hat") for f in fit.flags)
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_pointwise_steps_sum_to_each_draws_loglik(x64, batch):
+    """pointwise_steps gives every draw one term per step with a density (t >= num_lags, valid
+    under the mask), and the terms sum to that draw's log-likelihood (exact to 1e-8)."""
+    from bayeslik.fit import Cost, Fit, build_datatree
+
+    L, K = 2, 2
+    if batch:
+        sims = [arhmm.simulate(jax.random.key(s), num_steps=40, num_states=K, num_lags=L)
+                for s in range(2)]
+        y = np.stack([s["y"] for s in sims])
+        mask = np.zeros((2, 40), bool)
+        mask[0, :40], mask[1, :25] = True, True
+        num_terms = (40 - L) + (25 - L)
+    else:
+        y, mask = arhmm.simulate(jax.random.key(0), num_steps=40, num_states=K,
+                                 num_lags=L)["y"], None
+        num_terms = 40 - L
+    post = bl.Posterior(arhmm.model, y=y, num_states=K, num_lags=L, mask=mask)
+    z0 = post.unconstrain(arhmm.init_params(y, K, num_lags=L, mask=mask))
+    zs = z0 + 0.05 * jax.random.normal(jax.random.key(1), (2 * 6, post.ndim), z0.dtype)
+    values = jax.vmap(post.constrain)(zs)
+    draws = {n: np.asarray(values[n]).reshape((2, 6) + values[n].shape[1:])
+             for n in post.latent_names + ("b",)}
+    fit = Fit(idata=build_datatree(post, draws), engine="test", config={}, seed=0,
+              cost=Cost(wall_s=0.0))
+    ll = arhmm.pointwise_steps(fit, post, num_draws_per_batch=5)
+    assert ll.shape == (2, 6, num_terms)
+    want = np.asarray(jax.vmap(lambda z: post.evaluate(z).loglikelihood)(zs)).reshape(2, 6)
+    np.testing.assert_allclose(ll.sum(-1), want, atol=1e-8)
+
+
+def test_choose_states_rejects_bad_arguments_before_fitting(no_jit):
+    from bayeslik.errors import OptionError
+
+    y = np.zeros((30, 1))
+    for ks in ([], [0, 1], [2, 2], ["a"]):
+        with pytest.raises(OptionError, match="ks must be"):
+            arhmm.choose_states(y, ks)
+    with pytest.raises(OptionError, match="criterion must be"):
+        arhmm.choose_states(y, [1, 2], criterion="bic")
+    with pytest.raises(OptionError, match="num_states"):
+        arhmm.choose_states(y, [1, 2], model_kwargs={"num_states": 2})
+
+
+@pytest.mark.slow
+def test_choose_states_by_evidence_and_loo_finds_two_states(seed):
+    """On a simulated 2-state series (200 steps) SMC's log evidence and LOO over the
+    one-step-ahead terms both choose K = 2 among 1..3; LOO's elpd_diff of K = 1 is far outside
+    its error (the states are well separated), and each K's terms give a finite elpd."""
+    data = arhmm.simulate(jax.random.key(seed), num_steps=200, num_states=2)
+    table = arhmm.choose_states(data["y"], [1, 2, 3], engine="smc", seed=seed,
+                                num_particles=300, progress_bar=False)
+    assert table.attrs["best_evidence"] == 2, table
+    assert table.attrs["best_loo"] == 2, table
+    assert table.loc[1, "elpd_diff"] < -4 * table.loc[1, "se_diff"]
+    lz, err = table["log_evidence"], table["log_evidence_err"]
+    assert lz[2] - lz[1] > 4 * np.hypot(err[1], err[2])
+    assert np.all(np.isfinite(table["elpd_loo"]))
