@@ -19,6 +19,7 @@ import time
 import warnings
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
@@ -224,6 +225,53 @@ def test_loglikelihood_wrapper_hook_batched(shells, seed):
     assert max(wrapper.sizes[1:]) == 4
     assert fit.cost.num_loglik_evals == 12345
     assert fit.cost.extra["num_batched_points"] == wrapper.num_points - 100
+
+
+def _edge_model():
+    """A 2-D posterior against the unit cube's edge (x ~ U(0, 1), data near 0): random-walk
+    proposals often fall outside the cube."""
+    x = numpyro.sample("x", dist.Uniform(0.0, 1.0).expand([2]))
+    numpyro.factor("f", -0.5 * jnp.sum((x / 0.02) ** 2))
+
+
+@pytest.mark.parametrize("batch", [False, 4])
+def test_every_true_likelihood_call_counted(seed, batch):
+    """Issue 24: dynesty's count is not the number of likelihood calls. Cost.num_loglik_evals
+    is: it equals an independent count of the points given to the likelihood, and the initial
+    live points plus the calls counted in each proposal's thread; dynesty's count (plain path)
+    is the proposals' own count (calls plus proposals outside the cube) plus one per final
+    live point."""
+    post = bl.Posterior(_edge_model)
+    seen = []
+
+    def wrapper(true_fn, posterior, key):
+        def batch_fn(u):
+            seen.append(len(u))
+            return true_fn(u)
+        return batch_fn
+
+    config = NestedConfig(num_live=50, batch=batch, sample="rwalk", progress_bar=False)
+    fit = nested.run(post, jax.random.key(seed), config, loglikelihood_wrapper=wrapper)
+    ex = fit.cost.extra
+    assert fit.cost.num_loglik_evals == sum(seen) == ex["num_init_calls"] + ex["num_proposal_calls"]
+    assert ex["num_dynesty_overcount"] > 100  # proposals outside the cube, counted by dynesty
+    if batch is False:
+        assert ex["num_dynesty_calls"] == (ex["num_proposal_calls"] + ex["num_dynesty_overcount"]
+                                           + config.num_live)
+
+
+def test_auto_sample_keeps_walks(seed):
+    """dynesty's own "auto" ignores walks; the engine's gives them to the method it picks
+    (rwalk at 10-D): 40 walks cost at least 30 more calls per iteration than 3 (the same
+    seed: the same unit-cube phase before the first bound update)."""
+    post = reference.correlated_gaussian(dim=10).posterior()
+    calls = {}
+    for walks in (3, 40):
+        fit = bl.fit(post, "nested", seed=seed, num_live=30, walks=walks, max_iterations=300,
+                     progress_bar=False)
+        assert fit.idata["nested_samples"].attrs["sample"] == "rwalk"
+        calls[walks] = fit.cost.extra["num_dynesty_calls"]
+    assert calls[40] - calls[3] > 30 * 200, calls
 
 
 class Interrupter:
