@@ -33,6 +33,7 @@ cross-validation, refits), compiles nothing.
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping, NamedTuple
 
@@ -54,7 +55,7 @@ __all__ = ["NUTSConfig", "NUTS", "run", "run_many", "init", "build_kernel", "bui
            "lowrank_inverse_mass", "lowrank_correction", "fisher_scales", "spd_geometric_mean",
            "LowRankState", "build_lowrank_adapt", "LOW_RANK_WINDOW", "LOW_RANK_EVERY",
            "LOW_RANK_MIN_DRAWS", "LOW_RANK_EIGVAL_CLIP",
-           "FISHER_CLIP"]
+           "FISHER_CLIP", "LOW_RANK_MAX_DIM", "resolve_adaptation"]
 
 
 @dataclass(frozen=True)
@@ -66,9 +67,13 @@ class NUTSConfig:
     target_accept : the dual-averaging target of the mean acceptance rate (0.8 as in Stan).
     max_tree_depth : at most 2**max_tree_depth - 1 leapfrog steps per iteration.
     dense_mass : adapt a dense inverse mass matrix instead of a diagonal one.
-    mass_adaptation : how the warmup adapts the (diagonal) inverse mass matrix. "stan" (the
-        default): Stan's windowed warmup, the regularised variance of the draws of each slow
-        window (:func:`warmup_schedule`). "fisher": the diagonal that minimises a Fisher
+    mass_adaptation : how the warmup adapts the inverse mass matrix. "stan" (the default):
+        Stan's windowed warmup, the regularised variance of the draws of each slow window
+        (:func:`warmup_schedule`); it stays the default because both Fisher adaptations left a
+        chain stuck (hundreds of divergences) on posteriordb's arma11 started far out, where
+        Stan's recovers (docs/engines/nuts.md). "auto": "fisher_lowrank" up to
+        :data:`LOW_RANK_MAX_DIM` parameters, "fisher" above, "stan" with ``dense_mass=True``
+        (:func:`resolve_adaptation`). "fisher": the diagonal that minimises a Fisher
         divergence (Seyboldt et al. 2024, nutpie's default), ``sqrt(var(x) / var(grad log p))``
         elementwise from the draws and their gradients, on nutpie's schedule of overlapping
         windows (:func:`fisher_schedule`): started from the gradient at the starting point and
@@ -136,7 +141,7 @@ class NUTSConfig:
         check.number("low_rank_cutoff", low=1.0, hint="2 keeps every direction whose scale "
                      "the diagonal misses by more than a factor 2")
         check.number("low_rank_gamma", low=0.0, hint="1e-5 is nutpie's default")
-        check.require(not (self.dense_mass and self.mass_adaptation != "stan"),
+        check.require(not (self.dense_mass and self.mass_adaptation not in ("stan", "auto")),
                       "mass_adaptation", "adapts a diagonal inverse mass matrix; use "
                       "dense_mass=False with it, or mass_adaptation='stan' for a dense one.")
 
@@ -144,7 +149,27 @@ class NUTSConfig:
 NUTS = NUTSConfig  # bl.engines.NUTS(num_samples=...) reads better in user code
 
 #: the values of NUTSConfig.mass_adaptation
-MASS_ADAPTATIONS = ("stan", "fisher", "fisher_lowrank")
+MASS_ADAPTATIONS = ("auto", "stan", "fisher", "fisher_lowrank")
+#: "auto" takes "fisher_lowrank" up to this many parameters, "fisher" above (the low-rank
+#: metric is held dense: O(ndim^2) a leapfrog step and three (ndim, ndim) eigendecompositions
+#: an update); "stan" with dense_mass=True
+LOW_RANK_MAX_DIM = 200
+
+
+def resolve_adaptation(config: "NUTSConfig", ndim: int) -> "NUTSConfig":
+    """``config`` with ``mass_adaptation="auto"`` replaced by what it means for ``ndim``
+    parameters: "stan" with ``dense_mass=True``, else "fisher_lowrank" up to
+    :data:`LOW_RANK_MAX_DIM` parameters and "fisher" above (see ``NUTSConfig``).
+
+    >>> auto = NUTSConfig(mass_adaptation="auto")
+    >>> resolve_adaptation(auto, 12).mass_adaptation, resolve_adaptation(auto, 715).mass_adaptation
+    ('fisher_lowrank', 'fisher')
+    """
+    if config.mass_adaptation != "auto":
+        return config
+    choice = ("stan" if config.dense_mass else
+              "fisher_lowrank" if ndim <= LOW_RANK_MAX_DIM else "fisher")
+    return dataclasses.replace(config, mass_adaptation=choice)
 
 
 # ---------------------------------------------------------------------------- the algorithm
@@ -584,7 +609,8 @@ def schedule(config: NUTSConfig) -> tuple[np.ndarray, np.ndarray]:
     """The warmup's (stage, window_end) arrays for ``config``: Stan's windows
     (:func:`warmup_schedule`), or nutpie's for ``mass_adaptation="fisher"``
     (:func:`fisher_schedule`)."""
-    if config.mass_adaptation in ("fisher", "fisher_lowrank"):
+    if config.mass_adaptation in ("fisher", "fisher_lowrank") or (
+            config.mass_adaptation == "auto" and not config.dense_mass):
         return fisher_schedule(config.num_warmup)
     return warmup_schedule(config.num_warmup)
 
@@ -596,6 +622,7 @@ def init(rng_key: jax.Array, position: jax.Array, logdensity_fn, config: NUTSCon
     under it."""
     import blackjax
 
+    config = resolve_adaptation(config, position.shape[0])
     state = blackjax.nuts.init(position, logdensity_fn)
     if config.mass_adaptation == "fisher":
         inverse_mass_matrix = gradient_inverse_mass(state.logdensity_grad)
@@ -660,6 +687,12 @@ def build_adapt(logdensity_fn, config: NUTSConfig, find_step_size=find_reasonabl
     instead; ``diverging`` (whether the transition
     diverged) matters only there.
     """
+    if config.mass_adaptation == "auto":  # resolved by the dimension, known at trace time
+        def adapt_auto(rng_key, state: WarmupState, *args, **kwargs) -> WarmupState:
+            resolved = resolve_adaptation(config, state.chain.position.shape[0])
+            return build_adapt(logdensity_fn, resolved, find_step_size)(rng_key, state, *args,
+                                                                        **kwargs)
+        return adapt_auto
     if config.mass_adaptation == "fisher_lowrank":
         return build_lowrank_adapt(logdensity_fn, config, find_step_size)
     if config.mass_adaptation != "stan":
@@ -842,9 +875,10 @@ def build_warmup(logdensity_fn, config: NUTSConfig, find_step_size=find_reasonab
         first = jnp.asarray(INITIAL_STEP_SIZE, chain.position.dtype)
         da = da_init(first)._replace(log_step_size=jnp.log(chain.step_size))
         ndim = chain.position.shape[0]
-        if config.mass_adaptation == "stan":
+        adaptation = resolve_adaptation(config, ndim).mass_adaptation
+        if adaptation == "stan":
             window = w_init(ndim)
-        elif config.mass_adaptation == "fisher_lowrank":
+        elif adaptation == "fisher_lowrank":
             buf = jnp.zeros((LOW_RANK_WINDOW, ndim), chain.position.dtype)
             zero = jnp.zeros((), jnp.int32)
             scale = jnp.sqrt(jnp.diag(chain.inverse_mass_matrix))
@@ -1310,6 +1344,7 @@ def run_many(posteriors, rng_keys, config: NUTSConfig) -> list[Fit]:
 
 def _run(posteriors, rng_keys, config: NUTSConfig) -> list[Fit]:
     """The chains of every posterior (rows b*C .. b*C + C-1 for posterior b), run together."""
+    config = resolve_adaptation(config, posteriors[0].ndim)
     run = kit.Run("nuts", posteriors[0], config)
     B, C, S = len(posteriors), config.num_chains, config.num_samples
     lay = _layout(B, config)

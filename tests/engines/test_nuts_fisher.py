@@ -39,14 +39,16 @@ def _scaled_posterior():
 
 # ------------------------------------------------------------------ options
 def test_options_are_checked_before_compiling(no_jit):
-    with pytest.raises(EngineError, match=r"mass_adaptation='nutpie'.*one of \['stan', 'fisher'"):
+    with pytest.raises(EngineError, match=r"mass_adaptation='nutpie'.*one of \['auto', 'stan', 'fisher', 'fisher_lowrank'"):
         nuts.NUTSConfig(mass_adaptation="nutpie")
     with pytest.raises(EngineError, match="mass_adaptation='fisher'.*dense_mass=False"):
         nuts.NUTSConfig(mass_adaptation="fisher", dense_mass=True)
     post = _scaled_posterior()
     with pytest.raises(EngineError, match="mass_adaptation"):
         bl.fit(post, "nuts", mass_adaptation="Fisher", progress_bar=False)
-    assert nuts.NUTSConfig().mass_adaptation == "stan"  # the default until the lead decides
+    # the default: the Fisher adaptations leave a chain stuck on arma11 started far out
+    # (test_nuts_warmup's far-out arma test fails with either)
+    assert nuts.NUTSConfig().mass_adaptation == "stan"
 
 
 # ------------------------------------------------------------------ the estimate

@@ -169,3 +169,22 @@ def test_samples_a_correlated_gaussian_right_in_fewer_steps(x64):
     # metric learns the rotation (measured: 5 against 72 on a 10-D version)
     assert lr["steps"] < 0.3 * fi["steps"], (lr["steps"], fi["steps"])
     assert lr["ess"] > 1000
+
+
+def test_auto_resolves_by_dimension_and_runs():
+    auto = nuts.NUTSConfig(mass_adaptation="auto")
+    assert nuts.resolve_adaptation(auto, nuts.LOW_RANK_MAX_DIM).mass_adaptation == "fisher_lowrank"
+    assert nuts.resolve_adaptation(auto, nuts.LOW_RANK_MAX_DIM + 1).mass_adaptation == "fisher"
+    dense = nuts.NUTSConfig(mass_adaptation="auto", dense_mass=True)
+    assert nuts.resolve_adaptation(dense, 3).mass_adaptation == "stan"
+    assert nuts.resolve_adaptation(nuts.NUTSConfig(), 3).mass_adaptation == "stan"
+    # the low-level pieces resolve it from the position's size, as the engine does
+    logp = lambda z: -0.5 * jnp.sum(z * z)  # noqa: E731
+    chain = nuts.init(jax.random.key(0), jnp.ones(3), logp, auto)
+    assert chain.inverse_mass_matrix.shape == (3, 3)
+    init, kernel = nuts.build_warmup(logp, auto)
+    state = init(chain)
+    assert isinstance(state.welford, nuts.LowRankState)
+    stage, switch = nuts.schedule(auto)
+    state, info = kernel(jax.random.key(1), state, stage[0], switch[0])
+    assert np.all(np.isfinite(np.asarray(state.chain.inverse_mass_matrix)))

@@ -163,7 +163,7 @@ def test_adaptation_follows_stan_step_for_step(num_warmup, dense, dtype, request
     ref_steps, ref_metrics, ref_final = stan_warmup(num_warmup, dense, delta, accept, positions,
                                                     first)
 
-    cfg = nuts.NUTSConfig(target_accept=delta, dense_mass=dense)
+    cfg = nuts.NUTSConfig(target_accept=delta, dense_mass=dense, mass_adaptation="stan")
 
     def finder(key, fn, position, logdensity, grad, inv_mass, eps):
         return 0.5 * eps + 0.01 * jnp.sum(inv_mass)
