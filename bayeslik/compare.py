@@ -45,7 +45,7 @@ from bayeslik.errors import BayeslikError, EngineError, OptionError
 from bayeslik.fit import Fit
 from bayeslik.posterior import Posterior
 
-__all__ = ["compare", "Comparison", "Reference"]
+__all__ = ["compare", "Comparison", "Reference", "model_choice_table"]
 
 #: Columns of :attr:`Comparison.table`, in order.
 COLUMNS = [
@@ -471,3 +471,38 @@ def compare(posterior: Posterior, engines: Sequence[Any] | Mapping[str, Any] = (
     table["compile_cached"] = pd.Series([_known_bool(v) for v in table["compile_cached"]],
                                         index=table.index, dtype=object)
     return Comparison(table=table, fits=fits, reference=ref, posterior=posterior, seeds=seeds)
+
+
+def model_choice_table(rows: list[dict], elpd_pointwise: Mapping[Any, np.ndarray] | None,
+                       criterion: str, engine: str, where: str):
+    """The table of an evidence/LOO choice among models indexed by ``K`` (``choose_k`` of the
+    mixtures, ``choose_states`` of the AR-HMM): one row per K (a ``"K"`` key, and
+    ``"log_evidence"`` where the engine gives one, ``"elpd_loo"`` where LOO was computed), and
+    each K's pointwise elpd.
+
+    Adds ``p_k`` (posterior model probabilities from the log evidences under a uniform prior
+    over K) and ``attrs["best_evidence"]`` when every K has a log evidence (an
+    :class:`~bayeslik.errors.OptionError` naming ``where`` when ``criterion="evidence"`` asks for
+    one the engine does not give); and ``elpd_diff``, ``se_diff`` (against the best K by LOO)
+    and ``attrs["best_loo"]``: the smallest K within two standard errors of the best.
+    """
+    import pandas as pd
+
+    table = pd.DataFrame(rows).set_index("K")
+    ks = list(table.index)
+    if "log_evidence" in table and table["log_evidence"].notna().all():
+        lz = table["log_evidence"].to_numpy(float)
+        table["p_k"] = np.exp(lz - np.logaddexp.reduce(lz))
+        table.attrs["best_evidence"] = int(table.index[np.argmax(lz)])
+    elif criterion == "evidence":
+        raise OptionError(f"{where}: engine {engine!r} does not estimate the evidence; use "
+                          "criterion='loo' or an evidence engine such as 'smc', 'nss' or "
+                          "'nested'")
+    if "elpd_loo" in table and elpd_pointwise:
+        top = int(table.index[np.argmax(table["elpd_loo"].to_numpy(float))])
+        diff = {K: elpd_pointwise[K] - elpd_pointwise[top] for K in ks}
+        table["elpd_diff"] = [float(diff[K].sum()) for K in ks]
+        table["se_diff"] = [float(np.sqrt(len(diff[K]) * np.var(diff[K]))) for K in ks]
+        close = [K for K in ks if table.loc[K, "elpd_diff"] >= -2 * table.loc[K, "se_diff"]]
+        table.attrs["best_loo"] = min(close)
+    return table

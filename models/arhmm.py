@@ -103,6 +103,7 @@ from numpyro.distributions.util import validate_sample
 from bayeslik import icdf as _icdf
 from bayeslik.distributions import OrderedNormal
 from bayeslik.errors import DataError, ModelError, OptionError
+from bayeslik.compare import model_choice_table
 from bayeslik.filtering import hmm_loglik, hmm_smoother, hmm_viterbi
 from bayeslik.inits import set_default_init
 from bayeslik.relabel import register_components
@@ -1052,7 +1053,6 @@ def choose_states(y, ks=(1, 2, 3), engine: str = "smc", criterion: str = "both",
     """
     import time
 
-    import pandas as pd
 
     import bayeslik as bl
 
@@ -1084,19 +1084,5 @@ def choose_states(y, ks=(1, 2, 3), engine: str = "smc", criterion: str = "both",
             row.update(loo)
         rows.append(row)
         fits[K] = fit
-    table = pd.DataFrame(rows).set_index("K")
-    if "log_evidence" in table and table["log_evidence"].notna().all():
-        lz = table["log_evidence"].to_numpy(float)
-        table["p_k"] = np.exp(lz - np.logaddexp.reduce(lz))
-        table.attrs["best_evidence"] = int(table.index[np.argmax(lz)])
-    elif criterion == "evidence":
-        raise OptionError(f"choose_states: engine {engine!r} does not estimate the evidence; use "
-                          "criterion='loo' or an evidence engine such as 'smc' or 'nss'")
-    if "elpd_loo" in table:
-        top = int(table.index[np.argmax(table["elpd_loo"].to_numpy(float))])
-        diff = {K: elpd_i[K] - elpd_i[top] for K in ks}
-        table["elpd_diff"] = [float(diff[K].sum()) for K in ks]
-        table["se_diff"] = [float(np.sqrt(len(diff[K]) * np.var(diff[K]))) for K in ks]
-        close = [K for K in ks if table.loc[K, "elpd_diff"] >= -2 * table.loc[K, "se_diff"]]
-        table.attrs["best_loo"] = min(close)
+    table = model_choice_table(rows, elpd_i, criterion, engine, "choose_states")
     return (table, fits) if return_fits else table

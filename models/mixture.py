@@ -125,8 +125,9 @@ from numpyro.distributions.transforms import AffineTransform
 from numpyro.distributions.util import signed_stick_breaking_tril
 
 from bayeslik.distributions import OrderedNormal
-from bayeslik.errors import DataError, EngineError, ModelError, OptionError
+from bayeslik.errors import DataError, ModelError, OptionError
 from bayeslik.inits import set_default_init
+from bayeslik.compare import model_choice_table
 from bayeslik.relabel import register_components, relabel
 
 __all__ = [
@@ -886,7 +887,6 @@ def choose_k(y, ks, engine: str = "smc", criterion: str = "both", *, seed: int =
     >>> table = choose_k(y, [1, 2, 3], engine="smc", num_particles=500)   # doctest: +SKIP
     >>> table.attrs["best_evidence"]                                       # doctest: +SKIP
     """
-    import pandas as pd
 
     import bayeslik as bl
 
@@ -919,21 +919,7 @@ def choose_k(y, ks, engine: str = "smc", criterion: str = "both", *, seed: int =
             row.update(loo)
         rows.append(row)
         fits[K] = fit
-    table = pd.DataFrame(rows).set_index("K")
-    if "log_evidence" in table and table["log_evidence"].notna().all():
-        lz = table["log_evidence"].to_numpy(float)
-        table["p_k"] = np.exp(lz - logsumexp(jnp.asarray(lz)).item())
-        table.attrs["best_evidence"] = int(table.index[np.argmax(lz)])
-    elif criterion == "evidence":
-        raise EngineError(f"engine {engine!r} does not estimate the evidence; use "
-                          "criterion='loo' or an evidence engine such as 'smc' or 'nested'")
-    if "elpd_loo" in table:
-        top = int(table.index[np.argmax(table["elpd_loo"].to_numpy(float))])
-        diff = {K: elpd_i[K] - elpd_i[top] for K in ks}
-        table["elpd_diff"] = [float(diff[K].sum()) for K in ks]
-        table["se_diff"] = [float(np.sqrt(len(diff[K]) * np.var(diff[K]))) for K in ks]
-        close = [K for K in ks if table.loc[K, "elpd_diff"] >= -2 * table.loc[K, "se_diff"]]
-        table.attrs["best_loo"] = min(close)
+    table = model_choice_table(rows, elpd_i, criterion, engine, "choose_k")
     return (table, fits) if return_fits else table
 
 
