@@ -728,6 +728,19 @@ def build_adapt(logdensity_fn, config: NUTSConfig, find_step_size=find_reasonabl
     return adapt
 
 
+def _restart_at(stage, da, rng_key, logdensity_fn, chain: ChainState, inverse_mass_matrix,
+                find_step_size, da_init):
+    """(dual averaging, step size): at the :data:`RESTART` stage the step size found again under
+    the new metric (and dual averaging restarted from it), else dual averaging's current one."""
+    def restart(da):
+        eps = find_step_size(rng_key, logdensity_fn, chain.position, chain.logdensity,
+                             chain.logdensity_grad, inverse_mass_matrix, jnp.exp(da.log_step_size))
+        eps = jnp.asarray(eps, chain.step_size.dtype)
+        return da_init(eps), eps
+
+    return jax.lax.cond(stage == RESTART, restart, lambda da: (da, jnp.exp(da.log_step_size)), da)
+
+
 def build_fisher_adapt(logdensity_fn, config: NUTSConfig,
                        find_step_size=find_reasonable_step_size):
     """The warmup update of the Fisher adaptation, as
@@ -778,14 +791,8 @@ def build_fisher_adapt(logdensity_fn, config: NUTSConfig,
             slow, lambda m: fisher_inverse_mass(current, m), lambda m: m,
             chain.inverse_mass_matrix)
 
-        def restart(da):
-            eps = find_step_size(rng_key, logdensity_fn, chain.position, chain.logdensity,
-                                 chain.logdensity_grad, inverse_mass_matrix,
-                                 jnp.exp(da.log_step_size))
-            eps = jnp.asarray(eps, chain.step_size.dtype)
-            return da_init(eps), eps
-
-        da, eps = jax.lax.cond(stage == RESTART, restart, lambda da: (da, jnp.exp(da.log_step_size)), da)
+        da, eps = _restart_at(stage, da, rng_key, logdensity_fn, chain, inverse_mass_matrix,
+                              find_step_size, da_init)
         chain = chain._replace(step_size=eps, inverse_mass_matrix=inverse_mass_matrix)
         return WarmupState(chain, da, FisherState(current, nxt))
 
@@ -836,15 +843,8 @@ def build_lowrank_adapt(logdensity_fn, config: NUTSConfig,
                                         chain.inverse_mass_matrix)
         since = jnp.where(update, 0, est.since + slow.astype(jnp.int32))
 
-        def restart(da):
-            eps = find_step_size(rng_key, logdensity_fn, chain.position, chain.logdensity,
-                                 chain.logdensity_grad, inverse_mass_matrix,
-                                 jnp.exp(da.log_step_size))
-            eps = jnp.asarray(eps, chain.step_size.dtype)
-            return da_init(eps), eps
-
-        da, eps = jax.lax.cond(stage == RESTART, restart,
-                               lambda da: (da, jnp.exp(da.log_step_size)), da)
+        da, eps = _restart_at(stage, da, rng_key, logdensity_fn, chain, inverse_mass_matrix,
+                              find_step_size, da_init)
         chain = chain._replace(step_size=eps, inverse_mass_matrix=inverse_mass_matrix)
         return WarmupState(chain, da, LowRankState(xs, gs, count, start, start_next, since,
                                                    scale, correction))
