@@ -49,9 +49,9 @@ Self-check (are the new points fresh draws?)
     -inf, outside the contour, and not counted; only a bool leaves those loops). Nor does it
     reliably see live points spread over the separated label modes of an exchangeable mixture,
     where the one live covariance spans the gaps between modes and the moves inside a mode are
-    short (on ``mixture.example()``, ``num_live=100``: posterior sds 0.77-0.91 of NUTS's, means up
+    short (on ``mixture.example()``'s data unordered, ``num_live=100``: posterior sds 0.77-0.91 of NUTS's, means up
     to 9.8 standard errors off, p = 0.008, not flagged): identify the labels in the model
-    (``mixture.model(..., order_by=j)``, same evidence; ``docs/mixtures.md``).
+    (``mixture.model(..., order_by=j)``, same evidence; ``docs/mixtures.md``), as the example now does.
 
 What the Fit holds (as for "nested")
     ``posterior``: equal-weight draws (chain=1); ``log_likelihood``: their pointwise
