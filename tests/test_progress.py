@@ -226,6 +226,21 @@ def _tick_threads():
     return [t for t in threading.enumerate() if t.name == "bayeslik-progress-tick" and t.is_alive()]
 
 
+def _ticks(before, want, timeout=10.0):
+    """The tick threads started since ``before`` (a set of threads), waiting up to ``timeout``
+    seconds for their number to become ``want`` (a stopped thread ends within one tick, and
+    on a busy machine the scheduler may take longer: threads of other tests' bars in the same
+    worker are not this test's)."""
+    import time
+
+    end = time.monotonic() + timeout
+    while True:
+        mine = [t for t in _tick_threads() if t not in before]
+        if len(mine) == want or time.monotonic() > end:
+            return len(mine)
+        time.sleep(0.02)
+
+
 class _Tty(io.StringIO):
     def isatty(self):
         return True
@@ -241,16 +256,18 @@ def test_a_compiling_bar_redraws_itself_and_then_names_its_phase(monkeypatch):
 
     monkeypatch.setattr(progress, "TICK", 0.02)
     monkeypatch.setenv(progress.ENV, "text")
+    before = set(_tick_threads())
     out = _Tty()
     b = progress.bar(total=10, desc="NUTS m", mininterval=0, file=out)
-    assert len(_tick_threads()) == 1
-    time.sleep(0.5)
-    redraws = out.getvalue().count("NUTS m (compiling)")
-    assert redraws >= 5, out.getvalue()          # 25 ticks in 0.5 s; at least 5 on a busy machine
+    assert _ticks(before, 1) == 1
+    end = time.monotonic() + 20.0                 # 25 ticks in 0.5 s idle; a busy machine
+    while out.getvalue().count("NUTS m (compiling)") < 5 and time.monotonic() < end:
+        time.sleep(0.05)                          # may starve the thread for a while
+    assert out.getvalue().count("NUTS m (compiling)") >= 5, out.getvalue()
     b.set_phase("warmup")                         # still compiling: the description waits
     assert b.desc == "NUTS m (compiling)"
     b.update(2)
-    assert b.desc == "NUTS m warmup" and not _tick_threads()
+    assert b.desc == "NUTS m warmup" and _ticks(before, 0) == 0
     drawn = out.getvalue()
     time.sleep(0.2)
     assert out.getvalue() == drawn                # no redraws without steps after the compile
@@ -259,39 +276,39 @@ def test_a_compiling_bar_redraws_itself_and_then_names_its_phase(monkeypatch):
     assert "NUTS m sampling: 100%" in out.getvalue().split("\r")[-1]
     b.close()
     closed = progress.bar(total=3, file=_Tty())
-    assert len(_tick_threads()) == 1
+    assert _ticks(before, 1) == 1
     closed.close()
-    assert not _tick_threads()
+    assert _ticks(before, 0) == 0
     forgotten = progress.bar(total=3, file=_Tty())
     del forgotten
     gc.collect()
-    time.sleep(0.2)
-    assert not _tick_threads()
+    assert _ticks(before, 0) == 0
     # no thread for a bar that is off, that compiles nothing, or that writes to a log
     progress.bar(total=3, disable=True)
     progress.bar(total=3, compiling=False, file=_Tty()).close()
     log = io.StringIO()
     quiet = progress.bar(total=3, desc="NUTS m", mininterval=0, file=log)
-    assert not _tick_threads()
+    assert _ticks(before, 0, timeout=0.0) == 0
     time.sleep(0.1)
     assert log.getvalue().count("(compiling)") == 1
     quiet.close()
     monkeypatch.setattr(sys, "stderr", _Tty())   # the default stream: a terminal ticks
     on_stderr = progress.bar(total=3)
-    assert len(_tick_threads()) == 1
+    assert _ticks(before, 1) == 1
     on_stderr.close()
-    assert not _tick_threads()
+    assert _ticks(before, 0) == 0
 
 
 def test_nuts_bar_names_warmup_and_sampling(monkeypatch, capfd, post):
     monkeypatch.setenv(progress.ENV, "text")
+    before = set(_tick_threads())
     bl.fit(post, "nuts", num_warmup=300, num_samples=500, num_chains=1, progress_bar=True)
     lines = capfd.readouterr().err.replace("\r", "\n").splitlines()
     phases = [name for line in lines for name in ("(compiling)", "warmup", "sampling")
               if line.startswith(f"NUTS {post.name} {name}")]
     assert phases[0] == "(compiling)" and "warmup" in phases and phases[-1] == "sampling"
     assert phases.index("sampling") > max(i for i, p in enumerate(phases) if p == "warmup")
-    assert not _tick_threads()
+    assert _ticks(before, 0) == 0
 
 
 def test_smc_bar_shows_no_rate_eta_and_an_eta_from_finished_runs(monkeypatch, capfd, post):
