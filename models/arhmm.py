@@ -564,6 +564,28 @@ def example() -> tuple:
 _PARAM_NAMES = ("pi", "trans", "b", "A", "sigma", "L_omega")
 
 
+def _fit_inputs(fit, posterior):
+    """What :func:`state_posterior` and :func:`pointwise_steps` read from an AR-HMM Fit and its
+    Posterior: ``(y, num_lags, left_to_right, labels, mask)``, the draws of the HMM's parameter
+    sites flattened over chains and draws ``{site: (C * S, ...)}``, and ``(C, S)``."""
+    data = posterior.data
+    settings = (jnp.asarray(data["y"]), int(data.get("num_lags", 1)),
+                bool(data.get("left_to_right", False)), data.get("labels"), data.get("mask"))
+    draws = {n: np.asarray(fit.draws(n)) for n in _PARAM_NAMES if n in fit.idata["posterior"]}
+    C, S = draws["pi"].shape[:2]
+    return settings, {n: v.reshape((C * S,) + v.shape[2:]) for n, v in draws.items()}, (C, S)
+
+
+def _over_draws(one, y, labels, mask):
+    """``one(params, y, labels, mask)`` (one sequence) mapped over a batch of parameter draws,
+    and over the sequences of a batched ``y`` ``(B, T, D)`` (with their labels and masks)."""
+    if y.ndim == 2:
+        return jax.vmap(lambda p: one(p, y, labels, mask))
+    seq = jax.vmap(one, in_axes=(None, 0, None if labels is None else 0,
+                                 None if mask is None else 0))
+    return jax.vmap(lambda p: seq(p, y, labels, mask))
+
+
 def state_posterior(fit, posterior, num_draws: int = 200) -> dict:
     r"""Posterior of the hidden states from a fit: smoothed marginals and Viterbi paths.
 
@@ -584,15 +606,8 @@ def state_posterior(fit, posterior, num_draws: int = 200) -> dict:
     >>> out = state_posterior(fit, post)          # doctest: +SKIP
     >>> out["smoothed"].shape, out["viterbi"].shape   # doctest: +SKIP
     """
-    data = posterior.data
-    y = jnp.asarray(data["y"])
-    num_lags = int(data.get("num_lags", 1))
-    left_to_right = bool(data.get("left_to_right", False))
-    labels, mask = data.get("labels"), data.get("mask")
-    names = [n for n in _PARAM_NAMES if n in fit.idata["posterior"]]
-    draws = {n: fit.draws(n) for n in names}
-    total = math.prod(draws["pi"].shape[:2])
-    flat = {n: v.reshape((total,) + v.shape[2:]) for n, v in draws.items()}
+    (y, num_lags, left_to_right, labels, mask), flat, (C, S) = _fit_inputs(fit, posterior)
+    total = C * S
     S = min(int(num_draws), total)
     idx = np.unique(np.linspace(0, total - 1, S).round().astype(int))
     params = {n: jnp.asarray(v[idx]) for n, v in flat.items()}
@@ -601,13 +616,7 @@ def state_posterior(fit, posterior, num_draws: int = 200) -> dict:
         li, lt, lo = hmm_inputs(p, yy, num_lags=num_lags, labels=lab, left_to_right=left_to_right)
         return jnp.exp(hmm_smoother(li, lt, lo, mask=m).log_smoothed), hmm_viterbi(li, lt, lo, mask=m)
 
-    if y.ndim == 2:
-        fn = jax.vmap(lambda p: one(p, y, labels, mask))
-    else:
-        seq = jax.vmap(one, in_axes=(None, 0, None if labels is None else 0,
-                                     None if mask is None else 0))
-        fn = jax.vmap(lambda p: seq(p, y, labels, mask))
-    smoothed, paths = jax.jit(fn)(params)
+    smoothed, paths = jax.jit(_over_draws(one, y, labels, mask))(params)
     smoothed, paths = np.asarray(smoothed), np.asarray(paths)
     K = smoothed.shape[-1]
     counts = (paths[..., None] == np.arange(K)).sum(axis=0)  # (..., T, K)
@@ -961,25 +970,12 @@ def pointwise_steps(fit, posterior, num_draws_per_batch: int = 256) -> np.ndarra
     steps one after the other), for ``posterior``'s data. Their sum over the steps is each
     draw's log-likelihood (with ``labels``, less the label terms of the first ``num_lags``
     steps, which concern no observation)."""
-    data = posterior.data
-    y = jnp.asarray(data["y"])
-    num_lags = int(data.get("num_lags", 1))
-    ltr = bool(data.get("left_to_right", False))
-    labels, mask = data.get("labels"), data.get("mask")
-    names = [n for n in _PARAM_NAMES if n in fit.idata["posterior"]]
-    draws = {n: np.asarray(fit.draws(n)) for n in names}
-    C, S = draws["pi"].shape[:2]
-    flat = {n: v.reshape((C * S,) + v.shape[2:]) for n, v in draws.items()}
+    (y, num_lags, ltr, labels, mask), flat, (C, S) = _fit_inputs(fit, posterior)
 
     def one(p, yy, lab, m):
         return step_loglik(p, yy, num_lags=num_lags, labels=lab, left_to_right=ltr, mask=m)
 
-    if y.ndim == 2:
-        fn = jax.jit(jax.vmap(lambda p: one(p, y, labels, mask)))
-    else:
-        seq = jax.vmap(one, in_axes=(None, 0, None if labels is None else 0,
-                                     None if mask is None else 0))
-        fn = jax.jit(jax.vmap(lambda p: seq(p, y, labels, mask)))
+    fn = jax.jit(_over_draws(one, y, labels, mask))
     B = int(num_draws_per_batch)
     out = np.concatenate([np.asarray(fn({n: jnp.asarray(v[i:i + B]) for n, v in flat.items()}))
                           for i in range(0, C * S, B)], axis=0)  # (C*S, [B,] T)
